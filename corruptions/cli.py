@@ -1,0 +1,123 @@
+"""Command-line entry point for making contaminated splits (wired to ``lm corrupt``).
+
+``corrupt`` is written for ``jsonargparse.CLI(corrupt)``: plain type hints, defaults, and an ``Args:``
+docstring. Spec strings such as ``word_swap:0.015,char_swap:0.025`` (for evaluation configs) are parsed
+by :func:`parse_spec` / :func:`parse_specs`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from corruptions.manifest import RECIPES, corrupt_file, get_recipe, resolve_format
+from corruptions.word_swap import ConfigError, validate_rate
+
+__all__ = ["RECIPES", "DEFAULT_RATE", "corrupt", "parse_spec", "parse_specs"]
+
+DEFAULT_RATE = 0.015
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    """``"word_swap:0.015"`` → ``("word_swap", 0.015)``; a bare ``"word_swap"`` uses rate 0.015.
+
+    A trailing ``%`` is read as a percentage (``word_swap:1.5%`` is 0.015).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(
+            f"Corruption spec {spec!r} is empty; write it as 'recipe:rate', e.g. 'word_swap:0.015'."
+        )
+    name, sep, rate_text = spec.strip().partition(":")
+    name = name.strip()
+    get_recipe(name)  # unknown recipe → ConfigError with the closest name
+    if not sep:
+        return name, DEFAULT_RATE
+    rate_text = rate_text.strip()
+    scale = 1.0
+    if rate_text.endswith("%"):
+        rate_text, scale = rate_text[:-1].strip(), 0.01
+    try:
+        rate = float(rate_text) * scale
+    except ValueError:
+        raise ConfigError(
+            f"Corruption spec '{spec}' has rate '{rate_text}', which is not a number; "
+            "write e.g. 'word_swap:0.015'."
+        ) from None
+    if not math.isfinite(rate):
+        raise ConfigError(f"Corruption spec '{spec}' has a non-finite rate; use a fraction in [0, 1].")
+    return name, validate_rate(rate)
+
+
+def parse_specs(specs: str | list[str]) -> list[tuple[str, float]]:
+    """``"word_swap:0.015,char_swap:0.015"`` (or a list of such strings) → list of ``(recipe, rate)``."""
+    items = specs if isinstance(specs, list) else str(specs).split(",")
+    parts = [p for item in items for p in str(item).split(",")]
+    if not any(p.strip() for p in parts):
+        raise ConfigError(
+            f"No corruption given in {specs!r}; write e.g. 'word_swap:0.015,char_swap:0.015'."
+        )
+    return [parse_spec(p) for p in parts if p.strip()]
+
+
+def corrupt(
+    src: str | list[str],
+    recipe: str = "word_swap",
+    rate: float = 0.015,
+    seed: int = 0,
+    replacement: str = "AAA",
+    out_dir: str = ".cache/corruptions",
+    format: str = "auto",
+) -> list[dict[str, Any]]:
+    """Write word-swap (or char-swap) contaminated copies of clean splits, with manifests.
+
+    Each line gets max(int(rate * words_in_line), 1) corrupted non-stopword words (none if it has no
+    eligible word); results are cached under out_dir by content, recipe, rate, seed and replacement.
+
+    Args:
+        src: clean split file(s) to corrupt, e.g. data/wikitext-103/wiki.test.tokens.
+        recipe: word_swap (replace words by the replacement literal) or char_swap (one random
+            character edit per chosen word).
+        rate: fraction of each line's words to corrupt, in [0, 1]; the paper used 0.015 (0.025 for MoE).
+        seed: random seed; the same seed gives byte-identical output and manifest.
+        replacement: literal that replaces each chosen word in word_swap.
+        out_dir: cache directory for the corrupted splits and manifests.
+        format: wikitext, enwik8 (XML tags left untouched) or auto (enwik8 if the file name starts
+            with enwik8).
+
+    Returns:
+        One manifest per file (without the per-swap list), each with "path", "manifest_path" and "cached".
+    """
+    get_recipe(recipe)
+    validate_rate(rate)
+    sources = [src] if isinstance(src, str) else list(src)
+    if not sources:
+        raise ConfigError("No source file given; pass at least one clean split, e.g. wiki.test.tokens.")
+    summaries = []
+    for path in sources:
+        result = corrupt_file(
+            path,
+            recipe=recipe,
+            rate=rate,
+            seed=seed,
+            out_dir=out_dir,
+            replacement=replacement,
+            format=resolve_format(format, path),
+        )
+        m = result.manifest
+        print(
+            f"{result.path}: {m['n_swaps']} swaps / {m['n_words']} words, "
+            f"effective rate {m['effective_rate']:.4f}, swapped lines {m['swapped_line_fraction']:.4f}, "
+            f"token change rate {m['token_change_rate']:.4f} "
+            f"(<unk> swaps {m['unk_swap_fraction']:.3f})"
+            + (" [cached]" if result.cached else "")
+        )
+        summary = {k: v for k, v in m.items() if k != "swaps"}
+        summary.update(path=str(result.path), manifest_path=str(result.manifest_path), cached=result.cached)
+        summaries.append(summary)
+    return summaries
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from jsonargparse import CLI
+
+    CLI(corrupt)

@@ -1,0 +1,467 @@
+"""Whole-file corruption, its manifest, and the content-keyed cache of corrupted splits.
+
+:func:`corrupt_file` reads a clean split as bytes (decoded as UTF-8 with ``surrogateescape``, so any
+byte sequence round-trips exactly), corrupts it line by line with one ``random.Random(seed)``, and
+writes the result and a JSON manifest to::
+
+    <out_dir>/<source name>.<recipe>-r<rate>-s<seed>-<hash12>/<source name>
+    <out_dir>/<source name>.<recipe>-r<rate>-s<seed>-<hash12>/manifest.json
+
+``hash12`` is the start of the sha256 of the cache key: the source's sha256, recipe, rate, seed,
+replacement (``None`` for ``char_swap``), format and algorithm version. A later call with the same key
+reuses the files when the manifest's key matches and the output's sha256 equals the one recorded
+(``cached=True``); anything else (a missing, edited or truncated file, a manifest from another version)
+is rebuilt. Every write goes to a temporary file in the destination folder and is moved into place
+with ``os.replace``, the output first and the manifest last. The clean source is only ever read.
+
+Manifest fields (all counts are over the whole file):
+
+* ``recipe``, ``rate``, ``seed``, ``replacement``, ``format``, ``algorithm``, ``key``, ``key_hash``;
+* ``source_path``, ``source_sha256``, ``source_bytes``, ``output_file``, ``output_sha256``, ``output_bytes``;
+* ``n_lines`` (``\\n``-separated lines), ``n_nonempty_lines`` (lines with a whitespace token),
+  ``n_lines_with_eligible`` (lines with at least one non-stopword word), ``n_lines_swapped``;
+* ``n_words`` (all words, stopwords included; outside markup for ``enwik8``), ``n_eligible_words``,
+  ``n_swaps``, ``effective_rate`` = ``n_swaps / n_words``;
+* ``swapped_line_fraction`` = ``n_lines_swapped / n_lines``,
+  ``swapped_nonempty_line_fraction`` = ``n_lines_swapped / n_nonempty_lines``;
+* ``n_tokens`` (whitespace tokens, ``line.split()``), ``n_tokens_changed``, ``token_change_rate``;
+* ``unk_swaps`` (swaps of the word ``unk`` inside a ``<unk>`` token), ``unk_swap_fraction``
+  (= ``unk_swaps / n_swaps``), ``n_tokens_changed_excl_unk`` and ``token_change_rate_excl_unk``
+  (changed tokens whose clean text was not ``<unk>``: a changed ``<unk>`` is still out of vocabulary,
+  so it maps back to ``<unk>`` and the token stream does not change there);
+* ``swap_fields`` = ``["line", "word", "start", "original", "new"]`` and ``swaps``: one list per swap
+  with the 0-based line index, the word's index among all words of that line, its character offset
+  in the clean line, the original word and its replacement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corruptions.char_swap import char_swap_line_detailed
+from corruptions.word_swap import (
+    DEFAULT_REPLACEMENT,
+    ConfigError,
+    LineResult,
+    validate_rate,
+    validate_replacement,
+    word_swap_line_detailed,
+)
+from corruptions.words import STOPWORDS, line_spans, markup_spans
+
+try:
+    from lm.errors import DataError, unknown
+except ImportError:  # pragma: no cover - only when corruptions/ is used without lm/
+    import difflib
+
+    class DataError(Exception):  # type: ignore[no-redef]
+        """A missing or unreadable data file."""
+
+    def unknown(kind: str, name: str, choices) -> ConfigError:  # type: ignore[misc]
+        choices = sorted(choices)
+        close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"Unknown {kind} '{name}'.{hint} Valid choices: {', '.join(choices)}.")
+
+
+__all__ = [
+    "ALGORITHM",
+    "FORMATS",
+    "RECIPES",
+    "Recipe",
+    "CorruptionResult",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "dumps_manifest",
+    "cache_key",
+    "cache_paths",
+    "corrupt_file",
+    "corrupt_text",
+    "get_recipe",
+    "resolve_format",
+    "sha256_bytes",
+    "sha256_file",
+]
+
+# Bumped whenever the output for a given key could change; part of the cache key.
+ALGORITHM = "corruptions-v1"
+FORMATS = ("wikitext", "enwik8")
+ENCODING = "utf-8"
+ERRORS = "surrogateescape"
+DEFAULT_OUT_DIR = Path(".cache") / "corruptions"
+SWAP_FIELDS = ["line", "word", "start", "original", "new"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A registered corruption: its per-line function and whether it uses ``replacement``."""
+
+    name: str
+    line_fn: Callable[..., LineResult]
+    uses_replacement: bool
+    description: str
+
+
+RECIPES: dict[str, Recipe] = {
+    "word_swap": Recipe(
+        "word_swap",
+        word_swap_line_detailed,
+        True,
+        "replace max(int(rate*words),1) random non-stopword words per line with a literal (AAA)",
+    ),
+    "char_swap": Recipe(
+        "char_swap",
+        char_swap_line_detailed,
+        False,
+        "one random character deletion/insertion/substitution in each chosen word",
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe ``name``, or a :class:`ConfigError` that suggests the closest name."""
+    try:
+        return RECIPES[name]
+    except (KeyError, TypeError):
+        raise unknown("corruption recipe", name, RECIPES) from None
+
+
+def resolve_format(format: str, src: str | os.PathLike[str] | None = None) -> str:
+    """``wikitext`` or ``enwik8``; ``auto`` means ``enwik8`` when the file name starts with ``enwik8``."""
+    if format == "auto":
+        name = Path(src).name if src is not None else ""
+        return "enwik8" if name.lower().startswith("enwik8") else "wikitext"
+    if format not in FORMATS:
+        raise unknown("corruption format", format, (*FORMATS, "auto"))
+    return format
+
+
+@dataclass
+class CorruptionResult:
+    """Where a corrupted split lies, its manifest, and whether it came from the cache."""
+
+    path: Path
+    manifest_path: Path
+    manifest: dict[str, Any] = field(repr=False)
+    cached: bool = False
+
+
+# --------------------------------------------------------------------------------------------------
+# hashing and atomic writes
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_mode() -> int:
+    """``0o666`` minus the process umask: the mode ``open(path, "w")`` would give a new file."""
+    global _MODE
+    if _MODE is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        _MODE = 0o666 & ~mask
+    return _MODE
+
+
+_MODE: int | None = None
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def dumps_manifest(obj: dict[str, Any]) -> str:
+    """JSON with one top-level field per line and one swap per line (readable and diff-friendly)."""
+    lines = []
+    for k, v in obj.items():
+        if isinstance(v, list) and v and all(isinstance(x, list) for x in v):
+            inner = ",\n".join("  " + json.dumps(x, ensure_ascii=True) for x in v)
+            value = "[\n" + inner + "\n ]"
+        else:
+            value = json.dumps(v, ensure_ascii=True)
+        lines.append(f" {json.dumps(k)}: {value}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: dict[str, Any]) -> None:
+    atomic_write_bytes(path, dumps_manifest(obj).encode("ascii"))
+
+
+# --------------------------------------------------------------------------------------------------
+# corruption of a whole text
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else 0.0
+
+
+def corrupt_text(
+    text: str,
+    recipe: str = "word_swap",
+    rate: float = 0.015,
+    seed: int = 0,
+    replacement: str = DEFAULT_REPLACEMENT,
+    format: str = "wikitext",
+    stopwords: frozenset[str] | set[str] = STOPWORDS,
+) -> tuple[str, dict[str, Any], list[list[Any]]]:
+    """Corrupt every line of ``text``; return ``(new_text, stats, swaps)``.
+
+    One ``random.Random(seed)`` serves the whole text and lines are visited in order, so the result
+    depends only on ``(text, recipe, rate, seed, replacement, format)``. In ``enwik8`` format, XML tags
+    and entity references are found over the whole text first (a tag may span lines) and excluded from
+    the words of every line they touch. ``stats`` holds the count fields of the manifest; ``swaps`` is
+    one ``[line, word, start, original, new]`` per swap.
+    """
+    spec = get_recipe(recipe)
+    rate = validate_rate(rate)
+    format = resolve_format(format)
+    if spec.uses_replacement:
+        replacement = validate_replacement(replacement, markup=format == "enwik8")
+    rng = random.Random(seed)
+    markup = markup_spans(text) if format == "enwik8" else []
+    mi = 0  # first markup span that may still overlap the current line
+
+    pieces: list[str] = []
+    swaps: list[list[Any]] = []
+    n_lines = n_nonempty = n_with_eligible = n_swapped_lines = 0
+    n_words = n_eligible = n_swaps = 0
+    n_tokens = n_changed = n_changed_excl_unk = unk_swaps = 0
+    pos = 0
+    for li, (start, end) in enumerate(line_spans(text)):
+        line = text[start:end]
+        protected: list[tuple[int, int]] = []
+        if markup:
+            while mi < len(markup) and markup[mi][1] <= start:
+                mi += 1
+            j = mi
+            while j < len(markup) and markup[j][0] < end:
+                s, e = markup[j]
+                protected.append((max(s, start) - start, min(e, end) - start))
+                j += 1
+        res = spec.line_fn(line, rate, rng, stopwords=stopwords, protected=protected, replacement=replacement)
+        tokens = line.split()
+        n_lines += 1
+        n_nonempty += bool(tokens)
+        n_tokens += len(tokens)
+        n_words += res.n_words
+        n_eligible += res.n_eligible
+        n_with_eligible += res.n_eligible > 0
+        if res.swaps:
+            n_swapped_lines += 1
+            n_swaps += len(res.swaps)
+            for sw in res.swaps:
+                swaps.append([li, sw.word_index, sw.start, sw.original, sw.new])
+                end_char = sw.start + len(sw.original)
+                before, after = line[sw.start - 1 : sw.start], line[end_char : end_char + 1]
+                unk_swaps += sw.original == "unk" and before == "<" and after == ">"
+            new_tokens = res.line.split()
+            if len(new_tokens) != len(tokens):  # cannot happen: edits never touch whitespace
+                raise AssertionError(f"line {li}: token count changed from {len(tokens)} to {len(new_tokens)}")
+            for old, new in zip(tokens, new_tokens, strict=True):
+                if old != new:
+                    n_changed += 1
+                    n_changed_excl_unk += old != "<unk>"
+        pieces.append(text[pos:start])
+        pieces.append(res.line)
+        pos = end
+    pieces.append(text[pos:])
+
+    stats = {
+        "n_lines": n_lines,
+        "n_nonempty_lines": n_nonempty,
+        "n_lines_with_eligible": n_with_eligible,
+        "n_lines_swapped": n_swapped_lines,
+        "n_words": n_words,
+        "n_eligible_words": n_eligible,
+        "n_swaps": n_swaps,
+        "effective_rate": _ratio(n_swaps, n_words),
+        "swapped_line_fraction": _ratio(n_swapped_lines, n_lines),
+        "swapped_nonempty_line_fraction": _ratio(n_swapped_lines, n_nonempty),
+        "n_tokens": n_tokens,
+        "n_tokens_changed": n_changed,
+        "token_change_rate": _ratio(n_changed, n_tokens),
+        "unk_swaps": unk_swaps,
+        "unk_swap_fraction": _ratio(unk_swaps, n_swaps),
+        "n_tokens_changed_excl_unk": n_changed_excl_unk,
+        "token_change_rate_excl_unk": _ratio(n_changed_excl_unk, n_tokens),
+    }
+    return "".join(pieces), stats, swaps
+
+
+# --------------------------------------------------------------------------------------------------
+# the cache
+
+
+def cache_key(
+    source_sha256: str, recipe: str, rate: float, seed: int, replacement: str | None, format: str
+) -> dict[str, Any]:
+    """Everything the corrupted bytes depend on."""
+    return {
+        "algorithm": ALGORITHM,
+        "source_sha256": source_sha256,
+        "recipe": recipe,
+        "rate": float(rate),
+        "seed": int(seed),
+        "replacement": replacement,
+        "format": format,
+    }
+
+
+def _key_hash(key: dict[str, Any]) -> str:
+    return sha256_bytes(json.dumps(key, sort_keys=True).encode("utf-8"))
+
+
+def cache_paths(src: str | os.PathLike[str], key: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(output file, manifest)`` for ``key`` under ``out_dir``."""
+    name = Path(src).name
+    folder = f"{name}.{key['recipe']}-r{key['rate']:g}-s{key['seed']}-{_key_hash(key)[:12]}"
+    d = Path(out_dir) / folder
+    return d / name, d / "manifest.json"
+
+
+def _load_valid_manifest(out_path: Path, manifest_path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached manifest if it matches ``key`` and the output file matches its recorded sha256."""
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        return None
+    if manifest.get("output_file") != out_path.name:
+        return None
+    try:
+        if sha256_file(out_path) != manifest.get("output_sha256"):
+            return None
+    except OSError:
+        return None
+    return manifest
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def corrupt_file(
+    src: str | os.PathLike[str],
+    recipe: str = "word_swap",
+    rate: float = 0.015,
+    seed: int = 0,
+    out_dir: str | os.PathLike[str] | None = None,
+    replacement: str = DEFAULT_REPLACEMENT,
+    format: str = "wikitext",
+    stopwords: frozenset[str] | set[str] = STOPWORDS,
+) -> CorruptionResult:
+    """Corrupt the split ``src`` (or reuse the cached copy) and return where it and its manifest lie.
+
+    Args:
+        src: clean split (WikiText ``*.tokens`` / ``*.raw`` or an EnWik8-style byte file); only read.
+        recipe: ``word_swap`` or ``char_swap`` (see :data:`RECIPES`).
+        rate: fraction of each line's words to corrupt, in [0, 1] (the paper: 0.015; MoE runs: 0.025).
+        seed: seed of the file's ``random.Random``.
+        out_dir: cache root; default ``./.cache/corruptions`` under the current working directory.
+        replacement: the literal for ``word_swap`` (``AAA``); ignored by ``char_swap``.
+        format: ``wikitext``, ``enwik8`` (XML markup protected) or ``auto`` (by file name).
+        stopwords: words never corrupted; the default is NLTK's English list. A non-default list is
+            not part of the cache key, so give such runs their own ``out_dir``.
+    """
+    spec = get_recipe(recipe)
+    rate = validate_rate(rate)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"Corruption seed {seed!r} must be an integer, e.g. 0.")
+    seed = int(seed)
+    src_path = Path(src)
+    format = resolve_format(format, src_path)
+    if spec.uses_replacement:
+        replacement = validate_replacement(replacement, markup=format == "enwik8")
+    if not src_path.is_file():
+        raise DataError(f"Cannot corrupt '{src_path}': no such file; pass the path of a clean split.")
+    data = src_path.read_bytes()
+    source_sha = sha256_bytes(data)
+    key = cache_key(source_sha, recipe, rate, seed, replacement if spec.uses_replacement else None, format)
+    out_path, manifest_path = cache_paths(src_path, key, out_dir if out_dir is not None else DEFAULT_OUT_DIR)
+
+    if _same_file(out_path, src_path):
+        raise ConfigError(
+            f"The corrupted output '{out_path}' would overwrite the clean source; choose another out_dir."
+        )
+    if _same_file(out_path.parent, src_path.parent):
+        raise ConfigError(
+            f"The corrupted output would be written next to the clean source in '{src_path.parent}'; "
+            "choose another out_dir."
+        )
+
+    manifest = _load_valid_manifest(out_path, manifest_path, key)
+    if manifest is not None:
+        return CorruptionResult(out_path, manifest_path, manifest, cached=True)
+
+    text = data.decode(ENCODING, ERRORS)
+    new_text, stats, swaps = corrupt_text(text, recipe, rate, seed, replacement, format, stopwords)
+    out_bytes = new_text.encode(ENCODING, ERRORS)
+    manifest = {
+        "recipe": recipe,
+        "rate": rate,
+        "seed": seed,
+        "replacement": key["replacement"],
+        "format": format,
+        "algorithm": ALGORITHM,
+        "key": key,
+        "key_hash": _key_hash(key),
+        "source_path": str(src_path.resolve()),
+        "source_sha256": source_sha,
+        "source_bytes": len(data),
+        "output_file": out_path.name,
+        "output_sha256": sha256_bytes(out_bytes),
+        "output_bytes": len(out_bytes),
+        **stats,
+        "swap_fields": SWAP_FIELDS,
+        "swaps": swaps,
+    }
+    try:
+        atomic_write_bytes(out_path, out_bytes)
+        atomic_write_json(manifest_path, manifest)
+    except PermissionError as e:
+        raise ConfigError(
+            f"Cannot write the corrupted split under '{out_path.parent}' ({e.strerror}); "
+            "pass a writable out_dir."
+        ) from e
+    # the source must be exactly what was read (a concurrent writer would make the manifest wrong)
+    if sha256_file(src_path) != source_sha:
+        raise DataError(f"'{src_path}' changed while it was being corrupted; run the command again.")
+    return CorruptionResult(out_path, manifest_path, manifest, cached=False)

@@ -1,0 +1,241 @@
+"""Typed, validated configuration.
+
+Config flows one way: YAML -> LightningCLI (jsonargparse, omegaconf interpolation) -> these
+dataclasses -> modules. Every field uses Transformer-XL's vocabulary (d_model, n_head, d_head,
+d_inner, tgt_len, mem_len, clamp_len). Validation happens in ``__post_init__`` so an invalid or
+incompatible value fails when the config is built, with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lm.errors import ConfigError, unknown
+
+LayerSpec = str | list[int]
+
+
+def select_layers(spec: LayerSpec | None, n_layer: int, what: str = "layers") -> list[int]:
+    """Resolve a layer selection to sorted layer indices.
+
+    ``spec`` is ``"all"``, ``"none"``, ``"even"``, ``"odd"``, a Python slice such as ``"1:"`` or
+    ``"::2"``, or an explicit list of indices (negative indices count from the end).
+    """
+    if spec is None or spec == "all":
+        return list(range(n_layer))
+    if spec == "none":
+        return []
+    if spec == "even":
+        return list(range(0, n_layer, 2))
+    if spec == "odd":
+        return list(range(1, n_layer, 2))
+    if isinstance(spec, str):
+        parts = spec.split(":")
+        if not 1 < len(parts) <= 3:
+            raise ConfigError(
+                f"{what}: '{spec}' is not a layer selection. Use 'all', 'none', 'even', 'odd', "
+                f"a slice like '1:' or '::2', or a list of layer indices."
+            )
+        try:
+            bounds = [int(p) if p.strip() else None for p in parts]
+        except ValueError:
+            raise ConfigError(f"{what}: slice '{spec}' must contain integers, e.g. '1:' or '0:8:2'.") from None
+        return list(range(n_layer))[slice(*bounds)]
+    out = []
+    for i in spec:
+        j = i + n_layer if i < 0 else i
+        if not 0 <= j < n_layer:
+            raise ConfigError(f"{what}: layer {i} does not exist in a {n_layer}-layer model (valid: 0..{n_layer - 1}).")
+        out.append(j)
+    return sorted(set(out))
+
+
+def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise unknown(field_name, value, choices)
+
+
+@dataclass
+class AttentionConfig:
+    """Which attention variant runs on which layers.
+
+    ``name`` runs on ``layers``; every other layer runs ``default``. ``options`` are the variant's own
+    options (validated by the variant: an unknown option fails with the closest valid name).
+    The paper's Elliptical model: ``name: elliptical, layers: "1:"`` (layer 0 standard).
+    """
+
+    name: str = "softmax"
+    layers: LayerSpec = "all"
+    default: str = "softmax"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FFNConfig:
+    """Feed-forward layers: ``dense``, ``switch`` (top-1, every layer) or ``glam`` (top-2, every other).
+
+    ``layers`` selects which layers are MoE (None: the variant's default). ``capacity_factor`` None
+    means dropless (no capacity limit).
+    """
+
+    name: str = "dense"
+    layers: LayerSpec | None = None
+    n_experts: int = 16
+    top_k: int | None = None
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = 2.0
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 1e-3
+    jitter: float = 0.0
+    d_expert: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("ffn", self.name, ("dense", "switch", "glam"))
+        if self.name != "dense":
+            if self.n_experts < 1:
+                raise ConfigError(f"ffn.n_experts must be >= 1, got {self.n_experts}.")
+            k = self.resolved_top_k
+            if not 1 <= k <= self.n_experts:
+                raise ConfigError(f"ffn.top_k={k} must be between 1 and n_experts={self.n_experts}.")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"ffn.{name} must be > 0 or null (dropless), got {v}.")
+
+    @property
+    def resolved_top_k(self) -> int:
+        return self.top_k if self.top_k is not None else (1 if self.name == "switch" else 2)
+
+    def moe_layers(self, n_layer: int) -> list[int]:
+        if self.name == "dense":
+            return []
+        default = "all" if self.name == "switch" else "odd"
+        return select_layers(self.layers if self.layers is not None else default, n_layer, "ffn.layers")
+
+
+@dataclass
+class ModelConfig:
+    """The decoder. ``pos='absolute'`` is the Elliptical paper's WikiText-103 setting (sinusoidal
+    absolute positions, no memory); ``pos='relative'`` is Transformer-XL proper (relative positional
+    attention with ``mem_len`` segment memory)."""
+
+    n_layer: int = 16
+    d_model: int = 128
+    n_head: int = 8
+    d_head: int = 16
+    d_inner: int = 2048
+    dropout: float = 0.1
+    dropatt: float = 0.0
+    pos: str = "absolute"
+    mem_len: int = 0
+    clamp_len: int = -1
+    same_length: bool = False
+    norm: str = "post"
+    adaptive: bool = True
+    cutoffs: list[int] = field(default_factory=lambda: [20000, 40000, 200000])
+    div_val: int = 1
+    d_embed: int | None = None
+    tie_weight: bool = True
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+
+    def __post_init__(self) -> None:
+        # jsonargparse may hand nested configs over as dicts when loading from a checkpoint.
+        if isinstance(self.attention, dict):
+            self.attention = AttentionConfig(**self.attention)
+        if isinstance(self.ffn, dict):
+            self.ffn = FFNConfig(**self.ffn)
+        _check_choice("model.pos", self.pos, ("absolute", "relative"))
+        _check_choice("model.norm", self.norm, ("post", "pre"))
+        for name in ("n_layer", "d_model", "n_head", "d_head", "d_inner"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("dropout", "dropatt"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}.")
+        if self.mem_len < 0:
+            raise ConfigError(f"model.mem_len must be >= 0, got {self.mem_len}.")
+        if self.mem_len > 0 and self.pos == "absolute":
+            raise ConfigError(
+                "model.mem_len > 0 needs relative positions: absolute positions restart at 0 every "
+                "segment, so remembered states would carry wrong positions. Set model.pos: relative "
+                "(Transformer-XL) or model.mem_len: 0 (the Elliptical paper's setting)."
+            )
+        if self.same_length and self.pos != "relative":
+            raise ConfigError("model.same_length only applies to model.pos: relative.")
+        if list(self.cutoffs) != sorted(set(self.cutoffs)) or any(c <= 0 for c in self.cutoffs):
+            raise ConfigError(f"model.cutoffs must be strictly increasing positive integers, got {self.cutoffs}.")
+        if self.div_val < 1:
+            raise ConfigError(f"model.div_val must be >= 1, got {self.div_val}.")
+        # Layer selections are validated here so a bad spec fails at construction.
+        self.attention_layers()
+        self.ffn.moe_layers(self.n_layer)
+
+    def attention_layers(self) -> list[str]:
+        """The attention variant name of every layer."""
+        chosen = set(select_layers(self.attention.layers, self.n_layer, "model.attention.layers"))
+        return [self.attention.name if i in chosen else self.attention.default for i in range(self.n_layer)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol (REFERENCE §6); every result records it.
+
+    - ``segments``: non-overlapping segments of ``tgt_len``, no context across segments.
+    - ``memory``: Transformer-XL evaluation, ordered segments with ``mem_len`` recurrence.
+    - ``sliding``: windows of ``tgt_len`` moved by ``stride``; every token scored exactly once, each
+      (after the first window) with at least ``tgt_len - stride`` tokens of context.
+    ``None`` values fall back to the training ``tgt_len`` / the model's ``mem_len``/``clamp_len``.
+    """
+
+    protocol: str = "segments"
+    tgt_len: int | None = None
+    mem_len: int | None = None
+    clamp_len: int | None = None
+    stride: int | None = None
+    batch_size: int = 10
+
+    def __post_init__(self) -> None:
+        _check_choice("eval.protocol", self.protocol, ("segments", "memory", "sliding"))
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}.")
+        if self.tgt_len is not None and self.tgt_len < 1:
+            raise ConfigError(f"eval.tgt_len must be >= 1, got {self.tgt_len}.")
+        if self.protocol == "sliding" and self.stride is not None:
+            if self.stride < 1 or (self.tgt_len is not None and self.stride > self.tgt_len):
+                raise ConfigError(f"eval.stride must be in [1, tgt_len], got {self.stride}.")
+
+
+@dataclass
+class OptimConfig:
+    """Adam with linear warm-up then ``schedule`` (cosine to ``min_lr_ratio * lr``, as in the paper)."""
+
+    lr: float = 2.5e-4
+    warmup_steps: int = 2000
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}.")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
+
+
+def coerce(cls: type, value: Any) -> Any:
+    """Accept a dataclass instance or its dict form (checkpoints store plain dicts, never pickles)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise ConfigError(f"expected {cls.__name__} or a mapping, got {type(value).__name__}")

@@ -1,0 +1,196 @@
+"""The attention interface, its registry, and the softmax-family machinery every variant shares.
+
+A variant is one class registered under a name. The host decoder builds one instance per layer and
+calls ``forward(h, mem, ctx, prev) -> (out, state)``:
+
+- ``h [B, T, d_model]``: this segment; ``mem [B, M, d_model] | None``: the layer's memory (detached);
+- ``ctx`` (``AttnContext``): what all layers share in one forward: the mask, relative positions, and
+  whether attention maps are wanted;
+- ``prev`` (``LayerState | None``): what the previous attention layer handed on — its value
+  projection, which Elliptical's estimator needs. Every variant hands its values on, so any mix of
+  variants across layers works.
+
+Softmax-family variants only override ``score_transform`` (rescale q, normalise k, change the
+scale); the base class then runs the fused ``scaled_dot_product_attention`` kernel, or an explicit
+math path that also returns the attention weights. Variants that are not softmax over ``q·k``
+(Performer, FourierFormer, ...) override ``attend``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lm.errors import ConfigError, did_you_mean, unknown
+from lm.model.positions import rel_shift
+
+ATTENTION: dict[str, type["Attention"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a variant available as ``model.attention.name: <name>``."""
+
+    def deco(cls):
+        cls.name = name
+        ATTENTION[name] = cls
+        return cls
+
+    return deco
+
+
+@dataclass
+class AttnContext:
+    """Built once per forward by the decoder and shared by all layers."""
+
+    mask: Tensor | None = None  # bool [T, S], True = may attend; None = plain causal, no memory
+    rel_pos: Tensor | None = None  # [S, d_model] sinusoids of distances S-1..0 (relative setting)
+    need_weights: bool = False  # math path, return attention maps (analysis)
+    mem_len: int = 0  # M, memory positions in front of the segment
+
+
+@dataclass
+class LayerState:
+    """Handed from one attention layer to the next."""
+
+    values: Tensor | None = None  # this layer's value projection over [memory; segment], [B, H, S, D]
+    weights: Tensor | None = None  # attention map [B, H, T, S] when ctx.need_weights
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention with bias-free q/k/v/o projections (the paper's setting).
+
+    With ``relative=True`` it is Transformer-XL's relative attention: the content term uses
+    ``q + u`` and a position term ``(q + v)ᵀ W_R R_{i-j}`` is added as a score bias.
+    """
+
+    name: ClassVar[str] = "?"
+    Options: ClassVar[type] = NoOptions
+    supports_memory: ClassVar[bool] = True
+    supports_relative: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        d_head: int,
+        dropatt: float = 0.0,
+        layer_idx: int = 0,
+        relative: bool = False,
+        options: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.opts = self.parse_options(options or {})
+        if relative and not self.supports_relative:
+            raise ConfigError(
+                f"attention '{self.name}' does not support relative positions (model.pos: relative); "
+                f"use model.pos: absolute or another variant."
+            )
+        self.n_head, self.d_head, self.layer_idx, self.relative = n_head, d_head, layer_idx, relative
+        self.dropatt = dropatt
+        self.qkv = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
+        self.o = nn.Linear(n_head * d_head, d_model, bias=False)
+        if relative:
+            self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
+            self.r_w_bias = nn.Parameter(torch.zeros(n_head, d_head))  # u: content bias
+            self.r_r_bias = nn.Parameter(torch.zeros(n_head, d_head))  # v: position bias
+
+    # ----- options ---------------------------------------------------------------------------------
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]):
+        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+        for key in options:
+            if key not in fields:
+                valid = ", ".join(fields) or "(none)"
+                raise ConfigError(
+                    f"attention '{cls.name}' has no option '{key}'.{did_you_mean(key, fields)} "
+                    f"Its options: {valid}."
+                )
+        try:
+            return cls.Options(**options)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"attention '{cls.name}': bad options {options}: {e}") from None
+
+    # ----- forward ---------------------------------------------------------------------------------
+    def project(self, h: Tensor, mem: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q over the segment, k/v over [memory; segment], each ``[B, H, len, D]``."""
+        B, T, _ = h.shape
+        x = h if mem is None or mem.size(1) == 0 else torch.cat([mem, h], dim=1)
+        q, k, v = self.qkv(x).view(B, x.size(1), 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
+        return q[:, :, -T:], k, v
+
+    def position_scores(self, qp: Tensor, ctx: AttnContext) -> Tensor:
+        """Unscaled XL position term ``qpᵀ W_R R_{i-j}`` aligned to ``[B, H, T, S]``; ``qp = q + v``."""
+        r = self.r_net(ctx.rel_pos).view(-1, self.n_head, self.d_head)  # [S, H, D]
+        return rel_shift(torch.einsum("bhtd,shd->bhts", qp, r))
+
+    def forward(self, h: Tensor, mem: Tensor | None, ctx: AttnContext, prev: LayerState | None = None):
+        B, T, _ = h.shape
+        q, k, v = self.project(h, mem)
+        out, weights = self.attend(q, k, v, ctx, prev)
+        out = self.o(out.transpose(1, 2).reshape(B, T, self.n_head * self.d_head))
+        return out, LayerState(values=v, weights=weights)
+
+    # ----- the softmax family ----------------------------------------------------------------------
+    def score_transform(self, q: Tensor, k: Tensor, v: Tensor, prev: LayerState | None):
+        """Variant hook: return ``(q, k, scale)`` so that scores are ``scale · q kᵀ``."""
+        return q, k, 1.0 / math.sqrt(self.d_head)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, prev: LayerState | None):
+        """Raw projections in, ``(out [B, H, T, D], weights | None)`` out."""
+        qc = q + self.r_w_bias[:, None, :] if self.relative else q  # XL content query q + u
+        qc, k, scale = self.score_transform(qc, k, v, prev)
+        # The position term keeps the standard 1/sqrt(D) scale: variants change the content term only.
+        bias = self.position_scores(q + self.r_r_bias[:, None, :], ctx) / math.sqrt(self.d_head) if self.relative else None
+        return self.softmax(qc, k, v, bias, ctx, scale)
+
+    def softmax(self, q, k, v, bias, ctx: AttnContext, scale):
+        p = self.dropatt if self.training else 0.0
+        return softmax_attention(q, k, v, bias, ctx.mask, scale, p, ctx.need_weights)
+
+
+def softmax_attention(q, k, v, bias, mask, scale, dropout_p=0.0, need_weights=False):
+    """``softmax(scale · q kᵀ + bias, masked) v``: fused SDPA, or the math path returning weights.
+
+    ``scale`` is a float or a tensor broadcastable to the scores (QKNorm's learned gain); ``mask`` is
+    bool ``[T, S]`` (True = attend) or None for plain causal attention over the segment.
+    """
+    if not need_weights and not torch.is_tensor(scale):
+        # SDPA's is_causal is top-left aligned, so it only equals ``causal`` (bottom-right) when T == S.
+        if bias is None and mask is None and q.size(-2) == k.size(-2):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale), None
+        allowed = mask if mask is not None else causal(q.size(-2), k.size(-2), q.device)
+        attn_mask = allowed
+        if bias is not None:
+            attn_mask = bias.masked_fill(~allowed, float("-inf")).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale), None
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
+    allowed = mask if mask is not None else causal(q.size(-2), k.size(-2), q.device)
+    weights = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+    out = torch.matmul(F.dropout(weights, dropout_p) if dropout_p > 0 else weights, v)
+    return out, weights
+
+
+def causal(t: int, s: int, device) -> Tensor:
+    """Bool ``[T, S]``: query i (at position S-T+i) may attend keys ``<= S-T+i``."""
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+
+
+def build_attention(name: str, **kwargs) -> Attention:
+    if name not in ATTENTION:
+        raise unknown("attention variant", name, ATTENTION)
+    return ATTENTION[name](**kwargs)

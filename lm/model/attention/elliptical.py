@@ -1,0 +1,110 @@
+"""Elliptical attention (Nielsen et al., NeurIPS 2024): attention in a Mahalanobis neighbourhood.
+
+    out_i = Σ_j softmax_j(s · q_iᵀ M k_j) v_j,    M = diag(m̂)
+
+m̂ is estimated, parameter free and without gradient, from how much each value coordinate changes
+between consecutive layers: m_d = mean_n |v^ℓ_{n,d} - v^{ℓ-1}_{n,d}|, then m̂ = m / max_d m_d.
+Coordinates where the values vary little get stretched (m̂ near 1 keeps them, small m̂ shrinks them).
+Since qᵀ diag(m̂) k = (q ⊙ m̂)ᵀ k, this is standard attention on a rescaled query: it runs on the
+fused SDPA kernels at the cost of one O(S·D) reduction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lm.errors import ConfigError, unknown
+from lm.model.attention.base import Attention, AttnContext, LayerState, register
+
+
+@dataclass
+class EllipticalOptions:
+    """
+    scale: ``sqrt`` = 1/sqrt(D) as in the paper's equation (and its MoE/image code); ``none`` = 1, as
+        in the released WikiText code.
+    estimator: ``segment_mean`` = mean over all memory+segment positions (faithful to the released
+        code; query i's stretch depends, detached, on later tokens of the segment); ``causal`` = prefix
+        mean up to each query's position (a per-query m̂_i, no information from later tokens).
+    normalize: ``max`` (paper: largest entry exactly 1) or ``mean`` (alternative in the code).
+    reduce: ``mean`` over positions (paper) or ``median`` (alternative; segment estimator only).
+    stretch_position: also stretch the query of Transformer-XL's position term (relative setting).
+    """
+
+    scale: str = "sqrt"
+    estimator: str = "segment_mean"
+    normalize: str = "max"
+    reduce: str = "mean"
+    stretch_position: bool = False
+
+    def __post_init__(self):
+        for name, choices in (("scale", ("sqrt", "none")), ("estimator", ("segment_mean", "causal")),
+                              ("normalize", ("max", "mean")), ("reduce", ("mean", "median"))):
+            if getattr(self, name) not in choices:
+                raise unknown(f"elliptical option {name}", getattr(self, name), choices)
+        if self.estimator == "causal" and self.reduce == "median":
+            raise ConfigError("elliptical: reduce='median' has no causal (prefix) form; use reduce='mean' "
+                              "with estimator='causal', or estimator='segment_mean'.")
+
+
+@torch.no_grad()
+def elliptical_metric(v: Tensor, v_prev: Tensor, qlen: int, estimator: str = "segment_mean",
+                      normalize: str = "max", reduce: str = "mean") -> Tensor:
+    """m̂ from this layer's and the previous layer's values ``[B, H, S, D]`` (same positions).
+
+    Returns ``[B, H, 1, D]`` (segment estimator) or ``[B, H, qlen, D]`` (causal: the query at segment
+    position i uses the prefix of the S - qlen memory positions and segment positions <= i).
+    Detached; a head whose values did not change at all gets m̂ = 1 (no stretch) instead of 0/0.
+    """
+    diff = (v.float() - v_prev.float()).abs()
+    if estimator == "segment_mean":
+        m = diff.median(dim=2, keepdim=True).values if reduce == "median" else diff.mean(dim=2, keepdim=True)
+    else:
+        s = diff.size(2)
+        count = torch.arange(s - qlen + 1, s + 1, device=v.device, dtype=diff.dtype)
+        m = diff.cumsum(dim=2)[:, :, s - qlen:] / count[:, None]
+    denom = m.amax(dim=-1, keepdim=True) if normalize == "max" else m.mean(dim=-1, keepdim=True)
+    tiny = torch.finfo(m.dtype).tiny
+    m_hat = torch.where(denom > tiny, m / denom.clamp_min(tiny), torch.ones_like(m))
+    return m_hat.to(v.dtype)
+
+
+@register("elliptical")
+class EllipticalAttention(Attention):
+    Options = EllipticalOptions
+
+    def metric(self, v: Tensor, prev: LayerState | None, qlen: int) -> Tensor | None:
+        """m̂, or None where there is no previous layer (layer 0 is ordinary attention)."""
+        if prev is None or prev.values is None:
+            return None
+        if prev.values.shape != v.shape:
+            raise ConfigError(f"elliptical layer {self.layer_idx}: previous layer's values {tuple(prev.values.shape)} "
+                              f"do not match this layer's {tuple(v.shape)}; all layers need the same n_head, d_head.")
+        o = self.opts
+        return elliptical_metric(v, prev.values, qlen, o.estimator, o.normalize, o.reduce)
+
+    def content_scale(self, stretched: bool) -> float:
+        return 1.0 / math.sqrt(self.d_head) if (self.opts.scale == "sqrt" or not stretched) else 1.0
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, prev: LayerState | None):
+        m_hat = self.metric(v, prev, q.size(-2))
+        stretched = m_hat is not None
+        qc = q + self.r_w_bias[:, None, :] if self.relative else q
+        if stretched:
+            qc = qc * m_hat
+        k = self.key_transform(k)
+        scale = self.content_scale(stretched)
+        bias = None
+        if self.relative:
+            qp = q + self.r_r_bias[:, None, :]
+            pos_scale = 1.0 / math.sqrt(self.d_head)
+            if stretched and self.opts.stretch_position:
+                qp, pos_scale = qp * m_hat, scale
+            bias = self.position_scores(qp, ctx) * pos_scale
+        return self.softmax(qc, k, v, bias, ctx, scale)
+
+    def key_transform(self, k: Tensor) -> Tensor:
+        return k

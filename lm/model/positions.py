@@ -1,0 +1,53 @@
+"""Positional encodings: absolute sinusoids (the Elliptical paper's setting) and Transformer-XL's
+relative sinusoids with the relative shift and the segment-memory masks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sinusoid(pos: Tensor, d_model: int) -> Tensor:
+    """Sinusoidal embeddings of (float) positions ``pos [S]`` -> ``[S, d_model]`` (XL layout: sin | cos)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0.0, d_model, 2.0, device=pos.device) / d_model))
+    angles = pos.float()[:, None] * inv_freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def relative_positions(klen: int, clamp_len: int, device) -> Tensor:
+    """Distances ``klen-1 … 0`` (XL's ``pos_seq``): index p encodes distance ``klen-1-p``."""
+    pos = torch.arange(klen - 1, -1, -1.0, device=device)
+    if clamp_len > 0:
+        pos = pos.clamp(max=clamp_len)
+    return pos
+
+
+def rel_shift(x: Tensor) -> Tensor:
+    """Align relative scores: ``x[..., i, p]`` (p indexes distance ``S-1-p``) becomes
+    ``out[..., i, j]`` = score for distance ``(S-T+i) - j`` between query i and key j.
+
+    The zero-pad/reshape trick of Transformer-XL: one copy instead of a gather. Entries for keys after
+    the query (negative distance) are garbage and must be masked by the caller.
+    """
+    *lead, t, s = x.shape
+    padded = torch.cat([x.new_zeros(*lead, t, 1), x], dim=-1).view(*lead, s + 1, t)
+    return padded[..., 1:, :].reshape(*lead, t, s)
+
+
+def attention_mask(qlen: int, mlen: int, device, same_length: bool = False, mem_len: int = 0) -> Tensor | None:
+    """Boolean ``[T, M+T]`` mask, True where query i may attend key j.
+
+    Causal over ``[memory; segment]``: query i sees the M memory positions and segment positions
+    ``<= i``. ``same_length`` (XL) also hides the oldest keys so every query sees the same number of
+    keys. Returns None for plain causal attention without memory, so SDPA can use ``is_causal``.
+    """
+    klen = qlen + mlen
+    if mlen == 0 and not same_length:
+        return None
+    ones = torch.ones(qlen, klen, dtype=torch.bool, device=device)
+    blocked = torch.triu(ones, diagonal=1 + mlen)
+    if same_length:
+        mask_len = klen - mem_len
+        shift = qlen - mask_len if mask_len > 0 else qlen
+        blocked = blocked | torch.tril(ones, diagonal=-shift)
+    return ~blocked

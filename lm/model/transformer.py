@@ -1,0 +1,149 @@
+"""The decoder: adaptive input -> N x Block -> adaptive softmax, in two host settings.
+
+- ``pos='absolute'`` (the Elliptical paper's WikiText-103 setting): sinusoidal absolute positions
+  added to the embeddings (which are scaled by sqrt(d_model)), no memory, post-LayerNorm.
+- ``pos='relative'`` (Transformer-XL): relative positional attention over ``[memory; segment]``,
+  where memory holds each layer's detached inputs from the previous segments.
+
+Each layer's attention variant comes from the registry (``model.attention``); each attention layer
+hands a ``LayerState`` (its values) to the next, which is what Elliptical's estimator reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lm.config import ModelConfig
+from lm.errors import ConfigError
+from lm.model.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
+from lm.model.attention import AttnContext, LayerState, build_attention
+from lm.model.moe import DenseFFN, MoEFFN
+from lm.model.positions import attention_mask, relative_positions, sinusoid
+
+
+class Block(nn.Module):
+    """attention + FFN, each with residual and LayerNorm (post-LN as in the paper, or pre-LN)."""
+
+    def __init__(self, attn: nn.Module, ffn: nn.Module, d_model: int, dropout: float, pre_norm: bool):
+        super().__init__()
+        self.attn, self.ffn, self.pre_norm = attn, ffn, pre_norm
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, mem: Tensor | None, ctx: AttnContext, prev: LayerState | None):
+        if self.pre_norm:
+            a, state = self.attn(self.norm1(h), None if mem is None else self.norm1(mem), ctx, prev)
+            h = h + self.drop(a)
+            return h + self.ffn(self.norm2(h)), state
+        a, state = self.attn(h, mem, ctx, prev)
+        h = self.norm1(h + self.drop(a))
+        return self.norm2(h + self.ffn(h)), state
+
+
+@dataclass
+class ModelOutput:
+    hidden: Tensor  # [B, T, d_model], final layer (after dropout), input to the softmax
+    mems: list[Tensor] | None = None  # per layer [B, M', d_model], detached
+    aux_loss: Tensor | None = None  # sum of the MoE layers' auxiliary losses
+    attentions: list[Tensor] | None = None  # per layer [B, H, T, S] when need_weights
+    hidden_states: list[Tensor] | None = field(default=None)  # per layer outputs when requested
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        d, relative = cfg.d_model, cfg.pos == "relative"
+        cutoffs = list(cfg.cutoffs) if cfg.adaptive else []
+        d_embed = cfg.d_embed or d
+        self.embed = AdaptiveEmbedding(vocab_size, d_embed, d, cutoffs, cfg.div_val, cfg.init_std)
+        self.head = AdaptiveLogSoftmax(vocab_size, d_embed, d, cutoffs, cfg.div_val,
+                                       tie_to=self.embed if cfg.tie_weight else None, init_std=cfg.init_std)
+        self.drop = nn.Dropout(cfg.dropout)
+        names, moe_layers = cfg.attention_layers(), set(cfg.ffn.moe_layers(cfg.n_layer))
+        blocks = []
+        for i, name in enumerate(names):
+            options = cfg.attention.options if name == cfg.attention.name else {}
+            attn = build_attention(name, d_model=d, n_head=cfg.n_head, d_head=cfg.d_head, dropatt=cfg.dropatt,
+                                   layer_idx=i, relative=relative, options=options)
+            if cfg.mem_len > 0 and not attn.supports_memory:
+                raise ConfigError(f"attention '{name}' (layer {i}) does not support segment memory; "
+                                  f"set model.mem_len: 0 or use another variant.")
+            blocks.append(Block(attn, self._ffn(cfg, i in moe_layers), d, cfg.dropout, cfg.norm == "pre"))
+        self.layers = nn.ModuleList(blocks)
+        self.final_norm = nn.LayerNorm(d) if cfg.norm == "pre" else nn.Identity()
+        self.apply(self._init)
+
+    @staticmethod
+    def _ffn(cfg: ModelConfig, moe: bool) -> nn.Module:
+        f = cfg.ffn
+        if not moe:
+            return DenseFFN(cfg.d_model, cfg.d_inner, cfg.dropout)
+        return MoEFFN(cfg.d_model, f.d_expert or cfg.d_inner, cfg.dropout, f.n_experts, f.resolved_top_k,
+                      f.capacity_factor, f.eval_capacity_factor, f.balance_loss_weight, f.z_loss_weight, f.jitter)
+
+    def _init(self, m: nn.Module) -> None:
+        # Embedding/softmax tables initialise themselves (adaptive.py); here the blocks.
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------------------------------------
+    def forward(self, tokens: Tensor, mems: list[Tensor] | None = None, mem_len: int | None = None,
+                clamp_len: int | None = None, need_weights: bool = False,
+                output_hidden_states: bool = False) -> ModelOutput:
+        """``tokens [B, T]`` -> final hidden states; ``mems`` from the previous segment (relative setting).
+
+        ``mem_len``/``clamp_len`` default to the config's; evaluation may pass longer ones (XL protocol).
+        """
+        cfg = self.cfg
+        mem_len = cfg.mem_len if mem_len is None else mem_len
+        clamp_len = cfg.clamp_len if clamp_len is None else clamp_len
+        B, T = tokens.shape
+        mlen = mems[0].size(1) if mems else 0
+        h = self.embed(tokens)
+        ctx = AttnContext(need_weights=need_weights, mem_len=mlen)
+        if cfg.pos == "absolute":
+            h = h + sinusoid(torch.arange(T, device=tokens.device), cfg.d_model).to(h.dtype)
+        else:
+            ctx.mask = attention_mask(T, mlen, tokens.device, cfg.same_length, mem_len)
+            pos = relative_positions(T + mlen, clamp_len, tokens.device)
+            ctx.rel_pos = self.drop(sinusoid(pos, cfg.d_model).to(h.dtype))
+        h = self.drop(h)
+
+        inputs, attentions, states = [], [] if need_weights else None, [] if output_hidden_states else None
+        prev = None
+        for i, block in enumerate(self.layers):
+            inputs.append(h)
+            h, prev = block(h, mems[i] if mems else None, ctx, prev)
+            if need_weights:
+                attentions.append(prev.weights)
+            if output_hidden_states:
+                states.append(h)
+        h = self.drop(self.final_norm(h))
+        new_mems = self._update_mems(inputs, mems, mem_len) if mem_len > 0 else None
+        return ModelOutput(h, new_mems, self.aux_loss(), attentions, states)
+
+    @torch.no_grad()
+    def _update_mems(self, inputs: list[Tensor], mems: list[Tensor] | None, mem_len: int) -> list[Tensor]:
+        # Memory = each layer's input over the last mem_len positions, with no gradient (XL's stop-grad).
+        out = []
+        for i, h in enumerate(inputs):
+            cat = h if not mems else torch.cat([mems[i], h], dim=1)
+            out.append(cat[:, -mem_len:].detach())
+        return out
+
+    def aux_loss(self) -> Tensor | None:
+        losses = [blk.ffn.aux_loss for blk in self.layers if getattr(blk.ffn, "aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def nll(self, hidden: Tensor, target: Tensor) -> Tensor:
+        """Per-token negative log-likelihood ``[B, T]`` (float32)."""
+        return self.head.nll(hidden, target)
+
+    def log_prob(self, hidden: Tensor) -> Tensor:
+        return self.head.log_prob(hidden)
