@@ -1,0 +1,250 @@
+"""Locating and reading corpora (REFERENCE §9).
+
+Local files are the primary source because the package hub is unreachable on the research
+machines; ``source: hub`` only materialises the hub copy as local files and then reads those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lm.errors import DataError, unknown
+from lm.utils import atomic_write_bytes
+
+SPLITS = ("train", "valid", "test")
+WORD_CORPORA = ("wikitext-2", "wikitext-103")
+CORPORA = WORD_CORPORA + ("enwik8",)
+SOURCES = ("local", "hub")
+# Standard EnWik8 split, as fractions of the file so a small generated file splits the same way;
+# for the real 100,000,000-byte file this is exactly [0, 90M) / [90M, 95M) / [95M, 100M).
+ENWIK8_PERCENT = {"train": (0, 90), "valid": (90, 95), "test": (95, 100)}
+ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
+HUB_NAMES = {"wikitext-2": ("wikitext", "wikitext-2-v1"), "wikitext-103": ("wikitext", "wikitext-103-v1")}
+HOW_TO_GET = {
+    "wikitext-2": "download wikitext-2-v1.zip (Merity et al. 2016) and unzip it so that "
+    "<root>/wikitext-2/wiki.{train,valid,test}.tokens exist",
+    "wikitext-103": "download wikitext-103-v1.zip (~190 MB) and unzip it so that "
+    "<root>/wikitext-103/wiki.{train,valid,test}.tokens exist",
+    "enwik8": "download http://mattmahoney.net/dc/enwik8.zip and put it (or the unzipped 'enwik8' "
+    "file) at <root>/enwik8/enwik8.zip or <root>/enwik8.zip",
+}
+
+
+def repo_root() -> Path:
+    """The checkout that holds the ``lm`` package (``lm/data/corpora.py`` -> two levels up)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def resolve_roots(root: str | os.PathLike | None = None) -> list[Path]:
+    """Data roots in search order: configured root, $LM_DATA_DIR, ./data, then ../shared/data
+    relative to the working directory and to the repository root (REFERENCE §9 layout)."""
+    candidates = [root, os.environ.get("LM_DATA_DIR") or None, Path.cwd() / "data",
+                  Path.cwd().parent / "shared" / "data", repo_root().parent / "shared" / "data"]
+    out: list[Path] = []
+    for c in candidates:
+        if c is None:
+            continue
+        p = Path(c).expanduser().resolve()
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def decode_utf8(data: bytes, name: str) -> str:
+    """Strict UTF-8 decode; a bad byte is a data problem, reported with its offset and the fix."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{name} is not valid UTF-8: byte offset {e.start} (0x{data[e.start]:02x}) cannot be decoded. "
+            f"Word-level corpora must be UTF-8 text: re-download or re-extract the file, or convert it "
+            f"with e.g. `iconv -f <encoding> -t utf-8`."
+        ) from None
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines as Python file iteration yields them (universal newlines: \\n, \\r\\n, \\r), which is
+    what Transformer-XL's vocabulary code counts; NOT str.splitlines, which would also break lines
+    at \\x1c-\\x1e, \\x85 and \\u2028 and so change the number of <eos>."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # a trailing newline ends the last line, it does not start a new one
+    return lines
+
+
+@dataclass(frozen=True)
+class CorpusFiles:
+    """Where each split of a corpus lives.
+
+    ``paths[split]`` is None when no searched place has it; ``ranges`` gives byte ranges (as
+    percent of the file) when several splits share one file (EnWik8).
+    """
+
+    name: str
+    unit: str  # "word" | "byte"
+    paths: dict[str, Path | None]
+    looked: dict[str, list[Path]] = field(default_factory=dict)
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def path(self, split: str) -> Path:
+        if split not in self.paths:
+            raise unknown("split", split, self.paths)
+        p = self.paths[split]
+        if p is None:
+            places = "\n  ".join(str(x) for x in self.looked.get(split, [])) or "(nowhere)"
+            raise DataError(
+                f"The {split} split of {self.name} was not found. Looked in:\n  {places}\n"
+                f"To get it: {HOW_TO_GET.get(self.name, 'place the files under a data root')}; then set "
+                f"data.root (or the LM_DATA_DIR environment variable) to that root, or use "
+                f"data.source: hub when the Hugging Face hub is reachable. {self.notes.get(split, '')}".rstrip()
+            )
+        return p
+
+    def read_bytes(self, split: str) -> bytes:
+        """The split's raw bytes (the EnWik8 slice for byte corpora). Empty -> DataError."""
+        p = self.path(split)
+        data = _read_file(p)
+        if split in self.ranges:
+            lo, hi = self.ranges[split]
+            data = data[len(data) * lo // 100 : len(data) * hi // 100]
+        if not data:
+            raise DataError(f"{p} ({self.name} {split}) is empty. Re-download or re-extract the file.")
+        return data
+
+    def read_lines(self, split: str) -> list[str]:
+        return split_lines(decode_utf8(self.read_bytes(split), str(self.path(split))))
+
+
+def _read_file(p: Path) -> bytes:
+    if p.suffix == ".zip":
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+                member = next((n for n in names if Path(n).name == "enwik8"), None)
+                if member is None:
+                    raise DataError(f"{p} has no member named 'enwik8' (members: {names[:5]}). Use the "
+                                    f"original enwik8.zip from mattmahoney.net.")
+                return z.read(member)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{p} is not a valid zip file ({e}). Re-download enwik8.zip.") from None
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"Cannot read {p}: {e.strerror}.") from None
+    if not data:
+        raise DataError(f"{p} is empty. Re-download or re-extract the file.")
+    return data
+
+
+def _word_paths(name: str, roots: list[Path]) -> tuple[dict, dict, dict]:
+    def f(r: Path, split: str) -> Path:
+        return r / name / f"wiki.{split}.tokens"
+
+    # All splits come from the FIRST root that has any of them: mixing copies from different roots
+    # could pair a train split with someone else's valid/test without anyone noticing.
+    chosen = next((r for r in roots if any(f(r, s).is_file() for s in SPLITS)), None)
+    paths, looked, notes = {}, {}, {}
+    for split in SPLITS:
+        looked[split] = [f(r, split) for r in roots]
+        paths[split] = f(chosen, split) if chosen is not None and f(chosen, split).is_file() else None
+        elsewhere = [str(p) for p in looked[split] if p.is_file()]
+        if paths[split] is None and elsewhere:
+            notes[split] = (f"{name} was taken from {chosen} (the first root that has it) and splits are "
+                            f"never mixed across roots; {elsewhere[0]} exists: copy it into {chosen / name}.")
+    return paths, looked, notes
+
+
+def _enwik8_path(roots: list[Path]) -> tuple[Path | None, list[Path]]:
+    tried = []
+    for r in roots:
+        tried += [r / "enwik8" / "enwik8", r / "enwik8" / "enwik8.zip", r / "enwik8", r / "enwik8.zip"]
+    return next((p for p in tried if p.is_file()), None), tried
+
+
+def find_corpus(
+    name: str,
+    root: str | os.PathLike | None = None,
+    source: str = "local",
+    cache_dir: str | os.PathLike = ".cache",
+    overrides: dict[str, str | os.PathLike | None] | None = None,
+) -> CorpusFiles:
+    """Locate ``name``'s splits. ``overrides`` maps a split to a file that replaces it (e.g. a
+    word-swapped test file); missing splits are reported only when read."""
+    if name not in CORPORA:
+        raise unknown("corpus", name, CORPORA)
+    if source not in SOURCES:
+        raise unknown("data.source", source, SOURCES)
+    roots = [materialise_hub(name, cache_dir)] if source == "hub" else resolve_roots(root)
+    if name == "enwik8":
+        p, tried = _enwik8_path(roots)
+        paths, looked, notes = {s: p for s in SPLITS}, {s: tried for s in SPLITS}, {}
+        ranges, unit = dict(ENWIK8_PERCENT), "byte"
+    else:
+        (paths, looked, notes), ranges, unit = _word_paths(name, roots), {}, "word"
+    for split, f in (overrides or {}).items():
+        if f is None:
+            continue
+        if split not in SPLITS:
+            raise unknown("split", split, SPLITS)
+        f = Path(f).expanduser().resolve()
+        if not f.is_file():
+            raise DataError(f"The {split} override file {f} does not exist. Check data.{split}_file.")
+        paths[split], looked[split] = f, [f]
+        ranges.pop(split, None)  # an override file is the whole split, never a slice
+        notes.pop(split, None)
+    return CorpusFiles(name, unit, paths, looked, ranges, notes)
+
+
+def materialise_hub(name: str, cache_dir: str | os.PathLike) -> Path:
+    """Download ``name`` with ``datasets`` and write it as local files under
+    ``<cache_dir>/hub``; returns that root. Offline -> DataError, never a traceback."""
+    root = Path(cache_dir).expanduser().resolve() / "hub"
+    if name == "enwik8":
+        target = root / "enwik8" / "enwik8"
+        if target.is_file():
+            return root
+        text = "\n".join(_hub_rows(name, "LTCB/enwik8", "enwik8-raw", "train"))
+        data = text.encode("utf-8")
+        # Only a byte-exact copy gives comparable bits-per-character numbers.
+        if hashlib.sha256(data).hexdigest() != ENWIK8_SHA256:
+            raise DataError(f"The hub copy of enwik8 ({len(data):,} bytes) is not byte-identical to the "
+                            f"canonical file. {HOW_TO_GET['enwik8']}.")
+        atomic_write_bytes(target, data)
+        return root
+    path, config = HUB_NAMES[name]
+    for split, hub_split in zip(SPLITS, ("train", "validation", "test")):
+        target = root / name / f"wiki.{split}.tokens"
+        if target.is_file():
+            continue
+        out = io.StringIO()
+        for row in _hub_rows(name, path, config, hub_split):
+            row = row[:-1] if row.endswith("\n") else row
+            # HF strips whitespace-only lines to ''; the original files hold ' ' there.
+            out.write((row or " ") + "\n")
+        atomic_write_bytes(target, out.getvalue().encode("utf-8"))
+    return root
+
+
+def _hub_rows(name: str, path: str, config: str, split: str) -> list[str]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(path, config, split=split)
+        return list(ds["text"])
+    except Exception as e:  # network, auth, missing script support: all the same to the user
+        raise DataError(
+            f"Could not load {name} ({path}/{config}, split {split}) from the Hugging Face hub: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. The hub is unreachable "
+            f"offline; use data.source: local instead and {HOW_TO_GET[name]}."
+        ) from None
+
+
+__all__ = ["CORPORA", "SPLITS", "CorpusFiles", "decode_utf8", "find_corpus", "resolve_roots", "split_lines"]

@@ -1,0 +1,1 @@
+"""Evaluation: protocols (REFERENCE §6) and evaluation drivers."""

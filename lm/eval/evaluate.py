@@ -1,0 +1,200 @@
+"""``lm evaluate``: clean vs contaminated evaluation of one or more checkpoints, one protocol.
+
+For every checkpoint the clean split and each requested corruption (``word_swap:0.015``, ...) are
+scored by the same ``LanguageModel.test`` code path as ``lm test``; the table (markdown + JSON +
+TensorBoard) gives PPL (or BPC) clean vs contaminated and the degradation ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lm.config import EvalConfig
+from lm.errors import CheckpointError, ConfigError
+from lm.utils import atomic_write_text
+
+
+def load_checkpoint(path: str):
+    """A ``LanguageModel`` and the vocabulary stored in its checkpoint (self-contained checkpoints)."""
+    from lm.data.tokenizer import Vocab
+    from lm.tasks.lm_module import LanguageModel
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist. Pass the .ckpt written by `lm fit` "
+                              f"(e.g. runs/<name>/checkpoints/last.ckpt).")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / not a checkpoint
+        raise CheckpointError(f"Cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}. The file is "
+                              f"truncated or not a checkpoint; use another (e.g. last.ckpt or a best-* file).") from None
+    vocab_state = ckpt.get("lm_vocab")
+    if not vocab_state:
+        raise CheckpointError(f"Checkpoint {path} holds no vocabulary (lm_vocab); it was not written by `lm fit`.")
+    vocab = Vocab.from_state(vocab_state)
+    hp = dict(ckpt.get("hyper_parameters", {}))
+    hp.pop("_instantiator", None)
+    hp.pop("_class_path", None)
+    model = LanguageModel(**hp)
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, vocab, ckpt
+
+
+def evaluate(
+    ckpts: str | list[str],
+    corruptions: str = "word_swap:0.015",
+    split: str = "test",
+    corpus: str | None = None,
+    root: str | None = None,
+    protocol: str = "segments",
+    tgt_len: int | None = None,
+    mem_len: int | None = None,
+    clamp_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 10,
+    seed: int = 0,
+    out: str = "results/evaluate",
+    accelerator: str = "auto",
+    precision: str = "32-true",
+    limit_batches: int | float = 1.0,
+) -> dict:
+    """Evaluate checkpoints on a clean split and on each corruption of it, under one protocol.
+
+    Args:
+        ckpts: checkpoint files written by ``lm fit``, comma-separated or a list (their vocabulary
+            travels inside the checkpoint).
+        corruptions: comma-separated ``recipe:rate`` specs, e.g. ``word_swap:0.015,char_swap:0.015``;
+            an empty string evaluates the clean split only.
+        split: ``test`` or ``valid``.
+        corpus: corpus name; default: the one each checkpoint was trained on.
+        root: data directory (see ``data.root``).
+        protocol: ``segments``, ``memory`` or ``sliding`` (REFERENCE §6).
+        tgt_len: evaluation window (default: the training segment length).
+        mem_len: memory length for the ``memory`` protocol (default: the model's).
+        clamp_len: relative-position clamp (default: the model's).
+        stride: sliding-window stride.
+        batch_size: evaluation batch size.
+        seed: corruption seed (recorded in the manifests).
+        out: output folder for ``table.md``, ``results.json`` and TensorBoard events.
+        accelerator: Lightning accelerator.
+        precision: Lightning precision, e.g. ``32-true`` or ``bf16-mixed``.
+        limit_batches: evaluate only this many (int) or this fraction (float) of batches (smoke tests).
+    """
+    import lightning as L
+
+    from corruptions.cli import parse_specs
+    from corruptions.manifest import corrupt_file
+    from lm.data.datamodule import LMDataModule
+
+    if isinstance(ckpts, str):
+        ckpts = [c.strip() for c in ckpts.split(",") if c.strip()]
+    if split not in ("test", "valid"):
+        raise ConfigError(f"split must be 'test' or 'valid', got '{split}'.")
+    specs = parse_specs(corruptions) if corruptions and corruptions.strip() else []
+    ecfg = EvalConfig(protocol=protocol, tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len, stride=stride,
+                      batch_size=batch_size)
+    out_dir = Path(out)
+    rows, tmp = [], Path(tempfile.mkdtemp(prefix="lm-eval-"))
+    for ckpt_path in ckpts:
+        model, vocab, ckpt = load_checkpoint(ckpt_path)
+        hp = ckpt.get("hyper_parameters", {})
+        data_hp = ckpt.get("lm_data", {})
+        name = _run_name(ckpt_path)
+        tok_path = tmp / f"{name}-tokenizer.json"
+        vocab.save(tok_path)
+        model.eval_cfg = ecfg
+        model.results_dir = str(tmp / name)
+        dm_kwargs = dict(corpus=corpus or data_hp.get("corpus", "wikitext-2"), root=root, tokenizer=str(tok_path),
+                         tgt_len=hp.get("tgt_len", 128), batch_size=1, eval=ecfg)
+        clean_dm = LMDataModule(**dm_kwargs)
+        source = clean_dm.split_file(split)
+        variants = [("clean", None, None)]
+        for recipe, rate in specs:
+            res = corrupt_file(source, recipe=recipe, rate=rate, seed=seed,
+                               format="enwik8" if vocab.unit == "byte" else "wikitext")
+            variants.append((f"{recipe}:{rate:g}", res.path, res.manifest))
+        row = {"checkpoint": ckpt_path, "name": name, "attention": hp.get("attention"), "ffn": hp.get("ffn"),
+               "unit": vocab.unit, "results": {}}
+        for label, path, manifest in variants:
+            kw = dict(dm_kwargs)
+            if path is not None:
+                kw[f"{split}_file"] = str(path)
+            dm = LMDataModule(**kw)
+            trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                limit_test_batches=limit_batches, limit_val_batches=limit_batches,
+                                default_root_dir=str(tmp / name))
+            (trainer.test if split == "test" else trainer.validate)(model, datamodule=dm, verbose=False)
+            r = dict(model.last_result)
+            if manifest is not None:
+                r["corruption"] = {k: manifest.get(k) for k in (
+                    "recipe", "rate", "seed", "replacement", "effective_rate", "swapped_line_fraction",
+                    "token_change_rate", "unk_swaps", "n_swaps", "source_sha256", "output_sha256")}
+                r["corrupted_file"] = str(path)
+            row["results"][label] = r
+        clean = row["results"]["clean"][row["results"]["clean"]["metric"]]
+        for r in row["results"].values():
+            r["ratio_vs_clean"] = r[r["metric"]] / clean if clean else None
+        rows.append(row)
+    report = {"protocol": rows[0]["results"]["clean"]["protocol"] if rows else asdict(ecfg), "split": split,
+              "corruption_seed": seed, "rows": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=str))
+    table = markdown_table(report)
+    atomic_write_text(out_dir / "table.md", table)
+    _tensorboard(out_dir, report, table)
+    print(table)
+    print(f"\nwritten: {out_dir / 'table.md'}, {out_dir / 'results.json'}")
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    rows = report["rows"]
+    if not rows:
+        return "(no checkpoints)"
+    labels = list(rows[0]["results"])
+    metric = rows[0]["results"]["clean"]["metric"].upper()
+    head = ["model"] + [f"{metric} {lab}" for lab in labels] + [f"x {lab}" for lab in labels[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        res = row["results"]
+        vals = [f"{res[lab][res[lab]['metric']]:.3f}" for lab in labels]
+        ratios = [f"{res[lab]['ratio_vs_clean']:.3f}" for lab in labels[1:]]
+        lines.append("| " + " | ".join([row["name"]] + vals + ratios) + " |")
+    p = report["protocol"]
+    lines.append("")
+    lines.append(f"Protocol: {p.get('protocol')}, window {p.get('window')}, stride {p.get('stride')}, "
+                 f"memory {p.get('mem_len')}, batch {p.get('batch_size')}, normalised per {p.get('normalised_by')}; "
+                 f"split {report['split']}; tokens scored {rows[0]['results']['clean']['tokens_scored']}; "
+                 f"corruption seed {report['corruption_seed']}. 'x' = contaminated / clean.")
+    return "\n".join(lines) + "\n"
+
+
+def _run_name(ckpt_path: str) -> str:
+    p = Path(ckpt_path).resolve()
+    run = p.parent.parent.name if p.parent.name == "checkpoints" else p.parent.name
+    return f"{run}/{p.stem}" if p.stem not in ("last",) else run
+
+
+def _tensorboard(out_dir: Path, report: dict, table: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(out_dir / "tb"))
+    for row in report["rows"]:
+        for label, r in row["results"].items():
+            w.add_scalar(f"{row['name']}/{r['metric']}/{label}", r[r["metric"]])
+    w.add_text("table", table)
+    w.close()
+
+
+def evaluate_cli(argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    CLI(evaluate, args=argv, as_positional=False)

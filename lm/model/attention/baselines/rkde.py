@@ -1,0 +1,128 @@
+"""Transformer-RKDE (Han et al., NeurIPS 2023): attention with a robust kernel density estimate.
+
+Attention as Nadaraya–Watson regression with a Gaussian kernel on L2-normalised queries and keys,
+
+    k(x, y) = exp(−‖x − y‖² / 2σ²) = exp((x̂ᵀŷ − 1) / σ²)       (‖x̂‖ = ‖ŷ‖ = 1)
+
+where the plain KDE gives every visible key the same weight. The robust KDE (Kim & Scott 2012) instead
+weights the keys so that outlying keys count less: with φ the kernel's feature map, IRLS on the Huber
+loss of the RKHS residuals r_j = ‖φ(k_j) − Σ_l w_l φ(k_l)‖,
+
+    r_j² = k(k_j, k_j) − 2 Σ_l w_l k(k_j, k_l) + Σ_{l,l'} w_l w_l' k(k_l, k_l')
+    w_j  ← u_j / Σ_l u_l,   u_j = ψ(r_j)/r_j = min(1, c / r_j)                    (Huber, threshold c)
+
+starting from uniform w, for ``n_iters`` steps. Causality: the sums run over the keys query i may see
+(memory + segment keys ≤ i), so every query has its own weight vector w_i· (a [T, S] matrix per head,
+one [T,S]x[S,S] matmul per step: no [T, S, S] tensor). Then
+
+    out_i = Σ_j w_ij k(q̂_i, k̂_j) v_j / Σ_j w_ij k(q̂_i, k̂_j) = softmax_j(q̂_iᵀk̂_j / σ² + log w_ij) v
+
+-- the −1/σ² of the kernel is a per-row constant -- which is one fused SDPA call with log w as the
+float mask. n_iters = 0 is plain key-normalised Gaussian-kernel attention (uniform w).
+
+c: a fixed number, or (default) per query the median residual under uniform weights (Kim & Scott's
+choice), kept fixed over the iterations, without gradient, and floored at 1e-4 (a lone key has
+residual 0).
+σ: per head, learned in log space, initialised at ``bandwidth``. With unit vectors 1/σ² acts as the
+softmax temperature (σ = 0.3 gives ≈ 11, similar to QKNorm's learned gain at short lengths).
+The weights are computed without gradient by default (treated as data weights for the regression).
+Relative positions are not supported (Table 1 uses absolute positions).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lm.model.attention.base import Attention, AttnContext, LayerState, register
+from lm.model.attention.baselines.common import at_least_float32, boolean, masked_log, positive_float, positive_int, visible
+
+
+@dataclass
+class RKDEOptions:
+    """
+    n_iters: IRLS reweighting steps (0 = plain key-normalised Gaussian-kernel attention).
+    threshold: Huber threshold c on the RKHS residual (in [0, 2] for unit vectors); null = per-query
+        median residual under uniform weights.
+    bandwidth: σ at init (per head); learn_bandwidth: learn it.
+    detach_weights: compute the key weights without gradient.
+    """
+
+    n_iters: int = 2
+    threshold: float | None = None
+    bandwidth: float = 0.3
+    learn_bandwidth: bool = True
+    detach_weights: bool = True
+
+    def __post_init__(self):
+        positive_int("rkde", "n_iters", self.n_iters, minimum=0)
+        if self.threshold is not None:
+            positive_float("rkde", "threshold", self.threshold)
+        positive_float("rkde", "bandwidth", self.bandwidth)
+        boolean("rkde", "learn_bandwidth", self.learn_bandwidth)
+        boolean("rkde", "detach_weights", self.detach_weights)
+
+
+class KernelDensityAttention(Attention):
+    """Shared by RKDE and SPKDE: Gaussian kernel on unit vectors, per-query key weights."""
+
+    supports_relative = False
+
+    def __init__(self, d_model: int, n_head: int, d_head: int, *args, **kwargs):
+        super().__init__(d_model, n_head, d_head, *args, **kwargs)
+        self.log_bandwidth = nn.Parameter(torch.full((n_head,), math.log(self.opts.bandwidth)),
+                                          requires_grad=self.opts.learn_bandwidth)
+
+    def inv_var(self) -> Tensor:
+        return torch.exp(-2 * self.log_bandwidth)[:, None, None]  # 1/σ², [H, 1, 1]
+
+    def key_weights(self, k_hat: Tensor, gram: Tensor, allowed: Tensor) -> Tensor:
+        """Variant hook: ``[B, H, T, S]`` weights, each row on the simplex over its visible keys."""
+        raise NotImplementedError
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, prev: LayerState | None):
+        T, S = q.size(-2), k.size(-2)
+        q_hat, k_hat = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        inv_var = self.inv_var().to(q.dtype)
+        allowed = visible(ctx, T, S, q.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.opts.detach_weights):
+            gram = torch.exp((k_hat @ k_hat.transpose(-1, -2) - 1) * inv_var)  # k(k_j, k_l), [B,H,S,S]
+            w = self.key_weights(k_hat, gram, allowed)
+        bias = masked_log(w, allowed).to(q.dtype)
+        p = self.dropatt if self.training else 0.0
+        if not ctx.need_weights:
+            return F.scaled_dot_product_attention(q_hat * inv_var, k_hat, v, attn_mask=bias, dropout_p=p, scale=1.0), None
+        a = torch.softmax(at_least_float32((q_hat * inv_var) @ k_hat.transpose(-1, -2) + bias), dim=-1).to(v.dtype)
+        return (F.dropout(a, p) if p > 0 else a) @ v, a
+
+
+def uniform_weights(allowed: Tensor, dtype) -> Tensor:
+    a = allowed.to(dtype)
+    return a / a.sum(-1, keepdim=True)
+
+
+def huber_irls(gram: Tensor, allowed: Tensor, n_iters: int, threshold: float | None) -> Tensor:
+    """Per-query robust KDE weights ``[B, H, T, S]`` (see the module docstring)."""
+    w = uniform_weights(allowed, gram.dtype).expand(*gram.shape[:2], *allowed.shape)
+    c = threshold
+    for it in range(n_iters):
+        kw = w @ gram  # Σ_l w_il k(k_l, k_j), only visible l contribute
+        quad = (w * kw).sum(-1, keepdim=True)  # w_iᵀ K w_i
+        r = torch.sqrt((1.0 - 2.0 * kw + quad).clamp_min(0.0) + 1e-12)  # k(x, x) = 1
+        if c is None and it == 0:
+            c = r.detach().masked_fill(~allowed, float("nan")).nanmedian(dim=-1, keepdim=True).values.clamp_min(1e-4)
+        u = torch.minimum(torch.ones_like(r), c / r) * allowed
+        w = u / u.sum(-1, keepdim=True)
+    return w
+
+
+@register("rkde")
+class RKDEAttention(KernelDensityAttention):
+    Options = RKDEOptions
+
+    def key_weights(self, k_hat, gram, allowed):
+        return huber_irls(gram, allowed, self.opts.n_iters, self.opts.threshold)

@@ -1,0 +1,369 @@
+"""Sequence classification (SST-2) on top of a pretrained decoder (REFERENCE §7).
+
+The pretrained ``TransformerLM`` blocks are transferred; its LM softmax is dropped. The sentence is
+read at the FINAL position of the left-padded input (``pooling: last``: the causal decoder's last
+real token has seen the whole sentence) or averaged over the real tokens (``pooling: mean``), then
+the paper's head ``Linear - Tanh - Dropout - Linear``. Adam, lr 1e-4.
+
+Padding. The decoder is causal and has no padding mask of its own, so with left padding the real
+tokens would see the pad tokens before them as context, and absolute positions would be shifted by
+the amount of padding: the prediction would depend on what a sentence is batched with. Two ways out:
+
+- the data module's ``batching: length`` puts only same-length sentences in a batch, so there is no
+  padding at all and the decoder runs unchanged (its own ``forward``);
+- with padding (``batching: pad``) and ``mask_padding: true``, the classifier runs the decoder's
+  blocks with a per-sentence mask: no query attends a pad key (a pad query attends only itself, so
+  its row is never empty), and absolute positions count from the first real token. Relative
+  positions are shift-invariant already. The result equals the unpadded computation for attention
+  variants that honour ``AttnContext.mask`` and use no statistics across positions (the softmax
+  family: softmax, qknorm, ...). Elliptical's segment-mean estimator and MoE capacity limits do see
+  pad positions: use ``batching: length`` with those.
+
+``mask_padding: false`` is a decoder that reads pads as ordinary context tokens (positions from the
+first pad), which is what an unmasked implementation of the paper's protocol computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lm.config import ModelConfig
+from lm.errors import CheckpointError, ConfigError, unknown
+from lm.model.adaptive import AdaptiveEmbedding
+from lm.model.attention import AttnContext
+from lm.model.positions import relative_positions, sinusoid
+from lm.model.transformer import TransformerLM
+from lm.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+POOLING = ("last", "mean")
+VOCAB_MODES = ("reuse", "fresh")
+
+
+class SequenceClassifier(L.LightningModule):
+    """A pretrained decoder + classification head.
+
+    Args:
+        pretrained: checkpoint written by ``lm fit`` (its vocabulary travels inside); None trains from
+            scratch with the architecture in ``model`` (then ``vocab`` must be ``fresh``).
+        vocab: ``reuse`` (the checkpoint's vocabulary: embeddings transfer) or ``fresh`` (a new
+            lower-cased SST-2 vocabulary: the paper's code; blocks transfer, the embedding is new).
+        load_weights: False keeps the pretrained architecture and vocabulary but starts from random
+            weights (the from-scratch control of a pretrained run).
+        vocab_size: from the data module (``data.vocab_size``); do not set by hand.
+        model: architecture for ``pretrained: null`` (``ModelConfig`` fields, e.g. n_layer, d_model).
+        pooling: ``last`` (final position of the left-padded input) or ``mean`` (over real tokens).
+        mask_padding: make left padding invisible to the decoder (see the module docstring).
+        n_classes: number of labels.
+        head_dropout: dropout between the head's Tanh and its output layer.
+        dropout: override the decoder's dropout for finetuning (None: keep the pretrained value).
+        lr: Adam learning rate (the paper: 1e-4).
+        weight_decay: Adam weight decay.
+        warmup_steps: linear learning-rate warm-up, then constant (the paper: none).
+        freeze_embeddings: do not train the (transferred) input embedding.
+        results_dir: where the dev-result JSON goes (default: the run directory).
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        vocab: str = "reuse",
+        load_weights: bool = True,
+        vocab_size: int = 0,
+        model: dict[str, Any] | None = None,
+        pooling: str = "last",
+        mask_padding: bool = True,
+        n_classes: int = 2,
+        head_dropout: float = 0.1,
+        dropout: float | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        freeze_embeddings: bool = False,
+        results_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if vocab not in VOCAB_MODES:
+            raise unknown("model.vocab", vocab, VOCAB_MODES)
+        if pooling not in POOLING:
+            raise unknown("model.pooling", pooling, POOLING)
+        if n_classes < 2:
+            raise ConfigError(f"model.n_classes must be >= 2, got {n_classes}.")
+        if lr <= 0:
+            raise ConfigError(f"model.lr must be > 0, got {lr}.")
+        for name, p in (("head_dropout", head_dropout), ("dropout", dropout)):
+            if p is not None and not 0.0 <= p < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {p}.")
+        self.pretrained, self.vocab_mode, self.pooling, self.mask_padding = pretrained, vocab, pooling, mask_padding
+        self.lr, self.weight_decay, self.warmup_steps, self.results_dir = lr, weight_decay, warmup_steps, results_dir
+        self.transfer: dict[str, Any] = {}
+        self.net = self._build_net(pretrained, vocab, load_weights, vocab_size, model)
+        if dropout is not None:
+            for m in self.net.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = dropout
+        if freeze_embeddings:
+            self.net.embed.requires_grad_(False)
+        d = self.net.cfg.d_model
+        self.head = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Dropout(head_dropout), nn.Linear(d, n_classes))
+        self.val_loss, self.val_acc = MeanMetric(), MulticlassAccuracy(n_classes, average="micro")
+        self.history: list[dict[str, Any]] = []
+        self._t0: float | None = None
+        self.result_path: str | None = None
+
+    # ----- building and transferring -----------------------------------------------------------------
+    def _build_net(self, pretrained, vocab, load_weights, vocab_size, model) -> TransformerLM:
+        if pretrained is None:
+            if vocab != "fresh":
+                raise ConfigError("model.pretrained is null (training from scratch), so there is no pretraining "
+                                  "vocabulary to reuse: set model.vocab: fresh, or pass model.pretrained.")
+            if vocab_size < 1:
+                raise ConfigError("model.vocab_size is unset: it comes from the data module (run through "
+                                  "`lm finetune`, or pass vocab_size=data.vocab_size).")
+            cfg = ModelConfig(**{"adaptive": False, "cutoffs": [], "mem_len": 0, **(model or {})})
+            self.transfer = {"pretrained": None, "transferred": [], "new": ["everything"]}
+            return self._strip(TransformerLM(cfg, vocab_size))
+        if model:
+            raise ConfigError("model.model (an architecture) is only used with model.pretrained: null; the "
+                              "architecture of a pretrained run comes from its checkpoint. Remove one of the two.")
+        from lm.eval.evaluate import load_checkpoint
+
+        lm, lm_vocab, _ = load_checkpoint(pretrained)
+        src = lm.net
+        if lm_vocab.size != src.vocab_size:
+            raise CheckpointError(
+                f"Checkpoint {pretrained}: its vocabulary (lm_vocab) has {lm_vocab.size} entries but its embedding "
+                f"has {src.vocab_size} rows, so the stored vocabulary is not the one it was trained with. Use "
+                f"model.vocab: fresh (a new SST-2 vocabulary; only the blocks transfer) or another checkpoint.")
+        cfg = src.cfg
+        if vocab == "reuse":
+            if vocab_size and vocab_size != lm_vocab.size:
+                raise CheckpointError(
+                    f"model.vocab: reuse, but the data's vocabulary has {vocab_size} entries and checkpoint "
+                    f"{pretrained} has {lm_vocab.size}: the data module did not read this checkpoint's vocabulary. "
+                    f"Run through `lm finetune` (which links model.pretrained to the data), or use vocab: fresh.")
+            vocab_size = lm_vocab.size
+        else:
+            if vocab_size < 1:
+                raise ConfigError("model.vocab_size is unset: with vocab: fresh it comes from the data module "
+                                  "(run through `lm finetune`, or pass vocab_size=data.vocab_size).")
+            # A new plain embedding table: adaptive clusters are a property of the pretraining vocabulary.
+            cfg = dataclasses.replace(cfg, adaptive=False, cutoffs=[], div_val=1, tie_weight=False)
+        cfg = dataclasses.replace(cfg, mem_len=0)
+        net = TransformerLM(cfg, vocab_size)
+        net.head = nn.Identity()  # the LM softmax is not used
+        src.head = nn.Identity()
+        new = ["embed"] if vocab == "fresh" else []
+        keys = [k for k in net.state_dict() if k.split(".")[0] not in new]
+        self.transfer = {"pretrained": pretrained, "load_weights": load_weights, "lm_vocab_sha256": lm_vocab.sha256,
+                         "lm_vocab_size": lm_vocab.size, "unit": lm_vocab.unit, "new": new,
+                         "transferred": sorted({k.split(".")[0] for k in keys})}
+        if load_weights:
+            transfer_weights(src.state_dict(), net, keys, pretrained)
+        return net
+
+    @staticmethod
+    def _strip(net: TransformerLM) -> TransformerLM:
+        net.head = nn.Identity()
+        return net
+
+    # ----- forward ---------------------------------------------------------------------------------
+    def hidden(self, tokens: Tensor, n_pad: Tensor | None = None) -> Tensor:
+        """Final hidden states ``[B, T, d]`` of left-padded ``tokens``; see the module docstring."""
+        if n_pad is None or not self.mask_padding or not bool((n_pad > 0).any()):
+            return self.net(tokens, None, mem_len=0).hidden
+        return masked_forward(self.net, tokens, n_pad)
+
+    def forward(self, tokens: Tensor, n_pad: Tensor | None = None) -> Tensor:
+        """Class logits ``[B, n_classes]``."""
+        h = self.hidden(tokens, n_pad)
+        if self.pooling == "last":
+            pooled = h[:, -1]
+        else:
+            T = tokens.size(1)
+            n_pad = torch.zeros(tokens.size(0), dtype=torch.long, device=tokens.device) if n_pad is None else n_pad
+            real = (torch.arange(T, device=tokens.device)[None, :] >= n_pad[:, None]).to(h.dtype)
+            pooled = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp_min(1)
+        return self.head(pooled)
+
+    def _step(self, batch: dict) -> tuple[Tensor, Tensor]:
+        logits = self(batch["input"], batch.get("n_pad"))
+        return logits, F.cross_entropy(logits.float(), batch["label"])
+
+    # ----- training / validation ---------------------------------------------------------------------
+    def on_fit_start(self):
+        self._t0 = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int):
+        logits, loss = self._step(batch)
+        aux = self.net.aux_loss()
+        total = loss if aux is None else loss + aux
+        bs = batch["label"].size(0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/acc", (logits.argmax(-1) == batch["label"]).float().mean(), batch_size=bs)
+        return total
+
+    def on_validation_epoch_start(self):
+        self.val_loss.reset()
+        self.val_acc.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        logits, loss = self._step(batch)
+        n = batch["label"].size(0)
+        self.val_loss.update(loss, weight=n)
+        self.val_acc.update(logits.argmax(-1), batch["label"])
+
+    def on_validation_epoch_end(self):
+        loss, acc = self.val_loss.compute(), self.val_acc.compute()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/acc", acc, prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        entry = {"epoch": int(self.current_epoch), "step": int(self.global_step), "dev_acc": float(acc),
+                 "dev_loss": float(loss),
+                 "wall_s": round(time.perf_counter() - self._t0, 1) if self._t0 is not None else None}
+        validate_only = self.trainer.state.fn == "validate"
+        if not validate_only:
+            self.history.append(entry)
+        self._write_result(entry, validate_only)
+
+    def _write_result(self, entry: dict, validate_only: bool) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        dm = self.trainer.datamodule
+        data = dm.describe() if hasattr(dm, "describe") else {}
+        best = min(self.history, key=lambda e: e["dev_loss"]) if self.history else None
+        result = {
+            "task": "sst2", "split": "dev", "stage": "validate" if validate_only else "fit", **entry,
+            "unk_rate": data.get("unk_rate"), "vocab_mode": self.vocab_mode, "pretrained": self.pretrained,
+            "load_weights": self.hparams.load_weights, "pooling": self.pooling, "mask_padding": self.mask_padding,
+            "transfer": self.transfer, "hparams": dict(self.hparams), "data": data,
+            "best_by_dev_loss": best, "history": self.history,
+            "checkpoint": getattr(self.trainer, "ckpt_path", None) if validate_only else None,
+        }
+        out_dir = Path(self.results_dir or self.trainer.default_root_dir) / "results"
+        path = out_dir / ("sst2-dev-validate.json" if validate_only else "sst2-dev.json")
+        atomic_write_text(path, json.dumps(result, indent=2, default=str))
+        self.result_path = str(path)
+        log.info("SST-2 dev: acc %.4f, loss %.4f (epoch %d); unknown-word rate %s -> %s", entry["dev_acc"],
+                 entry["dev_loss"], entry["epoch"], data.get("unk_rate"), path)
+
+    # ----- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if not self.warmup_steps:
+            return opt
+        w = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / w))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----- checkpoints -----------------------------------------------------------------------------
+    def _data_vocab(self) -> dict[str, Any] | None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        v = getattr(dm, "vocabulary", None) if dm is not None else None
+        if v is None:
+            return None
+        return {"mode": self.vocab_mode, "unit": v.unit, "size": v.size, "sha256": v.sha256}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sst2_vocab"] = self._data_vocab()
+        checkpoint["sst2_history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint that does not fit, listing every mismatch (before Lightning's strict load)."""
+        problems = state_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
+        saved, mine = checkpoint.get("sst2_vocab"), self._data_vocab()
+        if saved and mine and saved.get("sha256") != mine["sha256"]:
+            problems.insert(0, f"vocabulary: the checkpoint was finetuned with a {saved.get('mode')} "
+                               f"{saved.get('unit')} vocabulary of {saved.get('size')} entries (sha256 "
+                               f"{str(saved.get('sha256'))[:12]}), the data now gives a {mine['mode']} {mine['unit']} "
+                               f"vocabulary of {mine['size']} entries (sha256 {mine['sha256'][:12]})")
+        if problems:
+            raise CheckpointError(
+                "The checkpoint does not fit this classifier: " + "; ".join(problems) + ". It was finetuned "
+                "with another pretrained model, vocabulary mode or architecture; use the config.yaml saved in "
+                "its run directory (lm finetune validate --config <run>/config.yaml --ckpt_path <ckpt>).")
+        self.history = list(checkpoint.get("sst2_history") or [])
+
+
+# ----- helpers --------------------------------------------------------------------------------------
+def state_mismatches(src: dict[str, Tensor], dst: dict[str, Tensor], keys: list[str] | None = None,
+                     limit: int = 12) -> list[str]:
+    """Human-readable differences between a source state dict and the destination's (over ``keys``)."""
+    unexpected = [k for k in src if k not in dst] if keys is None else []  # only for a whole-model load
+    keys = list(dst) if keys is None else keys
+    missing = [k for k in keys if k not in src]
+    shape = [k for k in keys if k in src and tuple(src[k].shape) != tuple(dst[k].shape)]
+
+    def listing(names, fmt=str):
+        more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+        return ", ".join(fmt(k) for k in names[:limit]) + more
+
+    out = []
+    if missing:
+        out.append(f"{len(missing)} missing tensors ({listing(missing)})")
+    if shape:
+        out.append(f"{len(shape)} shape mismatches ({listing(shape, lambda k: f'{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}')})")
+    if unexpected:
+        out.append(f"{len(unexpected)} unexpected tensors ({listing(unexpected)})")
+    return out
+
+
+def transfer_weights(src: dict[str, Tensor], net: nn.Module, keys: list[str], where: str) -> None:
+    """Copy ``keys`` from ``src`` into ``net``; any missing key or wrong shape is a CheckpointError listing all."""
+    dst = net.state_dict()
+    problems = state_mismatches(src, dst, keys)
+    if problems:
+        raise CheckpointError(
+            f"Checkpoint {where} does not fit the classifier's decoder: " + "; ".join(problems) + ". The "
+            f"checkpoint's tensors disagree with its own hyper-parameters (a modified or truncated checkpoint?); "
+            f"use another checkpoint, e.g. last.ckpt of a finished `lm fit` run.")
+    with torch.no_grad():
+        for k in keys:
+            dst[k].copy_(src[k])
+
+
+def masked_forward(net: TransformerLM, tokens: Tensor, n_pad: Tensor) -> Tensor:
+    """``TransformerLM.forward`` (no memory) with left padding made invisible.
+
+    Query ``i`` of row ``b`` attends keys ``n_pad[b] <= j <= i`` (a pad query only itself), and absolute
+    positions start at 0 on the first real token. Mirrors ``TransformerLM.forward``; a test checks
+    that both agree on unpadded input.
+    """
+    cfg = net.cfg
+    B, T = tokens.shape
+    dev = tokens.device
+    ar = torch.arange(T, device=dev)
+    real_key = ar[None, :] >= n_pad[:, None]  # [B, S]
+    allowed = (ar[None, :, None] >= ar[None, None, :]) & (real_key[:, None, :] | torch.eye(T, dtype=torch.bool,
+                                                                                        device=dev)[None])
+    ctx = AttnContext(mask=allowed[:, None], mem_len=0)  # [B, 1, T, S] broadcasts over heads
+    h = net.embed(tokens)
+    if cfg.pos == "absolute":
+        pos = (ar[None, :] - n_pad[:, None]).clamp_min(0)
+        h = h + sinusoid(pos.reshape(-1), cfg.d_model).view(B, T, -1).to(h.dtype)
+    else:
+        ctx.rel_pos = net.drop(sinusoid(relative_positions(T, cfg.clamp_len, dev), cfg.d_model).to(h.dtype))
+    h = net.drop(h)
+    prev = None
+    for block in net.layers:
+        h, prev = block(h, None, ctx, prev)
+    return net.drop(net.final_norm(h))
+
+
+__all__ = ["SequenceClassifier", "masked_forward", "state_mismatches", "transfer_weights"]

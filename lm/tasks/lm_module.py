@@ -1,0 +1,293 @@
+"""The language-modelling LightningModule: training with segment memory, evaluation under a
+recorded protocol, and a JSON result file for every test run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from lm.config import AttentionConfig, EvalConfig, FFNConfig, ModelConfig, OptimConfig, coerce
+from lm.errors import CheckpointError, ConfigError, NonFiniteLossError
+from lm.model.transformer import TransformerLM
+from lm.utils import atomic_write_text
+
+
+class LanguageModel(L.LightningModule):
+    """A Transformer-XL-style decoder (see ``ModelConfig`` for every architecture field).
+
+    Args:
+        vocab_size: set from the data module (``data.vocab_size``); do not set by hand.
+        unit: ``word`` (report perplexity) or ``byte`` (report bits per character); from the data.
+        tgt_len: training segment length, from the data; the default evaluation window.
+        optim: optimiser and learning-rate schedule.
+        eval: evaluation protocol, linked from ``data.eval``.
+        results_dir: where ``lm test``/``lm validate`` write their JSON (default: the run directory).
+        (every other argument is a ``ModelConfig`` field.)
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 0,
+        unit: str = "word",
+        tgt_len: int = 128,
+        n_layer: int = 16,
+        d_model: int = 128,
+        n_head: int = 8,
+        d_head: int = 16,
+        d_inner: int = 2048,
+        dropout: float = 0.1,
+        dropatt: float = 0.0,
+        pos: str = "absolute",
+        mem_len: int = 0,
+        clamp_len: int = -1,
+        same_length: bool = False,
+        norm: str = "post",
+        adaptive: bool = True,
+        cutoffs: list[int] | None = None,
+        div_val: int = 1,
+        d_embed: int | None = None,
+        tie_weight: bool = True,
+        init_std: float = 0.02,
+        attention: AttentionConfig | None = None,
+        ffn: FFNConfig | None = None,
+        optim: OptimConfig | None = None,
+        eval: EvalConfig | None = None,
+        results_dir: str | None = None,
+    ):
+        super().__init__()
+        args = dict(locals())
+        self.save_hyperparameters(_plain({k: v for k, v in args.items() if k not in ("self", "__class__")}))
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        arch = {k: v for k, v in args.items() if k in fields and v is not None}
+        arch["attention"] = coerce(AttentionConfig, attention or AttentionConfig())
+        arch["ffn"] = coerce(FFNConfig, ffn or FFNConfig())
+        self.cfg = ModelConfig(**arch)
+        if vocab_size < 1:
+            raise ConfigError("model.vocab_size is unset: it comes from the data module (run through `lm`, "
+                              "or pass vocab_size=data.vocab_size).")
+        if unit not in ("word", "byte"):
+            raise ConfigError(f"unit must be 'word' or 'byte', got '{unit}'.")
+        self.unit, self.tgt_len, self.results_dir = unit, tgt_len, results_dir
+        self.optim_cfg = coerce(OptimConfig, optim or OptimConfig())
+        self.eval_cfg = coerce(EvalConfig, eval or EvalConfig())
+        self.net = TransformerLM(self.cfg, vocab_size)
+        self.mems: list[torch.Tensor] | None = None  # training memory, per rank
+        self._eval_mems: list[torch.Tensor] | None = None
+        self.eval_nll = MeanMetric()
+        self._eval_t0 = 0.0
+
+    # ----- training --------------------------------------------------------------------------------
+    def forward(self, tokens, mems=None, **kw):
+        return self.net(tokens, mems, **kw)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        if batch.get("first", False):
+            self.mems = None
+        out = self.net(batch["input"], self.mems)
+        self.mems = out.mems
+        nll = self.net.nll(out.hidden, batch["target"])
+        loss = nll.mean()
+        total = loss if out.aux_loss is None else loss + out.aux_loss
+        if not torch.isfinite(total):
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "(none saved yet)"
+            raise NonFiniteLossError(
+                f"The training loss became {total.item()} at step {self.global_step}. Training stopped; the last "
+                f"good checkpoint is {ckpt} and was not touched. Lower optim.lr, raise warm-up, or check the data; "
+                f"resume with --ckpt_path last."
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log(f"train/{'ppl' if self.unit == 'word' else 'bpc'}", self._metric(loss.detach()))
+        if out.aux_loss is not None:
+            self.log("train/aux_loss", out.aux_loss)
+            self._log_moe_stats()
+        return total
+
+    def _log_moe_stats(self):
+        for i, blk in enumerate(self.net.layers):
+            stats = getattr(blk.ffn, "stats", None)
+            if not stats:
+                continue
+            self.log(f"moe/layer{i}/dropped_fraction", stats["dropped_fraction"])
+            self.log(f"moe/layer{i}/balance_loss", stats["balance_loss"])
+            self.log(f"moe/layer{i}/z_loss", stats["z_loss"])
+            load = stats["expert_load"]
+            self.log(f"moe/layer{i}/load_max_over_mean", load.max() / load.mean().clamp_min(1e-9))
+
+    def _metric(self, mean_nll: torch.Tensor) -> torch.Tensor:
+        return torch.exp(mean_nll) if self.unit == "word" else mean_nll / math.log(2)
+
+    def on_train_epoch_start(self):
+        self.mems = None
+
+    # ----- evaluation ------------------------------------------------------------------------------
+    def _check_protocol(self):
+        if self.eval_cfg.protocol == "memory" and self.cfg.pos != "relative":
+            raise ConfigError("eval.protocol 'memory' needs a model with relative positions (model.pos: relative); "
+                              "use 'segments' or 'sliding' for absolute-position models.")
+
+    def _eval_start(self):
+        self._check_protocol()
+        self._eval_mems = None
+        self.eval_nll.reset()
+        self._eval_t0 = time.perf_counter()
+
+    def _eval_step(self, batch: dict):
+        e = self.eval_cfg
+        memory = e.protocol == "memory"
+        if batch.get("first", False) or not memory:
+            self._eval_mems = None
+        mem_len = (e.mem_len if e.mem_len is not None else self.cfg.mem_len) if memory else 0
+        clamp_len = e.clamp_len if e.clamp_len is not None else self.cfg.clamp_len
+        out = self.net(batch["input"], self._eval_mems, mem_len=mem_len, clamp_len=clamp_len)
+        self._eval_mems = out.mems
+        nll = self.net.nll(out.hidden, batch["target"])
+        mask = batch.get("mask")
+        if mask is None:
+            mask = torch.ones_like(nll, dtype=torch.bool)
+        n = mask.sum()
+        if n > 0:
+            self.eval_nll.update((nll * mask).sum() / n, weight=n)
+
+    def _eval_end(self, stage: str):
+        mean_nll = self.eval_nll.compute()
+        tokens = int(self.eval_nll.weight.item()) if hasattr(self.eval_nll, "weight") else 0
+        wall = time.perf_counter() - self._eval_t0
+        name = "ppl" if self.unit == "word" else "bpc"
+        value = self._metric(mean_nll)
+        self.log(f"{stage}/loss", mean_nll, sync_dist=False)
+        self.log(f"{stage}/{name}", value, prog_bar=True, sync_dist=False)
+        self.last_result = {
+            "stage": stage, "unit": self.unit, "metric": name, name: float(value), "nll": float(mean_nll),
+            "tokens_scored": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+            "protocol": self.protocol_description(),
+        }
+        if stage == "test" or (stage == "val" and self.trainer.state.fn == "validate"):
+            self._write_result(stage)
+
+    def protocol_description(self) -> dict[str, Any]:
+        e = self.eval_cfg
+        window = e.tgt_len or self.tgt_len
+        return {
+            "protocol": e.protocol, "window": window,
+            "stride": (e.stride or window) if e.protocol == "sliding" else window,
+            "mem_len": (e.mem_len if e.mem_len is not None else self.cfg.mem_len) if e.protocol == "memory" else 0,
+            "clamp_len": e.clamp_len if e.clamp_len is not None else self.cfg.clamp_len,
+            "batch_size": e.batch_size, "normalised_by": "token" if self.unit == "word" else "byte",
+        }
+
+    def _write_result(self, stage: str):
+        if not self.trainer.is_global_zero:
+            return
+        dm = self.trainer.datamodule
+        result = dict(self.last_result)
+        result["data"] = getattr(dm, "describe", lambda s: {})(stage)
+        result["checkpoint"] = getattr(self.trainer, "ckpt_path", None)
+        out_dir = Path(self.results_dir or self.trainer.default_root_dir) / "results"
+        fname = f"{stage}-{self.eval_cfg.protocol}.json"
+        if result["data"].get("file_tag"):
+            fname = f"{stage}-{result['data']['file_tag']}-{self.eval_cfg.protocol}.json"
+        atomic_write_text(out_dir / fname, json.dumps(result, indent=2))
+        self.result_path = str(out_dir / fname)
+
+    def on_validation_epoch_start(self):
+        self._eval_start()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_end("val")
+
+    def on_test_epoch_start(self):
+        self._eval_start()
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self._eval_end("test")
+
+    # ----- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        opt = torch.optim.Adam(self.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                               weight_decay=o.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def factor(step: int) -> float:
+            if o.warmup_steps and step < o.warmup_steps:
+                return (step + 1) / o.warmup_steps
+            if o.schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+            shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----- checkpoints -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Memories are part of the training state: resuming mid-epoch must continue with them.
+        checkpoint["lm_mems"] = [m.detach().cpu() for m in self.mems] if self.mems else None
+        # The vocabulary travels inside the checkpoint, so evaluation/finetuning need nothing else.
+        dm = self._datamodule()
+        if dm is not None and hasattr(dm, "vocab"):
+            checkpoint["lm_vocab"] = dm.vocab.state()
+            checkpoint["lm_data"] = {"corpus": dm.hparams.get("corpus"), "unit": dm.unit,
+                                     "tgt_len": dm.hparams.get("tgt_len"), "batch_size": dm.hparams.get("batch_size")}
+
+    def _datamodule(self):
+        trainer = getattr(self, "_trainer", None)
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        dm, vocab = self._datamodule(), checkpoint.get("lm_vocab")
+        if dm is not None and vocab is not None and hasattr(dm, "vocab") and vocab.get("sha256") != dm.vocab.sha256:
+            raise CheckpointError(
+                f"The checkpoint was trained with another vocabulary ({vocab.get('size')} entries, sha256 "
+                f"{str(vocab.get('sha256'))[:12]}) than the data module builds ({dm.vocab.size} entries, sha256 "
+                f"{dm.vocab.sha256[:12]}). Evaluate it on its own corpus, or reuse its vocabulary with "
+                f"--data.tokenizer <run dir>/tokenizer.json."
+            )
+        mems = checkpoint.get("lm_mems")
+        self.mems = [m.to(self.device) for m in mems] if mems else None
+        sd = checkpoint.get("state_dict", {})
+        mine = self.state_dict()
+        missing = sorted(set(mine) - set(sd))
+        unexpected = sorted(set(sd) - set(mine))
+        shape = [k for k in set(sd) & set(mine) if sd[k].shape != mine[k].shape]
+        if missing or unexpected or shape:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+            if shape:
+                k = shape[0]
+                parts.append(f"{len(shape)} shape mismatches (e.g. {k}: checkpoint {tuple(sd[k].shape)} vs "
+                             f"model {tuple(mine[k].shape)})")
+            raise CheckpointError(
+                "The checkpoint does not fit this model: " + "; ".join(parts) + ". It was trained with another "
+                "architecture or vocabulary; use the config saved beside it (config.yaml in its run directory)."
+            )
+
+
+def _plain(value: Any) -> Any:
+    """Hyper-parameters as plain data (dicts, lists, numbers), never pickled objects."""
+    if dataclasses.is_dataclass(value):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,438 @@
+"""The Elliptical paper's Table 1 baselines (lm/model/attention/baselines/).
+
+Every variant's ``attend`` is checked against a naive per-query loop of its formula, written here
+independently in float64 from the math (not from the implementation), with and without memory.
+Then causality in a real 2-layer decoder, the variant-specific properties, and a short training run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lm.config import AttentionConfig, ModelConfig
+from lm.errors import ConfigError
+from lm.model.attention import ATTENTION, AttnContext, build_attention
+from lm.model.attention.base import causal
+from lm.model.attention.baselines.performer import gaussian_features
+from lm.model.attention.baselines.rkde import huber_irls
+from lm.model.attention.baselines.spkde import project_simplex, spkde_weights
+from lm.model.transformer import TransformerLM
+
+VARIANTS = ["performer", "mgk", "fourier", "rkde", "spkde", "mom"]
+H, D = 2, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors here are tiny: one intra-op thread avoids thread hand-off costs that dominate (and
+    explode on a loaded 2-core machine) at this size."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(name: str, **options):
+    torch.manual_seed(0)
+    return build_attention(name, d_model=16, n_head=H, d_head=D, options=options).double().eval()
+
+
+def inputs(name: str, T: int, S: int, seed: int = 0, scale: float = 0.7):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, H, T, D, generator=g, dtype=torch.float64) * scale
+    kshape = (2, H, 2, S, D) if name == "mgk" else (2, H, S, D)
+    k = torch.randn(*kshape, generator=g, dtype=torch.float64) * scale
+    v = torch.randn(2, H, S, D, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def ctx_for(T: int, S: int) -> AttnContext:
+    return AttnContext() if S == T else AttnContext(mask=causal(T, S, "cpu"), mem_len=S - T)
+
+
+# ---------------------------------------------------------------- naive references (float64 loops)
+def ref_performer(m, q, k, v, i, vis):
+    w = m.omega.double()
+    def phi(x):
+        x = x * D ** -0.25
+        return torch.exp(w @ x - x @ x / 2) / math.sqrt(w.size(0))
+    num, den = torch.zeros(D, dtype=torch.float64), 0.0
+    for j in vis:
+        s = phi(q[i]) @ phi(k[j])
+        num, den = num + s * v[j], den + s
+    return num / den
+
+
+def ref_mgk(m, h, q, k, v, i, vis):
+    var = m.log_var.detach()[h].exp()
+    pi = torch.softmax(m.mix_logits.detach()[h], 0)
+    a = torch.stack([sum(pi[r] * torch.exp(-((q[i] - k[r, j]) ** 2).sum() / (2 * var[r])) for r in range(2))
+                     for j in vis])
+    return (a[:, None] * v[vis]).sum(0) / a.sum()
+
+
+def ref_fourier(m, h, q, k, v, i, vis):
+    R = m.r.detach()[h]
+    a = torch.stack([torch.prod((torch.sin(R * (q[i] - k[j])) / (R * (q[i] - k[j]))) ** 4) for j in vis])
+    return (a[:, None] * v[vis]).sum(0) / a.sum()
+
+
+def gauss(x, y, sigma):
+    return torch.exp(-((x - y) ** 2).sum(-1) / (2 * sigma**2))
+
+
+def unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def rkde_ref_weights(kv, sigma, n_iters, threshold):
+    """Kim & Scott's kernelised IRLS on the keys ``kv [n, D]`` (already unit-norm)."""
+    n = kv.size(0)
+    K = torch.stack([torch.stack([gauss(kv[a], kv[b], sigma) for b in range(n)]) for a in range(n)])
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    c = threshold
+    for it in range(n_iters):
+        r = torch.stack([(K[j, j] - 2 * (w * K[j]).sum() + w @ K @ w).clamp_min(0).sqrt() for j in range(n)])
+        if c is None and it == 0:
+            c = max(sorted(r.tolist())[(n - 1) // 2], 1e-4)  # lower median, floored
+        u = torch.tensor([1.0 if rj <= c else c / rj for rj in r.tolist()], dtype=torch.float64)
+        w = u / u.sum()
+    return w
+
+
+def simplex_bisect(u):
+    """Projection onto the simplex by bisection on θ (Σ max(u − θ, 0) = 1): independent of sorting."""
+    lo, hi = u.min().item() - 1.0, u.max().item()
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if (u - mid).clamp_min(0).sum() > 1:
+            lo = mid
+        else:
+            hi = mid
+    return (u - (lo + hi) / 2).clamp_min(0)
+
+
+def spkde_ref_weights(kv, sigma, beta, n_steps):
+    n = kv.size(0)
+    K = torch.stack([torch.stack([gauss(kv[a], kv[b], sigma) for b in range(n)]) for a in range(n)])
+    t = beta / n * K.sum(1)
+    L = K.sum(1).max()  # Gershgorin bound on λ_max
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    for _ in range(n_steps):
+        w = simplex_bisect(w - (K @ w - t) / L)
+    return w
+
+
+def kde_attention(qi, kv, vv, w, sigma):
+    a = w * gauss(unit(qi), kv, sigma)
+    return (a[:, None] * vv).sum(0) / a.sum()
+
+
+def ref_rkde(m, h, q, k, v, i, vis):
+    sigma = m.log_bandwidth.detach()[h].exp()
+    kv = unit(k[vis])
+    w = rkde_ref_weights(kv, sigma, m.opts.n_iters, m.opts.threshold)
+    return kde_attention(q[i], kv, v[vis], w, sigma)
+
+
+def ref_spkde(m, h, q, k, v, i, vis):
+    sigma = m.log_bandwidth.detach()[h].exp()
+    kv = unit(k[vis])
+    w = spkde_ref_weights(kv, sigma, m.opts.beta, m.opts.n_steps)
+    return kde_attention(q[i], kv, v[vis], w, sigma)
+
+
+def ref_mom(m, h, q, k, v, i, vis):
+    n = len(vis)
+    K = min(m.opts.n_blocks, n)
+    blocks = [[vis[r] for r in range(n) if r * K // n == b] for b in range(K)]
+    s = [(q[i] @ k[j]).item() / math.sqrt(D) for j in vis]
+    means = [sum(math.exp((q[i] @ k[j]).item() / math.sqrt(D)) for j in blk) / len(blk) for blk in blocks]
+    order = sorted(range(K), key=lambda b: (means[b], b))
+    blk = blocks[order[(K - 1) // 2]]
+    s = torch.stack([q[i] @ k[j] / math.sqrt(D) for j in blk])
+    return (torch.softmax(s, 0)[:, None] * v[blk]).sum(0)
+
+
+REFS = {"performer": ref_performer, "mgk": ref_mgk, "fourier": ref_fourier, "rkde": ref_rkde,
+        "spkde": ref_spkde, "mom": ref_mom}
+
+OPTIONS = {  # non-default settings exercise more of each formula
+    "performer": {"n_features": 24, "chunk_size": 3},
+    "mgk": {},
+    "fourier": {"chunk_size": 2},  # several chunks
+    "rkde": {"n_iters": 3},
+    "spkde": {"n_steps": 6, "beta": 2.0},
+    "mom": {"n_blocks": 3},
+}
+
+
+def randomise(m):
+    """Give learned scalars non-trivial values so the reference tests really read them."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if hasattr(m, "log_var"):
+            m.log_var.copy_(torch.randn(m.log_var.shape, generator=g, dtype=torch.float64) * 0.3 + 0.5)
+            m.mix_logits.copy_(torch.randn(m.mix_logits.shape, generator=g, dtype=torch.float64))
+        if hasattr(m, "r"):
+            m.r.copy_(torch.rand(m.r.shape, generator=g, dtype=torch.float64) * 0.8 + 0.2)
+        if hasattr(m, "log_bandwidth"):
+            m.log_bandwidth.copy_(torch.tensor([math.log(0.4), math.log(0.7)]))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("T,S", [(7, 7), (5, 9)], ids=["no-memory", "memory"])
+def test_matches_naive_loop(name, T, S):
+    m = make(name, **OPTIONS[name])
+    randomise(m)
+    q, k, v = inputs(name, T, S)
+    with torch.no_grad():
+        out, _ = m.attend(q, k, v, ctx_for(T, S), None)
+    M = S - T
+    for b in range(q.size(0)):
+        for h in range(H):
+            for i in range(T):
+                vis = list(range(M + i + 1))
+                args = (q[b, h], k[b, h], v[b, h], i, vis)  # mgk: k[b, h] is [2 components, S, D]
+                args = (m, *args) if name == "performer" else (m, h, *args)
+                torch.testing.assert_close(out[b, h, i], REFS[name](*args), rtol=1e-6, atol=1e-6,
+                                           msg=lambda s: f"{name} b={b} h={h} i={i}: {s}")
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_weights_path_agrees(name):
+    """need_weights=True returns rows on the simplex, zero on hidden keys, and the same output."""
+    T, S = 5, 8
+    m = make(name)
+    q, k, v = inputs(name, T, S, seed=3)
+    ctx = ctx_for(T, S)
+    with torch.no_grad():
+        out, none = m.attend(q, k, v, ctx, None)
+        ctx.need_weights = True
+        out_w, w = m.attend(q, k, v, ctx, None)
+    assert none is None and w.shape == (2, H, T, S)
+    torch.testing.assert_close(out_w, out)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, H, T, dtype=w.dtype))
+    assert (w >= 0).all() and (w[..., ~causal(T, S, "cpu")] == 0).all()
+    torch.testing.assert_close(w @ v, out)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("performer", {"chunk_size": 2}), ("mgk", {}), ("fourier", {"chunk_size": 2}), ("mom", {}),
+    ("rkde", {"detach_weights": False, "threshold": 0.3}), ("spkde", {"detach_weights": False, "n_steps": 3}),
+])
+def test_gradients(name, options):
+    """Analytic gradients (incl. FourierFormer's hand-written backward) match finite differences."""
+    m = make(name, **options)
+    randomise(m)
+    q, k, v = (x.requires_grad_() for x in inputs(name, 4, 6, seed=7))
+    assert torch.autograd.gradcheck(lambda q, k, v: m.attend(q, k, v, ctx_for(4, 6), None)[0], (q, k, v))
+
+
+# ---------------------------------------------------------------- causality
+def tiny_model(name: str, **options) -> TransformerLM:
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64, cutoffs=[],
+                      attention=AttentionConfig(name=name, layers="all", options=options))
+    return TransformerLM(cfg, 50)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causal_in_decoder(name):
+    torch.manual_seed(0)
+    model = tiny_model(name).eval()
+    x = torch.randint(0, 50, (2, 20))
+    i = 9
+    y = x.clone()
+    y[:, i + 1:] = torch.randint(0, 50, (2, 20 - i - 1))
+    with torch.no_grad():
+        hx, hy = model(x).hidden, model(y).hidden
+    torch.testing.assert_close(hx[:, : i + 1], hy[:, : i + 1], rtol=0, atol=1e-6)
+    assert (hx[:, i + 1:] - hy[:, i + 1:]).abs().amax() > 1e-3  # the perturbation did reach later positions
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causal_with_memory(name):
+    """Keys/values after query i's position (memory + segment <= i) do not change its output."""
+    T, S, i = 6, 10, 2
+    m = make(name)
+    q, k, v = inputs(name, T, S, seed=5)
+    k2, v2 = k.clone(), v.clone()
+    later = S - T + i + 1
+    k2[..., later:, :] += torch.randn_like(k2[..., later:, :])
+    v2[..., later:, :] += 1.0
+    with torch.no_grad():
+        a, _ = m.attend(q, k, v, ctx_for(T, S), None)
+        b, _ = m.attend(q, k2, v2, ctx_for(T, S), None)
+    torch.testing.assert_close(a[:, :, : i + 1], b[:, :, : i + 1], rtol=0, atol=1e-12)
+    assert (a[:, :, i + 1:] - b[:, :, i + 1:]).abs().amax() > 1e-3
+
+
+# ---------------------------------------------------------------- Performer
+def test_performer_features_block_orthogonal():
+    w = gaussian_features(20, 8, torch.Generator().manual_seed(0))
+    for blk in (w[:8], w[8:16]):
+        gram = blk @ blk.T
+        torch.testing.assert_close(gram - torch.diag(torch.diagonal(gram)), torch.zeros(8, 8), atol=1e-4, rtol=0)
+
+
+def test_performer_approaches_softmax():
+    T, Dh = 12, 8
+    errs = []
+    for m_feat in (16, 256, 4096):
+        e = []
+        for seed in range(6):
+            g = torch.Generator().manual_seed(100 + seed)
+            q, k = torch.randn(1, 1, T, Dh, generator=g) * 0.5, torch.randn(1, 1, T, Dh, generator=g) * 0.5
+            v = torch.randn(1, 1, T, Dh, generator=g)
+            m = build_attention("performer", d_model=16, n_head=1, d_head=Dh, options={"n_features": m_feat})
+            m.omega.copy_(gaussian_features(m_feat, Dh, torch.Generator().manual_seed(seed)))
+            out, _ = m.attend(q, k, v, AttnContext(), None)
+            ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            e.append((out - ref).abs().mean().item())
+        errs.append(sum(e) / len(e))
+    assert errs[0] > errs[1] > errs[2], errs
+    assert errs[2] < 0.02, errs
+
+
+def test_performer_redraw_schedule():
+    m = build_attention("performer", d_model=16, n_head=H, d_head=D, options={"redraw_every": 2, "n_features": 8})
+    h = torch.randn(1, 4, 16)
+    seen = [m.omega.clone()]
+    m.train()
+    for _ in range(5):
+        m(h, None, AttnContext())
+        seen.append(m.omega.clone())
+    changed = [not torch.equal(a, b) for a, b in zip(seen, seen[1:])]
+    assert changed == [False, False, True, False, True]  # redrawn before the 3rd and 5th training forwards
+    m.eval()
+    m(h, None, AttnContext())
+    assert torch.equal(m.omega, seen[-1])  # fixed in eval
+    fresh = build_attention("performer", d_model=16, n_head=H, d_head=D, options={"redraw_every": 2, "n_features": 8})
+    fresh.load_state_dict(m.state_dict())  # a checkpoint carries the features and the schedule
+    assert torch.equal(fresh.omega, m.omega) and int(fresh.n_calls) == 5
+
+
+# ---------------------------------------------------------------- RKDE / SPKDE / MoM
+def test_rkde_zero_iters_is_gaussian_kernel_attention():
+    T = 7
+    m = make("rkde", n_iters=0)
+    q, k, v = inputs("rkde", T, T, seed=2)
+    sigma = m.log_bandwidth.detach().exp()[None, :, None, None]
+    with torch.no_grad():
+        out, _ = m.attend(q, k, v, AttnContext(), None)
+    d2 = ((unit(q)[:, :, :, None] - unit(k)[:, :, None]) ** 2).sum(-1)
+    a = torch.exp(-d2 / (2 * sigma**2)) * causal(T, T, "cpu")
+    torch.testing.assert_close(out, (a / a.sum(-1, keepdim=True)) @ v)
+
+
+def outlier_keys(n=12, outliers=(3, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 1, n, D, generator=g, dtype=torch.float64) * 0.05
+    k[..., 0] += 1.0  # a cluster around e1 ...
+    for j in outliers:
+        k[..., j, :] = torch.randn(D, generator=g, dtype=torch.float64) * 0.05
+        k[..., j, 0] -= 1.0  # ... and a few keys on the far side of the sphere
+    k = unit(k)
+    return k, torch.exp((k @ k.transpose(-1, -2) - 1) / 0.3**2)
+
+
+def test_rkde_downweights_outliers():
+    k, gram = outlier_keys()
+    allowed = causal(12, 12, "cpu")
+    w0 = huber_irls(gram, allowed, 0, None)[0, 0, -1]
+    w3 = huber_irls(gram, allowed, 3, None)[0, 0, -1]
+    torch.testing.assert_close(w0, torch.full((12,), 1 / 12, dtype=torch.float64))
+    inliers = [j for j in range(12) if j not in (3, 8)]
+    assert (w3[[3, 8]] < w0[[3, 8]]).all()
+    assert w3[[3, 8]].max() < w3[inliers].min()
+    # the reweighting is per query: query 4 sees one outlier among 5 keys and down-weights it too
+    w3_q4 = huber_irls(gram, allowed, 3, None)[0, 0, 4]
+    assert w3_q4[3] < 1 / 5 and (w3_q4[5:] == 0).all()
+
+
+def test_spkde_weights_on_simplex_and_drop_outliers():
+    k, gram = outlier_keys()
+    allowed = causal(12, 12, "cpu")
+    w = spkde_weights(gram, allowed, beta=2.0, n_steps=30)[0, 0]
+    assert (w >= 0).all() and (w[~allowed] == 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones(12, dtype=torch.float64))
+    assert (w[-1, [3, 8]] < 1e-3).all() and w[-1].max() > 1 / 12
+    # the sort-based projection agrees with bisection on random rows
+    u = torch.randn(5, 9, dtype=torch.float64) * 2
+    allowed = torch.ones(5, 9, dtype=torch.bool).tril(3)
+    p = project_simplex(u, allowed)
+    for r in range(5):
+        n = int(allowed[r].sum())
+        torch.testing.assert_close(p[r, :n], simplex_bisect(u[r, :n]))
+
+
+def test_mom_picks_median_block():
+    m = build_attention("mom", d_model=16, n_head=1, d_head=2, options={"n_blocks": 3}).double()
+    x = torch.tensor([3.0, 3.0, -3.0, -3.0, 0.0, 1.0], dtype=torch.float64)  # scores q·k/√2 = x
+    q = torch.tensor([1.0, 0.0], dtype=torch.float64).expand(1, 1, 6, 2)
+    k = torch.stack([x * math.sqrt(2), torch.zeros(6, dtype=torch.float64)], -1)[None, None]
+    v = torch.eye(6, dtype=torch.float64)[None, None]  # out = the attention row
+    out, _ = m.attend(q, k, v, AttnContext(), None)
+    # last query: blocks {0,1} mean e^3, {2,3} mean e^-3, {4,5} mean (1+e)/2 -> median is {4,5}
+    torch.testing.assert_close(out[0, 0, 5], torch.tensor([0, 0, 0, 0, 1 / (1 + math.e), math.e / (1 + math.e)],
+                                                          dtype=torch.float64))
+    # query 1 sees 2 keys: 2 one-key blocks, the lower median is the lower one (tie -> first)
+    torch.testing.assert_close(out[0, 0, 1], torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=torch.float64))
+    # query 3 sees 4 keys -> 3 blocks {0,1},{2},{3}: means e^3, e^-3, e^-3 -> median (rank 1) is {3}
+    torch.testing.assert_close(out[0, 0, 3], torch.tensor([0, 0, 0, 1.0, 0, 0], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- options, construction, training
+@pytest.mark.parametrize("name", VARIANTS)
+def test_relative_positions_rejected_at_construction(name):
+    """Memory in the decoder needs model.pos: relative, which these variants refuse with a clear error."""
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64, cutoffs=[], pos="relative",
+                      mem_len=8, attention=AttentionConfig(name=name, layers="all"))
+    with pytest.raises(ConfigError, match="relative"):
+        TransformerLM(cfg, 50)
+
+
+@pytest.mark.parametrize("name,bad,match", [
+    ("performer", {"n_featurs": 8}, "n_features"),
+    ("performer", {"n_features": 0}, ">= 1"),
+    ("mgk", {"n_components": 0}, ">= 1"),
+    ("mgk", {"init_variance": -1.0}, "> 0"),
+    ("fourier", {"power": 3}, "even"),
+    ("rkde", {"n_iters": -1}, ">= 0"),
+    ("rkde", {"threshold": 0.0}, "> 0"),
+    ("spkde", {"beta": 1.0}, "> 1"),
+    ("mom", {"n_blocks": 0}, ">= 1"),
+    ("mom", {"n_blocks": "4"}, "integer"),
+])
+def test_options_validated(name, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        build_attention(name, d_model=16, n_head=H, d_head=D, options=bad)
+
+
+def test_all_registered():
+    assert set(VARIANTS) <= set(ATTENTION)
+    for name in VARIANTS:
+        assert ATTENTION[name].supports_memory and not ATTENTION[name].supports_relative
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_tiny_model_trains(name):
+    torch.manual_seed(0)
+    model = tiny_model(name)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    start = torch.randint(0, 50, (8, 1))
+    seq = (start * 7 + 3 * torch.arange(17)) % 50  # a learnable rule: next = previous + 3 (mod 50)
+    x, y = seq[:, :-1], seq[:, 1:]
+    losses = []
+    for _ in range(20):
+        loss = model.nll(model(x).hidden, y).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses

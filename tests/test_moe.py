@@ -1,0 +1,331 @@
+"""Tests for lm/model/moe.py: routing vs a naive per-token reference, capacity drop order, aux losses,
+gradients of idle experts, a 2-process gloo DDP step, and bf16."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from lm.model.moe import DenseFFN, MoEFFN
+
+
+def make_moe(d_model=8, d_expert=16, n_experts=4, top_k=1, cf=None, eval_cf=None, **kw) -> MoEFFN:
+    return MoEFFN(d_model, d_expert, 0.0, n_experts, top_k, cf, eval_cf, **kw)
+
+
+def expert_ffn(m: MoEFFN, e: int, x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x @ m.w1[e] + m.b1[e]) @ m.w2[e] + m.b2[e]
+
+
+def naive_moe(m: MoEFFN, x: torch.Tensor, dropped: set[tuple[int, int]] = frozenset()) -> torch.Tensor:
+    """Per-token reference. ``dropped`` holds (flat token index, expert) pairs that contribute zero."""
+    h = x.reshape(-1, x.shape[-1])
+    out = torch.zeros_like(h)
+    for n in range(h.shape[0]):
+        logits = m.router.weight.float() @ h[n].float()
+        probs = logits.softmax(-1)
+        top = torch.topk(logits, m.top_k).indices
+        if m.resolved_gate == "topk_then_softmax":
+            ws = logits[top].softmax(-1)
+        else:
+            ws = probs[top]
+        for w, e in zip(ws, top.tolist()):
+            if (n, e) not in dropped:
+                out[n] += w * expert_ffn(m, e, h[n])
+    return out.reshape(x.shape)
+
+
+def set_identity_router(m: MoEFFN, scale: float = 1.0) -> None:
+    """router logits = scale * x[..., :E], so the first E input coordinates ARE the logits."""
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.weight[:, : m.n_experts] = scale * torch.eye(m.n_experts)
+
+
+# ------------------------------------------------------------------------------------------- dense
+def test_dense_ffn_shape_and_aux():
+    f = DenseFFN(8, 32, 0.1)
+    x = torch.randn(2, 5, 8)
+    assert f(x).shape == x.shape
+    assert f.aux_loss is None
+    assert [type(l) for l in f.net] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.Dropout]
+
+
+# ---------------------------------------------------------------------------------- routing = naive
+@pytest.mark.parametrize(
+    "top_k,gate",
+    [(1, "auto"), (2, "auto"), (1, "topk_then_softmax"), (2, "softmax_then_topk"), (3, "auto")],
+)
+def test_matches_naive_reference_dropless(top_k, gate):
+    torch.manual_seed(0)
+    m = make_moe(n_experts=4, top_k=top_k, gate=gate).eval()
+    x = torch.randn(3, 7, 8)
+    out = m(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, naive_moe(m, x), atol=1e-5, rtol=1e-5)
+    assert m.stats["dropped_fraction"].item() == 0.0
+    assert torch.isclose(m.stats["expert_load"].sum(), torch.tensor(1.0))
+
+
+def test_gate_auto_resolution_and_validation():
+    assert make_moe(top_k=1).resolved_gate == "softmax_then_topk"
+    assert make_moe(top_k=2).resolved_gate == "topk_then_softmax"
+    with pytest.raises(ValueError):
+        make_moe(gate="bogus")
+    with pytest.raises(ValueError):
+        make_moe(n_experts=2, top_k=3)
+
+
+def test_training_matches_reference_and_jitter_only_in_training():
+    torch.manual_seed(1)
+    m = make_moe(top_k=2, jitter=0.2).train()  # dropout 0 and dropless: only jitter differs
+    x = torch.randn(2, 6, 8)
+    ref = naive_moe(m, x)
+    assert not torch.allclose(m(x), ref, atol=1e-6)  # jitter perturbs the router in training
+    m.eval()
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)  # and not in eval
+
+
+# --------------------------------------------------------------------------------------- capacity
+def test_capacity_top1_drops_later_tokens():
+    # 5 tokens all prefer expert 0; capacity = ceil(1.5 * 5 * 1 / 4) = 2 -> tokens 0, 1 kept, 2..4 dropped.
+    torch.manual_seed(0)
+    m = make_moe(n_experts=4, top_k=1, cf=1.5).train()
+    set_identity_router(m)
+    x = torch.randn(1, 5, 8)
+    x[..., :4] = torch.tensor([4.0, 0.0, 0.0, 0.0]) + 0.1 * torch.randn(5, 4)
+    assert m.capacity(5) == 2
+    out = m(x)
+    assert torch.all(out[0, 2:] == 0)  # exactly zero: passes through the caller's residual
+    assert torch.all(out[0, :2] != 0)
+    dropped = {(n, 0) for n in (2, 3, 4)}
+    torch.testing.assert_close(out, naive_moe(m, x, dropped), atol=1e-5, rtol=1e-5)
+    assert m.stats["dropped_fraction"].item() == pytest.approx(3 / 5)
+    # expert_load is measured before capacity
+    torch.testing.assert_close(m.stats["expert_load"], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_capacity_token_order_is_flattened_batch_order():
+    m = make_moe(n_experts=4, top_k=1, cf=1.0).train()  # capacity = ceil(1 * 8 / 4) = 2
+    set_identity_router(m)
+    x = torch.randn(2, 4, 8)
+    x[..., :4] = torch.tensor([4.0, 0.0, 0.0, 0.0])
+    out = m(x).reshape(8, 8)
+    assert torch.all(out[2:] == 0) and torch.all(out[:2] != 0)  # b=0,t=0 and b=0,t=1 kept
+
+
+def test_capacity_top2_first_choices_have_priority():
+    # capacity = ceil(1.0 * 4 * 2 / 4) = 2. Tokens 0,1: 1st choice expert 1, 2nd choice expert 0.
+    # Tokens 2,3: 1st choice expert 0, 2nd choice expert 2. Expert 0 gets 4 assignments; GShard order
+    # keeps the two FIRST choices (tokens 2, 3) although tokens 0, 1 come earlier in token order.
+    torch.manual_seed(0)
+    m = make_moe(n_experts=4, top_k=2, cf=1.0).train()
+    set_identity_router(m)
+    x = torch.randn(1, 4, 8)
+    x[0, :, :4] = torch.tensor(
+        [[2.0, 3.0, 0.0, -1.0], [2.0, 3.0, 0.0, -1.0], [3.0, -1.0, 2.0, 0.0], [3.0, -1.0, 2.0, 0.0]]
+    )
+    x[0, 1, 4:] += 1.0  # make tokens distinguishable
+    out = m(x)
+    dropped = {(0, 0), (1, 0)}
+    torch.testing.assert_close(out, naive_moe(m, x, dropped), atol=1e-5, rtol=1e-5)
+    # token 0 keeps only its (unrenormalised) expert-1 share
+    w1st = torch.tensor([3.0, 2.0]).softmax(-1)[0]
+    torch.testing.assert_close(out[0, 0], w1st * expert_ffn(m, 1, x[0, 0]), atol=1e-5, rtol=1e-5)
+    assert m.stats["dropped_fraction"].item() == pytest.approx(2 / 8)
+
+
+def test_dropless_equals_large_capacity_and_eval_factor_used():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 8)
+    dropless = make_moe(top_k=2, cf=None, eval_cf=None)
+    big = make_moe(top_k=2, cf=4.0, eval_cf=None)  # capacity = N*k >= any expert's count
+    big.load_state_dict(dropless.state_dict())
+    assert torch.equal(dropless.train()(x), big.train()(x))
+    assert big.stats["dropped_fraction"].item() == 0.0
+    # eval uses eval_capacity_factor: a tiny one drops tokens in eval but not in training
+    small_eval = make_moe(top_k=2, cf=None, eval_cf=0.25)
+    small_eval.load_state_dict(dropless.state_dict())
+    small_eval.train()(x)
+    assert small_eval.stats["dropped_fraction"].item() == 0.0
+    small_eval.eval()(x)
+    assert small_eval.stats["dropped_fraction"].item() > 0.0
+
+
+# ------------------------------------------------------------------------------------- aux losses
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_balance_loss_is_alpha_for_uniform_routing(top_k):
+    # Token i's logits are a cyclic shift of v by i: every expert is chosen equally often in every slot
+    # and the mean router probability is exactly 1/E, so f_e = P_e = 1/E -> loss = alpha.
+    E, alpha = 4, 0.01
+    m = make_moe(d_model=E, n_experts=E, top_k=top_k, balance_loss_weight=alpha, z_loss_weight=0.0).eval()
+    set_identity_router(m)
+    v = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    x = torch.stack([torch.roll(v, i) for i in range(2 * E)]).reshape(2, E, E)
+    m(x)
+    torch.testing.assert_close(m.stats["expert_load"], torch.full((E,), 1 / E))
+    assert m.stats["balance_loss"].item() == pytest.approx(alpha, rel=1e-6)
+    assert m.aux_loss.item() == pytest.approx(alpha, rel=1e-6)
+
+
+def test_balance_loss_collapsed_routing_hand_computed():
+    E, alpha, a = 4, 0.01, 2.0
+    m = make_moe(d_model=E, n_experts=E, top_k=1, balance_loss_weight=alpha, z_loss_weight=0.0).eval()
+    set_identity_router(m)
+    x = torch.tensor([a, 0.0, 0.0, 0.0]).expand(1, 6, E).clone()
+    m(x)
+    p0 = math.exp(a) / (math.exp(a) + 3)  # every token: softmax([a, 0, 0, 0])[0]
+    assert m.stats["balance_loss"].item() == pytest.approx(alpha * E * 1.0 * p0, rel=1e-6)
+    assert m.stats["balance_loss"].item() > alpha
+    # top-2, all tokens on experts {0, 1}: f = [1/2, 1/2, 0, 0]
+    m2 = make_moe(d_model=E, n_experts=E, top_k=2, balance_loss_weight=alpha, z_loss_weight=0.0).eval()
+    set_identity_router(m2)
+    m2(torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(1, 6, E).clone())
+    den = math.exp(2) + math.exp(1) + 1 + math.exp(-1)
+    p0, p1 = math.exp(2) / den, math.exp(1) / den
+    assert m2.stats["balance_loss"].item() == pytest.approx(alpha * E * (0.5 * p0 + 0.5 * p1), rel=1e-6)
+
+
+def test_z_loss_formula():
+    torch.manual_seed(0)
+    beta = 1e-3
+    m = make_moe(top_k=2, balance_loss_weight=0.0, z_loss_weight=beta).eval()
+    x = 3 * torch.randn(2, 5, 8)
+    m(x)
+    logits = x.reshape(-1, 8) @ m.router.weight.t()
+    expected = beta * torch.log(torch.exp(logits).sum(-1)).pow(2).mean()
+    assert m.stats["z_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert m.aux_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert m.aux_loss.requires_grad and m.aux_loss.dtype == torch.float32
+
+
+# -------------------------------------------------------------------------------------- gradients
+def test_gradients_reach_router_and_used_experts_idle_get_zero():
+    torch.manual_seed(0)
+    m = make_moe(n_experts=4, top_k=2).train()
+    set_identity_router(m, scale=1.0)
+    x = torch.randn(2, 6, 8)
+    x[..., 3] = -10.0  # expert 3 never in anyone's top 2
+    out = m(x)
+    assert m.stats["expert_load"][3].item() == 0.0
+    (out.pow(2).sum() + m.aux_loss).backward()
+    assert m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0
+    for p in (m.w1, m.b1, m.w2, m.b2):
+        assert p.grad is not None
+        assert torch.all(p.grad[3] == 0)
+        for e in range(3):
+            assert p.grad[e].abs().sum() > 0
+
+
+def test_everything_dropped_keeps_params_in_graph():
+    m = make_moe(n_experts=4, top_k=1, cf=0.0).train()  # capacity 0
+    x = torch.randn(1, 4, 8)
+    out = m(x)
+    assert torch.all(out == 0) and m.stats["dropped_fraction"].item() == 1.0
+    out.sum().backward()
+    for p in m.parameters():
+        assert p.grad is not None and torch.all(p.grad == 0)
+
+
+# ------------------------------------------------------------------------------------ 2-proc DDP
+class _TinyMoEModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.moe = make_moe(d_model=8, d_expert=8, n_experts=4, top_k=2, cf=2.0)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x + self.inp(x)
+        h = h + self.moe(h)
+        return self.out(h)
+
+
+def _ddp_batch(rank: int, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 * rank + step)
+    x = torch.randn(2, 5, 8, generator=g)
+    if rank == 1:
+        x[..., 3] = -20.0  # expert 3 receives no tokens on rank 1
+    return x
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _TinyMoEModel()
+        with torch.no_grad():  # inp starts at zero so the router sees x itself: routing set by hand
+            model.inp.weight.zero_()
+            model.inp.bias.zero_()
+        set_identity_router(model.moe, scale=1.0)
+        ddp = DDP(model, find_unused_parameters=False)
+        opt = torch.optim.SGD(ddp.parameters(), lr=1e-2)
+        loads = []
+        for step in range(2):  # a 2nd step: DDP reports unreduced params at the next forward
+            y = ddp(_ddp_batch(rank, step))
+            loss = y.pow(2).mean() + model.moe.aux_loss
+            opt.zero_grad()
+            loss.backward()
+            loads.append(model.moe.stats["expert_load"].clone())
+            grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+            gathered = [torch.empty_like(grads) for _ in range(world)]
+            dist.all_gather(gathered, grads)
+            assert torch.equal(gathered[0], gathered[1]), "gradients differ across ranks"
+            opt.step()
+        torch.save({"grads": grads, "loads": loads, "params": [p.detach() for p in model.parameters()]},
+                   f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # nobody tears gloo down while its peer is still talking
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_process_gloo_idle_expert(tmp_path):
+    world = 2
+    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(world))
+    assert all(l[3].item() == 0.0 for l in r1["loads"])  # the idle expert really was idle on rank 1
+    assert all(l[3].item() > 0.0 for l in r0["loads"])
+    assert torch.equal(r0["grads"], r1["grads"])
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------- bf16
+def test_bf16_module_close_to_fp32():
+    torch.manual_seed(0)
+    m32 = make_moe(top_k=2).eval()
+    m16 = make_moe(top_k=2).eval()
+    m16.load_state_dict(m32.state_dict())
+    m16 = m16.to(torch.bfloat16)
+    x16 = torch.randn(2, 6, 8).to(torch.bfloat16)
+    # fp32 reference on the same (bf16-rounded) numbers: identical routing, only expert math differs
+    m32.load_state_dict({k: v.float() for k, v in m16.state_dict().items()})
+    ref = m32(x16.float())
+    out = m16(x16)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+    assert m16.aux_loss.dtype == torch.float32
+    assert m16.aux_loss.item() == pytest.approx(m32.aux_loss.item(), rel=1e-5)
+
+
+def test_autocast_bf16_router_stays_fp32():
+    torch.manual_seed(0)
+    m = make_moe(top_k=2).eval()
+    x = torch.randn(2, 6, 8)
+    ref = m(x)
+    ref_aux = m.aux_loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+        logits, _, weights = m.route(x.reshape(-1, 8))
+    assert logits.dtype == torch.float32 and weights.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+    assert m.aux_loss.item() == pytest.approx(ref_aux, rel=1e-6)
