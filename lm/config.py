@@ -14,7 +14,7 @@ from typing import Any
 
 from lm.errors import ConfigError, unknown
 
-LayerSpec = str | list[int]
+LayerSpec = str | int | list[int]
 
 
 def select_layers(spec: LayerSpec | None, n_layer: int, what: str = "layers") -> list[int]:
@@ -27,6 +27,8 @@ def select_layers(spec: LayerSpec | None, n_layer: int, what: str = "layers") ->
         return list(range(n_layer))
     if spec == "none":
         return []
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = [spec]
     if spec == "even":
         return list(range(0, n_layer, 2))
     if spec == "odd":
@@ -42,7 +44,10 @@ def select_layers(spec: LayerSpec | None, n_layer: int, what: str = "layers") ->
             bounds = [int(p) if p.strip() else None for p in parts]
         except ValueError:
             raise ConfigError(f"{what}: slice '{spec}' must contain integers, e.g. '1:' or '0:8:2'.") from None
-        return list(range(n_layer))[slice(*bounds)]
+        try:
+            return list(range(n_layer))[slice(*bounds)]
+        except ValueError as e:  # e.g. a zero step
+            raise ConfigError(f"{what}: slice '{spec}' is invalid ({e}).") from None
     out = []
     for i in spec:
         j = i + n_layer if i < 0 else i
@@ -164,15 +169,23 @@ class ModelConfig:
                 "segment, so remembered states would carry wrong positions. Set model.pos: relative "
                 "(Transformer-XL) or model.mem_len: 0 (the Elliptical paper's setting)."
             )
-        if self.same_length and self.pos != "relative":
-            raise ConfigError("model.same_length only applies to model.pos: relative.")
+        if self.same_length and (self.pos != "relative" or self.mem_len == 0):
+            raise ConfigError("model.same_length needs relative positions and model.mem_len > 0 (it hides the "
+                              "oldest keys so every query sees mem_len keys; without memory it hides all of them).")
         if list(self.cutoffs) != sorted(set(self.cutoffs)) or any(c <= 0 for c in self.cutoffs):
             raise ConfigError(f"model.cutoffs must be strictly increasing positive integers, got {self.cutoffs}.")
         if self.div_val < 1:
             raise ConfigError(f"model.div_val must be >= 1, got {self.div_val}.")
-        # Layer selections are validated here so a bad spec fails at construction.
+        # Layer selections, variant names and their options are validated here, so a typo fails when
+        # the config is built, not halfway through building the model.
         self.attention_layers()
         self.ffn.moe_layers(self.n_layer)
+        from lm.model.attention import ATTENTION
+
+        for name in {self.attention.name, self.attention.default}:
+            if name not in ATTENTION:
+                raise unknown("attention variant", name, ATTENTION)
+        ATTENTION[self.attention.name].parse_options(self.attention.options)
 
     def attention_layers(self) -> list[str]:
         """The attention variant name of every layer."""

@@ -153,11 +153,22 @@ def test_select_layers_bad_specs(spec, match):
         select_layers(spec, 4, "model.attention.layers")
 
 
-@pytest.mark.xfail(strict=True, reason="lm/config.py: a zero slice step raises a plain ValueError from slice(), "
-                                       "not a ConfigError naming the field")
 def test_select_layers_zero_step_is_config_error():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="invalid"):
         select_layers("::0", 4)
+
+
+def test_select_layers_single_int():
+    assert select_layers(3, 4) == [3]
+    with pytest.raises(ConfigError):
+        select_layers(7, 4)
+
+
+def test_attention_typos_fail_when_the_config_is_built():
+    with pytest.raises(ConfigError, match="Did you mean 'elliptical'"):
+        ModelConfig(attention=AttentionConfig(name="ellipitcal"))
+    with pytest.raises(ConfigError, match="no option 'estimtor'"):
+        ModelConfig(attention=AttentionConfig(name="elliptical", options={"estimtor": "causal"}))
 
 
 def test_model_config_bad_layers_fail_at_construction():
