@@ -1,0 +1,147 @@
+"""``lm analyze``: collapse, head redundancy, attention entropy and heat maps of a checkpoint.
+
+Runs the model on the math attention path (``need_weights=True``) over ``n_sequences`` windows of a
+split and writes ``analysis.json``, PNG plots (if matplotlib is installed) and TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lm.analysis.metrics import attention_entropy, collapse, head_redundancy
+from lm.errors import ConfigError
+from lm.utils import atomic_write_text
+
+
+@torch.no_grad()
+def analyze_model(model, tokens: torch.Tensor, seq_len: int, n_sequences: int, batch_size: int = 4) -> dict:
+    """Metrics of ``model`` (a LanguageModel) over ``n_sequences`` consecutive windows of ``tokens``."""
+    net = model.net.eval()
+    n_windows = min(n_sequences, (tokens.numel() - 1) // seq_len)
+    if n_windows < 1:
+        raise ConfigError(f"the split has {tokens.numel()} tokens: too few for one window of seq_len={seq_len}.")
+    windows = tokens[: n_windows * seq_len].view(n_windows, seq_len)
+    per_layer_collapse, redundancy, entropy = [], [], []
+    for start in range(0, n_windows, batch_size):
+        batch = windows[start:start + batch_size]
+        out = net(batch, need_weights=True, output_hidden_states=True)
+        per_layer_collapse.append(torch.stack([collapse(h) for h in out.hidden_states], dim=1))  # [b, L]
+        redundancy.append(torch.stack([head_redundancy(w) for w in out.attentions], dim=1))  # [b, L]
+        entropy.append(torch.stack([attention_entropy(w) for w in out.attentions], dim=1))  # [b, L, H]
+    col = torch.cat(per_layer_collapse).mean(0)
+    red = torch.cat(redundancy).mean(0)
+    ent = torch.cat(entropy).mean(0)
+    return {
+        "n_sequences": n_windows, "seq_len": seq_len,
+        "collapse_per_layer": col.tolist(), "head_redundancy_per_layer": red.tolist(),
+        "head_redundancy": float(red.mean()), "entropy_per_layer_head": ent.tolist(),
+        "attention_per_layer": model.cfg.attention_layers(),
+    }
+
+
+@torch.no_grad()
+def attention_maps(model, passage: torch.Tensor) -> list[torch.Tensor]:
+    out = model.net.eval()(passage[None], need_weights=True)
+    return [w[0].float() for w in out.attentions]  # per layer [H, T, S]
+
+
+def analyze(
+    ckpt: str,
+    split: str = "test",
+    root: str | None = None,
+    seq_len: int = 128,
+    n_sequences: int = 32,
+    passage_start: int = 0,
+    passage_len: int = 48,
+    out: str | None = None,
+) -> dict:
+    """Representation collapse, head redundancy, attention entropy and heat maps of a checkpoint.
+
+    Args:
+        ckpt: checkpoint written by ``lm fit``.
+        split: ``valid`` or ``test``.
+        root: data directory (see ``data.root``).
+        seq_len: window length (tokens) per analysed sequence.
+        n_sequences: number of consecutive windows analysed.
+        passage_start: token offset of the passage whose attention maps are plotted.
+        passage_len: length of that passage.
+        out: output folder (default: ``<run dir>/analysis``).
+    """
+    from lm.data.datamodule import LMDataModule
+    from lm.eval.evaluate import load_checkpoint
+
+    model, vocab, ckpt_dict = load_checkpoint(ckpt)
+    import tempfile
+
+    tok = Path(tempfile.mkdtemp(prefix="lm-analyze-")) / "tokenizer.json"
+    vocab.save(tok)
+    corpus = ckpt_dict.get("lm_data", {}).get("corpus", "wikitext-2")
+    dm = LMDataModule(corpus=corpus, root=root, tokenizer=str(tok))
+    tokens = dm.tokens(split)
+    result = analyze_model(model, tokens, seq_len, n_sequences)
+    result.update({"checkpoint": ckpt, "split": split, "corpus": corpus})
+    p = Path(ckpt).resolve()
+    out_dir = Path(out) if out else (p.parent.parent if p.parent.name == "checkpoints" else p.parent) / "analysis"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    passage = tokens[passage_start:passage_start + passage_len]
+    maps = attention_maps(model, passage)
+    words = [vocab.id_to_token(int(i)) for i in passage]
+    result["plots"] = _plots(out_dir, result, maps, words)
+    atomic_write_text(out_dir / "analysis.json", json.dumps(result, indent=2))
+    _tensorboard(out_dir, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "entropy_per_layer_head"}, indent=2))
+    return result
+
+
+def _plots(out_dir: Path, result: dict, maps: list[torch.Tensor], words: list[str]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    layers = range(len(result["collapse_per_layer"]))
+    ax[0].plot(layers, result["collapse_per_layer"], marker="o")
+    ax[0].set(xlabel="layer", ylabel="mean token cosine similarity", title="representation collapse")
+    ax[1].plot(layers, result["head_redundancy_per_layer"], marker="o")
+    ax[1].set(xlabel="layer", ylabel="mean L2 between heads", title="head redundancy")
+    fig.tight_layout()
+    fig.savefig(out_dir / "collapse_redundancy.png", dpi=110)
+    plt.close(fig)
+    paths.append(str(out_dir / "collapse_redundancy.png"))
+    n_layers, n_heads = len(maps), maps[0].size(0)
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(2.2 * n_heads, 2.2 * n_layers), squeeze=False)
+    for i, w in enumerate(maps):
+        for h in range(n_heads):
+            axes[i][h].imshow(w[h].numpy(), cmap="viridis", aspect="auto")
+            axes[i][h].set_xticks([])
+            axes[i][h].set_yticks([])
+            axes[i][h].set_title(f"L{i} H{h} ({result['attention_per_layer'][i]})", fontsize=7)
+    fig.suptitle(" ".join(words[:24]) + (" ..." if len(words) > 24 else ""), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "attention_maps.png", dpi=110)
+    plt.close(fig)
+    paths.append(str(out_dir / "attention_maps.png"))
+    return paths
+
+
+def _tensorboard(out_dir: Path, result: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(out_dir / "tb"))
+    for i, (c, r) in enumerate(zip(result["collapse_per_layer"], result["head_redundancy_per_layer"])):
+        w.add_scalar("analysis/collapse", c, i)
+        w.add_scalar("analysis/head_redundancy", r, i)
+    w.close()
+
+
+def analyze_cli(argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    CLI(analyze, args=argv, as_positional=False)
