@@ -242,7 +242,7 @@ def tiny_model(name: str, **options) -> TransformerLM:
 @pytest.mark.parametrize("name", VARIANTS)
 def test_causal_in_decoder(name):
     torch.manual_seed(0)
-    model = tiny_model(name).eval()
+    model = tiny_model(name, **OPTIONS[name]).eval()
     x = torch.randint(0, 50, (2, 20))
     i = 9
     y = x.clone()
@@ -257,7 +257,7 @@ def test_causal_in_decoder(name):
 def test_causal_with_memory(name):
     """Keys/values after query i's position (memory + segment <= i) do not change its output."""
     T, S, i = 6, 10, 2
-    m = make(name)
+    m = make(name, **OPTIONS[name])
     q, k, v = inputs(name, T, S, seed=5)
     k2, v2 = k.clone(), v.clone()
     later = S - T + i + 1
@@ -295,6 +295,15 @@ def test_performer_approaches_softmax():
         errs.append(sum(e) / len(e))
     assert errs[0] > errs[1] > errs[2], errs
     assert errs[2] < 0.02, errs
+
+
+def test_performer_stable_for_large_keys():
+    """Stabilisation: no overflow, and no row lost to underflow, for keys far larger than at init."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 32, generator=g) * 5 for _ in range(3))
+    m = build_attention("performer", d_model=16, n_head=2, d_head=32, options={"n_features": 64})
+    out, _ = m.attend(q, k, v, AttnContext(), None)
+    assert torch.isfinite(out).all() and (out.abs().amax(-1) > 0).all()
 
 
 def test_performer_redraw_schedule():

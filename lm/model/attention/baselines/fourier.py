@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.model.attention.base import Attention, AttnContext, LayerState, register
-from lm.model.attention.baselines.common import at_least_float32, boolean, positive_float, positive_int, require, visible
+from lm.model.attention.baselines.common import (at_least_float32, boolean, positive_float, positive_int, require,
+                                                 visible)
 
 _FLOOR = 1e-12
 

@@ -10,20 +10,26 @@ of Rahimi & Recht do not). Causal attention is then prefix sums:
     out_i = φ(q_i)ᵀ Σ_{j≤i} φ(k_j) v_jᵀ  /  φ(q_i)ᵀ Σ_{j≤i} φ(k_j)
 
 computed chunk by chunk (exact: inside a chunk the masked m-feature product, across chunks a running
-sum of φ(k)vᵀ) so cost is O(S·m·D) and memory O(S·m) instead of one [S, m, D] cumulative sum. With
+sum of φ(k)vᵀ) so cost is O(S·m·D) and memory O(S·m + (S/chunk)·m·D) instead of one [S, m, D]
+cumulative sum. With
 memory, the M memory keys are visible to every query: their sums are a constant added to every prefix.
 
 Stabilisation. The paper's code subtracts, before exp, a per-query max for queries (cancels exactly:
 numerator and denominator of query i are scaled by the same factor) and a max over *all* positions for
 keys. That key max is a function of later tokens, so here the keys use a data-independent bound
-instead: ωᵀx − ‖x‖²/2 ≤ ‖ω‖²/2 for every x, so subtracting c = max_f ‖ω_f‖²/2 keeps every key feature
-≤ 1 (no overflow), and because c is the same for every key it cancels exactly between numerator and
-denominator. No key's features depend on any other token: strictly causal. Features are computed in
-float32 or wider (underflow of small features in half precision would zero whole rows).
+instead: ωᵀx − ‖x‖²/2 ≤ ‖ω‖²/2 for every x, so subtracting c = max_f ‖ω_f‖²/2 − 60 keeps every key
+feature ≤ e^60 (sums over S keys times |v| stay below float32's 3.4e38 while S·|v| < 1e12; the 60
+nats of headroom are taken from the underflow side), and because c is the same for every key it
+cancels exactly between numerator and denominator. No key's features depend on any other token:
+strictly causal. Features are computed in float32 or wider (half precision would underflow). Caveat:
+a key whose ‖x‖²/2 exceeds c by more than ~160 (float32's e^-103) has all features underflow to 0
+and drops out; if every visible key does, the output is 0 (the denominator is guarded, never NaN).
 
-Random features are a buffer, redrawn every ``redraw_every`` training forwards (the paper redraws
-periodically to avoid overfitting to one draw) and fixed in eval. Draw k is a deterministic function
-of a seed buffer and k, so a resumed run and all data-parallel ranks use the same features.
+Random features are a buffer (one draw per layer, shared by its heads, as in the paper's code),
+redrawn every ``redraw_every`` training forwards (the paper redraws periodically so the model does
+not fit one draw; with gradient accumulation a forward is a micro-batch) and fixed in eval.
+Draw k is a deterministic function of a seed buffer and k, so a resumed run and all data-parallel
+ranks use the same features.
 
 Not supported: relative positions (an additive score bias cannot pass through the feature map) and
 attention dropout (there is no attention matrix to drop entries from); ``dropatt`` is ignored.
@@ -40,6 +46,8 @@ from torch import Tensor
 from lm.errors import ConfigError
 from lm.model.attention.base import Attention, AttnContext, LayerState, causal, register
 from lm.model.attention.baselines.common import at_least_float32, boolean, positive_int, visible
+
+_HEADROOM = 60.0  # key features <= e^60, see the module docstring
 
 
 @dataclass
@@ -83,7 +91,7 @@ def positive_features(x: Tensor, omega: Tensor, is_query: bool) -> Tensor:
     if is_query:
         shift = a.amax(-1, keepdim=True).detach()  # per query: cancels in out_i
     else:
-        shift = (omega * omega).sum(-1).amax() / 2  # data-independent bound: cancels, stays causal
+        shift = (omega * omega).sum(-1).amax() / 2 - _HEADROOM  # data-independent: cancels, stays causal
     return torch.exp(a - shift) / math.sqrt(omega.size(0))
 
 

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.model.attention.base import Attention, AttnContext, LayerState, register
-from lm.model.attention.baselines.common import at_least_float32, boolean, masked_log, positive_float, positive_int, visible
+from lm.model.attention.baselines.common import (at_least_float32, boolean, masked_log, positive_float,
+                                                 positive_int, visible)
 
 
 @dataclass
@@ -90,12 +91,14 @@ class KernelDensityAttention(Attention):
         inv_var = self.inv_var().to(q.dtype)
         allowed = visible(ctx, T, S, q.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.opts.detach_weights):
-            gram = torch.exp((k_hat @ k_hat.transpose(-1, -2) - 1) * inv_var)  # k(k_j, k_l), [B,H,S,S]
-            w = self.key_weights(k_hat, gram, allowed)
+            kf = at_least_float32(k_hat)  # the weights are solved in float32 even under autocast
+            gram = torch.exp((kf @ kf.transpose(-1, -2) - 1) * self.inv_var().to(kf.dtype))  # k(k_j, k_l)
+            w = self.key_weights(kf, gram, allowed)
         bias = masked_log(w, allowed).to(q.dtype)
         p = self.dropatt if self.training else 0.0
         if not ctx.need_weights:
-            return F.scaled_dot_product_attention(q_hat * inv_var, k_hat, v, attn_mask=bias, dropout_p=p, scale=1.0), None
+            out = F.scaled_dot_product_attention(q_hat * inv_var, k_hat, v, attn_mask=bias, dropout_p=p, scale=1.0)
+            return out, None
         a = torch.softmax(at_least_float32((q_hat * inv_var) @ k_hat.transpose(-1, -2) + bias), dim=-1).to(v.dtype)
         return (F.dropout(a, p) if p > 0 else a) @ v, a
 
