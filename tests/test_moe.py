@@ -4,6 +4,7 @@ gradients of idle experts, a 2-process gloo DDP step, and bf16."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -233,6 +234,15 @@ def test_everything_dropped_keeps_params_in_graph():
         assert p.grad is not None and torch.all(p.grad == 0)
 
 
+def test_empty_batch():
+    m = make_moe(top_k=2, cf=1.25).train()
+    out = m(torch.randn(2, 0, 8))
+    assert out.shape == (2, 0, 8)
+    (out.sum() + m.aux_loss).backward()
+    assert m.aux_loss.item() == 0.0 and m.stats["dropped_fraction"].item() == 0.0
+    assert all(p.grad is not None for p in m.parameters())
+
+
 # ------------------------------------------------------------------------------------ 2-proc DDP
 class _TinyMoEModel(nn.Module):
     def __init__(self):
@@ -285,6 +295,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.barrier()  # nobody tears gloo down while its peer is still talking
     finally:
         dist.destroy_process_group()
+    # All checks passed and results are on disk. Skip interpreter finalisation: torch 2.13's gloo
+    # occasionally aborts there ("terminate called without an active exception", seen ~1 run in 30,
+    # after atexit handlers had run), which has nothing to do with the MoE layer.
+    os._exit(0)
 
 
 def test_ddp_two_process_gloo_idle_expert(tmp_path):

@@ -253,7 +253,7 @@ class MoEFFN(nn.Module):
             out = h.new_zeros(n_tok, shape[-1]) + 0 * idle
 
         self.aux_loss = balance + z
-        dropped = 1.0 - n_kept / max(n_tok * k, 1)
+        dropped = (n_tok * k - n_kept) / max(n_tok * k, 1)  # 0.0 for an empty batch
         self.stats = {
             "balance_loss": balance.detach(),
             "z_loss": z.detach(),

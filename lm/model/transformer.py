@@ -91,6 +91,11 @@ class TransformerLM(nn.Module):
             nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, MoEFFN):  # stacked expert weights: same init as the dense FFN's Linears
+            for w in (m.w1, m.w2):
+                nn.init.normal_(w, 0.0, self.cfg.init_std)
+            for b in (m.b1, m.b2):
+                nn.init.zeros_(b)
 
     # ------------------------------------------------------------------------------------------------
     def forward(self, tokens: Tensor, mems: list[Tensor] | None = None, mem_len: int | None = None,
