@@ -20,6 +20,13 @@ from lm.model.transformer import TransformerLM
 from lm.utils import atomic_write_text
 
 
+# A resume restores the checkpoint's hyper-parameters, optimizer, schedule, data position and RNG, so it
+# replays the same step unless a trainer setting changed; optimiser settings need a new run.
+_NONFINITE_FIX = ("Set or lower --trainer.gradient_clip_val (or train in bf16/fp32 instead of fp16) and resume with "
+                  "--ckpt_path last, or lower model.optim.lr / raise model.optim.warmup_steps in a new run (a resume "
+                  "keeps the checkpoint's optimizer and schedule); also check the data around this step.")
+
+
 class LanguageModel(L.LightningModule):
     """A Transformer-XL-style decoder (see ``ModelConfig`` for every architecture field).
 
@@ -97,11 +104,9 @@ class LanguageModel(L.LightningModule):
         loss = nll.mean()
         total = loss if out.aux_loss is None else loss + out.aux_loss
         if not torch.isfinite(total):
-            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "(none saved yet)"
             raise NonFiniteLossError(
                 f"The training loss became {total.item()} at step {self.global_step}. Training stopped; the last "
-                f"good checkpoint is {ckpt} and was not touched. Lower optim.lr, raise warm-up, or check the data; "
-                f"resume with --ckpt_path last."
+                f"good checkpoint is {self._last_checkpoint()} and was not touched. {_NONFINITE_FIX}"
             )
         self.log("train/loss", loss, prog_bar=True)
         self.log(f"train/{'ppl' if self.unit == 'word' else 'bpc'}", self._metric(loss.detach()))
@@ -109,6 +114,27 @@ class LanguageModel(L.LightningModule):
             self.log("train/aux_loss", out.aux_loss)
             self._log_moe_stats()
         return total
+
+    def on_before_optimizer_step(self, optimizer):
+        # A finite loss can still have non-finite gradients (an overflow in backward): one such update puts
+        # NaN into the weights and into the next checkpoint. Stop before it is applied. (fp16 with a
+        # GradScaler skips those steps by design: leave them to the scaler.)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+        # A per-tensor sum is non-finite iff the tensor holds an inf/NaN (short of ~1e38 magnitudes) and,
+        # unlike abs().amax(), needs no full-size temporary: ~10x cheaper (50 ms/step on the tiny CPU model).
+        if grads and not torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads])).all():
+            bad = next(n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all())
+            raise NonFiniteLossError(
+                f"The gradients became non-finite at step {self.global_step} (first in {bad}) although the loss was "
+                f"finite. Training stopped before the update; the last good checkpoint is {self._last_checkpoint()} "
+                f"and was not touched. {_NONFINITE_FIX}"
+            )
+
+    def _last_checkpoint(self) -> str:
+        paths = [getattr(c, "last_model_path", "") for c in self.trainer.checkpoint_callbacks]
+        return next((p for p in paths if p), "(none saved yet)")
 
     def _log_moe_stats(self):
         for i, blk in enumerate(self.net.layers):
@@ -148,17 +174,23 @@ class LanguageModel(L.LightningModule):
         clamp_len = e.clamp_len if e.clamp_len is not None else self.cfg.clamp_len
         out = self.net(batch["input"], self._eval_mems, mem_len=mem_len, clamp_len=clamp_len)
         self._eval_mems = out.mems
-        nll = self.net.nll(out.hidden, batch["target"])
         mask = batch.get("mask")
-        if mask is None:
-            mask = torch.ones_like(nll, dtype=torch.bool)
-        n = mask.sum()
+        if mask is not None and not bool(mask.all()):
+            # Score only the counted targets: a stride-S sliding window counts S of its T positions, so
+            # running the softmax over all T would cost T/S times more than needed.
+            nll = self.net.nll(out.hidden[mask], batch["target"][mask])
+        else:
+            nll = self.net.nll(out.hidden, batch["target"])
+        n = torch.tensor(nll.numel(), device=nll.device)
         if n > 0:
-            self.eval_nll.update((nll * mask).sum() / n, weight=n)
+            self.eval_nll.update(nll.sum() / n, weight=n)
 
     def _eval_end(self, stage: str):
         mean_nll = self.eval_nll.compute()
-        tokens = int(self.eval_nll.weight.item()) if hasattr(self.eval_nll, "weight") else 0
+        weight = self.eval_nll.weight.detach().clone()
+        if self.trainer.world_size > 1:  # compute() synced the mean, but .weight is this rank's count
+            weight = self.trainer.strategy.reduce(weight, reduce_op="sum")
+        tokens = int(weight.item())
         wall = time.perf_counter() - self._eval_t0
         name = "ppl" if self.unit == "word" else "bpc"
         value = self._metric(mean_nll)
@@ -239,6 +271,10 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Memories are part of the training state: resuming mid-epoch must continue with them.
         checkpoint["lm_mems"] = [m.detach().cpu() for m in self.mems] if self.mems else None
+        # So is the RNG (dropout, MoE jitter): Lightning does not save it, so a resumed run would draw other
+        # dropout masks than an uninterrupted one. Tensors only: the file stays loadable with weights_only.
+        checkpoint["lm_rng"] = {"torch": torch.get_rng_state(),  # + this process's GPU, the one it trains on
+                                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
         # The vocabulary travels inside the checkpoint, so evaluation/finetuning need nothing else.
         dm = self._datamodule()
         if dm is not None and hasattr(dm, "vocab"):
@@ -261,6 +297,11 @@ class LanguageModel(L.LightningModule):
             )
         mems = checkpoint.get("lm_mems")
         self.mems = [m.to(self.device) for m in mems] if mems else None
+        rng, trainer = checkpoint.get("lm_rng"), getattr(self, "_trainer", None)
+        if rng and trainer is not None and getattr(trainer.state.fn, "value", None) == "fit":  # resuming training
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
         sd = checkpoint.get("state_dict", {})
         mine = self.state_dict()
         missing = sorted(set(mine) - set(sd))
