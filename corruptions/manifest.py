@@ -41,7 +41,6 @@ import json
 import numbers
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,19 +57,9 @@ from corruptions.word_swap import (
 )
 from corruptions.words import STOPWORDS, line_spans, markup_spans
 
-try:
-    from lm.errors import DataError, unknown
-except ImportError:  # pragma: no cover - only when corruptions/ is used without lm/
-    import difflib
-
-    class DataError(Exception):  # type: ignore[no-redef]
-        """A missing or unreadable data file."""
-
-    def unknown(kind: str, name: str, choices) -> ConfigError:  # type: ignore[misc]
-        choices = sorted(choices)
-        close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        return ConfigError(f"Unknown {kind} '{name}'.{hint} Valid choices: {', '.join(choices)}.")
+# corruptions/ ships in the same distribution as lm/: share its errors and atomic writes.
+from lm.errors import DataError, unknown
+from lm.utils import atomic_write_bytes
 
 
 __all__ = [
@@ -169,39 +158,6 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _file_mode() -> int:
-    """``0o666`` minus the process umask: the mode ``open(path, "w")`` would give a new file."""
-    global _MODE
-    if _MODE is None:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        _MODE = 0o666 & ~mask
-    return _MODE
-
-
-_MODE: int | None = None
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def dumps_manifest(obj: dict[str, Any]) -> str:

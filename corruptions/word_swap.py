@@ -34,12 +34,7 @@ from typing import NamedTuple
 
 from corruptions.words import STOPWORDS, Word, find_words
 
-try:  # the framework's user-facing error types; the package also works on its own
-    from lm.errors import ConfigError
-except ImportError:  # pragma: no cover - only when corruptions/ is used without lm/
-
-    class ConfigError(ValueError):  # type: ignore[no-redef]
-        """An invalid configuration value."""
+from lm.errors import ConfigError  # the framework's user-facing error type (a ValueError)
 
 
 __all__ = [

@@ -20,7 +20,6 @@ import pickle
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
 from lm.errors import CheckpointError, LMError
@@ -138,7 +137,7 @@ def lm_cli(args=None, run: bool = True) -> LMCLI:
         LanguageModel,
         LMDataModule,
         trainer_defaults={
-            "callbacks": [RunCheckpoint(), TokenThroughput(), LearningRateMonitor(logging_interval="step")],
+            "callbacks": [RunCheckpoint(), TokenThroughput()],
             "use_distributed_sampler": False,  # ordered streams shard themselves per rank
         },
         seed_everything_default=1111,  # the paper's seed

@@ -110,6 +110,8 @@ class LanguageModel(L.LightningModule):
             )
         self.log("train/loss", loss, prog_bar=True)
         self.log(f"train/{'ppl' if self.unit == 'word' else 'bpc'}", self._metric(loss.detach()))
+        # The learning rate, logged here rather than by LearningRateMonitor, which fails without a logger.
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0)
         if out.aux_loss is not None:
             self.log("train/aux_loss", out.aux_loss)
             self._log_moe_stats()
