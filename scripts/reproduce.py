@@ -1,0 +1,156 @@
+"""The paper's study at the scale of this machine: train, attack, finetune, analyse; one report.
+
+For every variant x seed: `lm fit` the tiny WikiText-2 recipe, `lm evaluate` clean vs word-swapped test
+PPL, `lm finetune` on SST-2, `lm analyze`; then `results/<name>/report.md` with mean ± std per variant,
+a PPL-vs-swap-rate plot and a collapse-per-layer plot. Resumable: finished stages are skipped (their
+result files exist), unfinished training resumes from `last.ckpt`.
+
+    python scripts/reproduce.py                 # full study (5 variants x 3 seeds; hours on 2 cores)
+    python scripts/reproduce.py --quick         # smoke-scale study: 2 variants x 2 seeds, short runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+VARIANTS = ["softmax", "elliptical", "quest", "elliptical_quest", "elliptical_switch"]
+RATES = [0.015, 0.05]
+
+
+def sh(args: list[str]) -> None:
+    print("+", " ".join(args), flush=True)
+    subprocess.run(args, check=True)
+
+
+def lm(*args: str) -> None:
+    sh([sys.executable, "-m", "lm.cli", *args])
+
+
+def run_one(variant: str, seed: int, root: Path, a) -> dict:
+    run = root / "runs" / f"{variant}-s{seed}"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    extra = ["--trainer.max_steps", str(a.steps)] if a.steps else []
+    if not (run / "done").exists():
+        resume = ["--ckpt_path", "last"] if ckpt.exists() else []
+        lm("fit", "--config", f"configs/wikitext2/tiny_{variant}.yaml", "--seed_everything", str(seed),
+           "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false", *extra, *resume)
+        (run / "done").write_text("")
+    ev = run / "evaluate" / "results.json"
+    if not ev.exists():
+        specs = ",".join(f"word_swap:{r}" for r in RATES)
+        lm("evaluate", "--ckpts", str(ckpt), "--corruptions", specs, "--seed", str(seed), "--out", str(run / "evaluate"),
+           *(["--limit_batches", str(a.limit_batches)] if a.limit_batches else []))
+    ft = root / "runs" / f"sst2-{variant}-s{seed}"
+    sst = ft / "results" / "sst2-dev.json"
+    if a.sst2 and not (ft / "done").exists():
+        resume = ["--ckpt_path", "last"] if (ft / "checkpoints" / "last.ckpt").exists() else []
+        lm("finetune", "fit", "--config", "configs/sst2/finetune.yaml", "--model.pretrained", str(ckpt),
+           "--seed_everything", str(seed), "--trainer.default_root_dir", str(ft), "--trainer.enable_progress_bar",
+           "false", *(["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "300"] if a.quick else []), *resume)
+        (ft / "done").write_text("")
+    an = run / "analysis" / "analysis.json"
+    if not an.exists():
+        lm("analyze", "--ckpt", str(ckpt), "--n_sequences", "16", "--out", str(run / "analysis"))
+    row = json.loads(ev.read_text())["rows"][0]["results"]
+    out = {"variant": variant, "seed": seed, "clean": row["clean"]["ppl"],
+           "tokens_per_s_eval": row["clean"].get("tokens_per_s")}
+    for r in RATES:
+        out[f"ws{r}"] = row[f"word_swap:{r:g}"]["ppl"]
+    if sst.exists():
+        best = json.loads(sst.read_text()).get("best_by_dev_loss") or {}
+        out["sst2"] = best.get("dev_acc")
+    out["collapse"] = json.loads(an.read_text())["collapse_per_layer"]
+    wall = run / "train_wall_s.txt"
+    out["train_wall_s"] = float(wall.read_text()) if wall.exists() else None
+    return out
+
+
+def mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+
+def report(rows: list[dict], root: Path, a) -> str:
+    lines = [f"# Reproduction at the scale of this machine ({'quick' if a.quick else 'full'} mode)", "",
+             f"Command: `python scripts/reproduce.py {' '.join(sys.argv[1:])}`. WikiText-2 test, segments protocol "
+             f"(window 128, no context across segments), PPL per token; word swap seed = training seed; "
+             f"seeds {a.seeds}. SST-2: dev accuracy of the best-by-dev-loss checkpoint.", "",
+             "| variant | n | clean PPL | " + " | ".join(f"PPL swap {r:g}" for r in RATES)
+             + " | " + " | ".join(f"x {r:g}" for r in RATES) + " | SST-2 dev acc | eval tokens/s |",
+             "|" + "---|" * (5 + 2 * len(RATES))]
+    for v in a.variants:
+        rs = [r for r in rows if r["variant"] == v]
+        if not rs:
+            continue
+        cells = [mean_std([r["clean"] for r in rs])] + [mean_std([r[f"ws{x}"] for r in rs]) for x in RATES]
+        cells += [mean_std([r[f"ws{x}"] / r["clean"] for r in rs]) for x in RATES]
+        cells += [mean_std([r.get("sst2") for r in rs]), mean_std([r.get("tokens_per_s_eval") for r in rs])]
+        lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + " |")
+    lines += ["", "![PPL vs swap rate](ppl_vs_rate.png)", "", "![collapse per layer](collapse.png)", ""]
+    _plots(rows, root, a)
+    return "\n".join(lines)
+
+
+def _plots(rows: list[dict], root: Path, a) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for v in a.variants:
+        rs = [r for r in rows if r["variant"] == v]
+        if rs:
+            ys = [statistics.mean([r["clean"] for r in rs])] + [statistics.mean([r[f"ws{x}"] for r in rs]) for x in RATES]
+            ax.plot([0.0] + RATES, ys, marker="o", label=v)
+    ax.set(xlabel="word-swap rate", ylabel="test PPL", title="WikiText-2 test PPL under word swap")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "ppl_vs_rate.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for v in a.variants:
+        rs = [r for r in rows if r["variant"] == v]
+        if rs:
+            layers = range(len(rs[0]["collapse"]))
+            ax.plot(layers, [statistics.mean([r["collapse"][i] for r in rs]) for i in layers], marker="o", label=v)
+    ax.set(xlabel="layer", ylabel="mean token cosine similarity", title="representation collapse")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "collapse.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1111, 1112, 1113])
+    ap.add_argument("--steps", type=int, default=None, help="override the recipes' max_steps")
+    ap.add_argument("--limit_batches", type=float, default=None, help="evaluate a fraction of the test set")
+    ap.add_argument("--no-sst2", dest="sst2", action="store_false")
+    ap.add_argument("--quick", action="store_true", help="2 variants x 2 seeds, 300 steps, short finetune")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.quick:
+        a.variants = a.variants if a.variants != VARIANTS else ["softmax", "elliptical"]
+        a.seeds = a.seeds[:2]
+        a.steps = a.steps or 300
+    root = Path(a.out or ("results/reproduce-quick" if a.quick else "results/reproduce"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [run_one(v, s, root, a) for v in a.variants for s in a.seeds]
+    (root / "rows.json").write_text(json.dumps(rows, indent=2))
+    (root / "report.md").write_text(report(rows, root, a))
+    print((root / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
