@@ -161,6 +161,21 @@ def test_truncation_keeps_the_end(root, ckpt):
     assert max(len(x) for x in ids) == 3 and all(x[-1] == dm.vocabulary.eos_id for x in ids)
 
 
+def test_byte_level_checkpoint_reads_utf8_bytes(tmp_path, root):
+    vocab = Vocab.byte_level()
+    torch.manual_seed(0)
+    lm = LanguageModel(vocab_size=256, unit="byte", **TINY)
+    path = tmp_path / "bytes.ckpt"
+    torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams), "lm_vocab": vocab.state()}, path)
+    dm = SST2DataModule(root=str(root), pretrained=str(path))
+    ids, _ = dm.encoded("dev")
+    assert dm.unit == "byte" and dm.vocab_size == 256 and dm.stats["dev"]["unk_rate"] == 0.0
+    assert bytes(ids[0][:-1]).decode() == dm.raw("dev")[0][0] and ids[0][-1] == 10
+    model = SequenceClassifier(pretrained=str(path), vocab_size=dm.vocab_size)
+    batch = next(iter(dm.val_dataloader()))
+    assert model(batch["input"], batch["n_pad"]).shape == (batch["input"].size(0), 2)
+
+
 # ----- weight transfer --------------------------------------------------------------------------------
 def test_reuse_transfers_blocks_and_embeddings(ckpt):
     src = lm_state(ckpt)
@@ -322,12 +337,13 @@ def test_cli_fit_then_validate(tmp_path, root, ckpt, monkeypatch):
     run = tmp_path / "runs" / "sst2-test"
     common = ["--config", str(cfg), "--data.root", str(root), "--trainer.default_root_dir", str(run)]
     fit = ["finetune", "fit", *common, "--model.pretrained", str(ckpt), "--trainer.max_epochs", "1",
-           "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+           "--trainer.enable_progress_bar", "false"]
     assert main(fit) == 0
     result = json.loads((run / "results" / "sst2-dev.json").read_text())
     assert 0.0 <= result["dev_acc"] <= 1.0 and result["vocab_mode"] == "reuse"
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_file() and len(list((run / "checkpoints").glob("*.ckpt"))) == 2
+    assert (run / "config.yaml").is_file() and list(run.glob("lightning_logs/version_0/events.out.tfevents*"))
     val = ["finetune", "validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(last)]
     assert main(val) == 0
     again = json.loads((run / "results" / "sst2-dev-validate.json").read_text())

@@ -32,13 +32,13 @@ Batches are ``{"input": LongTensor[B, T], "n_pad": LongTensor[B], "label": LongT
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -47,8 +47,6 @@ from lm.data.corpora import resolve_roots
 from lm.data.tokenizer import EOS, UNK, Vocab
 from lm.errors import CheckpointError, ConfigError, DataError, unknown
 from lm.utils import atomic_write_text
-
-log = logging.getLogger(__name__)
 
 PAD = "<pad>"
 SPLITS = ("train", "dev")
@@ -430,6 +428,7 @@ class SST2DataModule(L.LightningDataModule):
         self._encoder: SST2Encoder | None = None
         self._data: dict[str, tuple[list[list[int]], list[int]]] = {}
         self.stats: dict[str, dict[str, Any]] = {}
+        self._file_info: dict[str, dict[str, str]] | None = None
 
     # ----- lazily built -----------------------------------------------------------------------------
     @property
@@ -483,10 +482,11 @@ class SST2DataModule(L.LightningDataModule):
             info["mean_len"] = float(np.mean([len(x) for x in ids]))
             self.stats[split] = info
             self._data[split] = (ids, labels)
-            log.info("SST-2 %s: %d sentences, %d words, unknown-word rate %.2f%% (%d case fallbacks, %d "
-                     "re-spelled, %d truncated to %d tokens), vocab %s (%s, %d entries)", split, len(ids),
-                     info["words"], 100 * info["unk_rate"], info["case_fallback"], info["respelled"], truncated,
-                     self.max_len, self.vocab_mode, self.vocabulary.unit, self.vocabulary.size)
+            rank_zero_info(
+                f"SST-2 {split}: {len(ids)} sentences, {info['words']} words, unknown-word rate "
+                f"{100 * info['unk_rate']:.2f}% ({info['case_fallback']} case fallbacks, {info['respelled']} "
+                f"re-spelled, {truncated} truncated to {self.max_len} tokens); vocab {self.vocab_mode} "
+                f"({self.vocabulary.unit}, {self.vocabulary.size} entries)")
         return self._data[split]
 
     # ----- Lightning hooks --------------------------------------------------------------------------
@@ -516,10 +516,10 @@ class SST2DataModule(L.LightningDataModule):
     def describe(self) -> dict[str, Any]:
         """What the result JSON records about the data and the vocabulary."""
         v = self.vocabulary
-        files = {}
-        for split in SPLITS:
-            p = self.files[split]
-            files[split] = {"file": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        if self._file_info is None:
+            self._file_info = {s: {"file": str(self.files[s]), "sha256": hashlib.sha256(
+                self.files[s].read_bytes()).hexdigest()} for s in SPLITS}
+        files = self._file_info
         return {
             "task": "sst2", "files": files, "vocab_mode": self.vocab_mode, "unit": v.unit, "vocab_size": v.size,
             "vocab_sha256": v.sha256, "pretrained": self.pretrained, "batching": self.batching,

@@ -184,21 +184,20 @@ class AdaptiveLogSoftmax(nn.Module):
 
     # -- parameters of one cluster -------------------------------------------------------------
 
-    def _cluster_params(self, i: int):
-        """(weight, bias, proj) scoring the words of cluster ``i``; proj None = no projection."""
+    def _clusters(self) -> list[tuple]:
+        """(weight, bias, proj) scoring the words of every cluster; proj None = no projection."""
         if self.div_val == 1:
-            lo, hi = self.cutoff_ends[i], self.cutoff_ends[i + 1]
             layer = self.out_layers[0]
-            # Slice the single table; the slices are views, so gradients reach the shared weight.
-            weight, bias = layer.weight[lo:hi], layer.bias[lo:hi]
+            sizes = [hi - lo for lo, hi in zip(self.cutoff_ends, self.cutoff_ends[1:])]
             proj = self.out_projs[0] if len(self.out_projs) else None
-        else:
-            layer = self.out_layers[i]
-            weight, bias, proj = layer.weight, layer.bias, self.out_projs[i]
-        return weight, bias, proj
+            # ONE split of the single table (views, so gradients reach the shared weight). Per-cluster
+            # slices would each allocate, zero-fill and accumulate a full-size [n_token, d] gradient in
+            # backward; a split's backward writes the table's gradient once.
+            return [(w, b, proj) for w, b in zip(layer.weight.split(sizes), layer.bias.split(sizes))]
+        return [(layer.weight, layer.bias, self.out_projs[i]) for i, layer in enumerate(self.out_layers)]
 
-    def _head_params(self):
-        weight, bias, proj = self._cluster_params(0)
+    def _head_params(self, clusters: list[tuple]):
+        weight, bias, proj = clusters[0]
         if self.n_tail:
             weight = torch.cat([weight, self.cluster_weight], dim=0)
             bias = torch.cat([bias, self.cluster_bias], dim=0)
@@ -227,7 +226,8 @@ class AdaptiveLogSoftmax(nn.Module):
         if hidden.size(0) != target.size(0):
             raise ValueError(f"hidden has {hidden.size(0)} rows but target has {target.size(0)}")
 
-        head_logprob = self._log_softmax(hidden, *self._head_params())
+        clusters = self._clusters()
+        head_logprob = self._log_softmax(hidden, *self._head_params(clusters))
         # Shortlist words are scored directly by the head; for a tail word the head column is that
         # of its cluster token (clamped so the gather is valid, then overwritten below).
         head_col = target.clamp(max=self.shortlist_size - 1)
@@ -242,7 +242,7 @@ class AdaptiveLogSoftmax(nn.Module):
             rows = ((target >= lo) & (target < hi)).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            tail_logprob = self._log_softmax(hidden.index_select(0, rows), *self._cluster_params(i))
+            tail_logprob = self._log_softmax(hidden.index_select(0, rows), *clusters[i])
             tail_nll = -tail_logprob.gather(1, (target.index_select(0, rows) - lo).unsqueeze(1))
             nll = nll.index_add(0, rows, tail_nll.squeeze(1))
         return nll.view(shape)
@@ -251,9 +251,10 @@ class AdaptiveLogSoftmax(nn.Module):
         """Full log-distribution ``[*, n_token]`` (float32); O(N * n_token), for analysis/tests."""
         lead = hidden.shape[:-1]
         hidden = hidden.reshape(-1, self.d_proj)
-        head_logprob = self._log_softmax(hidden, *self._head_params())
+        clusters = self._clusters()
+        head_logprob = self._log_softmax(hidden, *self._head_params(clusters))
         parts = [head_logprob[:, : self.shortlist_size]]
         for i in range(1, self.n_tail + 1):
             cluster_logprob = head_logprob[:, self.shortlist_size + i - 1 : self.shortlist_size + i]
-            parts.append(cluster_logprob + self._log_softmax(hidden, *self._cluster_params(i)))
+            parts.append(cluster_logprob + self._log_softmax(hidden, *clusters[i]))
         return torch.cat(parts, dim=1).view(*lead, self.n_token)

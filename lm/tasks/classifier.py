@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lm.config import ModelConfig
 from lm.errors import CheckpointError, ConfigError, unknown
-from lm.model.adaptive import AdaptiveEmbedding
 from lm.model.attention import AttnContext
 from lm.model.positions import relative_positions, sinusoid
 from lm.model.transformer import TransformerLM
@@ -170,8 +168,9 @@ class SequenceClassifier(L.LightningModule):
         new = ["embed"] if vocab == "fresh" else []
         keys = [k for k in net.state_dict() if k.split(".")[0] not in new]
         self.transfer = {"pretrained": pretrained, "load_weights": load_weights, "lm_vocab_sha256": lm_vocab.sha256,
-                         "lm_vocab_size": lm_vocab.size, "unit": lm_vocab.unit, "new": new,
-                         "transferred": sorted({k.split(".")[0] for k in keys})}
+                         "lm_vocab_size": lm_vocab.size, "unit": lm_vocab.unit,
+                         "new": new if load_weights else sorted({k.split(".")[0] for k in net.state_dict()}),
+                         "transferred": sorted({k.split(".")[0] for k in keys}) if load_weights else []}
         if load_weights:
             transfer_weights(src.state_dict(), net, keys, pretrained)
         return net
@@ -251,7 +250,8 @@ class SequenceClassifier(L.LightningModule):
             "task": "sst2", "split": "dev", "stage": "validate" if validate_only else "fit", **entry,
             "unk_rate": data.get("unk_rate"), "vocab_mode": self.vocab_mode, "pretrained": self.pretrained,
             "load_weights": self.hparams.load_weights, "pooling": self.pooling, "mask_padding": self.mask_padding,
-            "transfer": self.transfer, "hparams": dict(self.hparams), "data": data,
+            "transfer": self.transfer,
+            "hparams": {k: v for k, v in self.hparams.items() if not k.startswith("_")}, "data": data,
             "best_by_dev_loss": best, "history": self.history,
             "checkpoint": getattr(self.trainer, "ckpt_path", None) if validate_only else None,
         }
@@ -265,7 +265,10 @@ class SequenceClassifier(L.LightningModule):
     # ----- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        try:  # the fused kernel is ~8x faster on CPU (a 33k-word embedding dominates the update)
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+        except (RuntimeError, TypeError):  # a device/dtype without a fused kernel
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         if not self.warmup_steps:
             return opt
         w = self.warmup_steps
@@ -318,7 +321,10 @@ def state_mismatches(src: dict[str, Tensor], dst: dict[str, Tensor], keys: list[
     if missing:
         out.append(f"{len(missing)} missing tensors ({listing(missing)})")
     if shape:
-        out.append(f"{len(shape)} shape mismatches ({listing(shape, lambda k: f'{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}')})")
+        def fmt(k):
+            return f"{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}"
+
+        out.append(f"{len(shape)} shape mismatches ({listing(shape, fmt)})")
     if unexpected:
         out.append(f"{len(unexpected)} unexpected tensors ({listing(unexpected)})")
     return out

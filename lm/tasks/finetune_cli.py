@@ -12,7 +12,11 @@ size back to the model. Checkpoints go to ``<default_root_dir>/checkpoints``: th
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from lm.cli import CheckedCkptPathMixin  # --ckpt_path checked before LightningCLI loads it
 
 SUBCOMMANDS = ("fit", "validate")
 
@@ -24,7 +28,19 @@ def _parser_kwargs() -> dict:
     return {k: v for k, v in kw.items() if k not in ("test",)}
 
 
-class FinetuneCLI(LightningCLI):
+class RunDirConfig(SaveConfigCallback):
+    """Also writes the fit config to ``<default_root_dir>/config.yaml`` beside ``checkpoints/`` (the
+    standard copy goes to the logger's version folder), so ``validate --config <run>/config.yaml`` works."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        path = Path(trainer.default_root_dir) / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+
+
+class FinetuneCLI(CheckedCkptPathMixin, LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The model chooses the vocabulary source; the data module builds it; its size goes back.
         parser.link_arguments("model.pretrained", "data.pretrained")
@@ -50,6 +66,7 @@ def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI
             "use_distributed_sampler": False,  # the data module's batch sampler shards itself
         },
         seed_everything_default=1111,
+        save_config_callback=RunDirConfig,
         parser_kwargs=_parser_kwargs(),
         save_config_kwargs={"overwrite": True},
         args=argv,
