@@ -130,7 +130,7 @@ class LMCLI(CheckedCkptPathMixin, LightningCLI):
 
 def lm_cli(args=None, run: bool = True) -> LMCLI:
     from lm.data.datamodule import LMDataModule
-    from lm.tasks.callbacks import RunCheckpoint, TokenThroughput
+    from lm.tasks.callbacks import RunCheckpoint, RunDirConfig, TokenThroughput
     from lm.tasks.lm_module import LanguageModel
 
     return LMCLI(
@@ -142,6 +142,7 @@ def lm_cli(args=None, run: bool = True) -> LMCLI:
         },
         seed_everything_default=1111,  # the paper's seed
         parser_kwargs=parser_kwargs(),
+        save_config_callback=RunDirConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -5,8 +5,13 @@ PPL, `lm finetune` on SST-2, `lm analyze`; then `results/<name>/report.md` with 
 a PPL-vs-swap-rate plot and a collapse-per-layer plot. Resumable: finished stages are skipped (their
 result files exist), unfinished training resumes from `last.ckpt`.
 
-    python scripts/reproduce.py                 # full study (5 variants x 3 seeds; hours on 2 cores)
-    python scripts/reproduce.py --quick         # smoke-scale study: 2 variants x 2 seeds, short runs
+    python scripts/reproduce.py                 # full study: 5 variants x 3 seeds, ~2 h on 2 cores
+    python scripts/reproduce.py --quick         # 2 variants x 2 seeds, short runs, ~15 min
+
+Scale (the defaults, all overridable): the tiny recipes trained for --steps 800 (of their 2000) so that
+15 runs fit in about two hours; SST-2 finetuning for one epoch capped at --sst2_batches 400 batches of
+16 sentences (a quarter of the training set); clean and word-swapped test PPL on the full WikiText-2
+test split. Runs live under <out>/runs (git-ignored); the report, rows.json and plots under <out>.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ def lm(*args: str) -> None:
 def run_one(variant: str, seed: int, root: Path, a) -> dict:
     run = root / "runs" / f"{variant}-s{seed}"
     ckpt = run / "checkpoints" / "last.ckpt"
-    extra = ["--trainer.max_steps", str(a.steps)] if a.steps else []
+    # Shorter runs keep the recipe's shape: warm-up is at most a fifth of training, then cosine to the end.
+    extra = ["--trainer.max_steps", str(a.steps), "--model.optim.warmup_steps", str(min(200, a.steps // 5))]
     if not (run / "done").exists():
         resume = ["--ckpt_path", "last"] if ckpt.exists() else []
         lm("fit", "--config", f"configs/wikitext2/tiny_{variant}.yaml", "--seed_everything", str(seed),
@@ -51,7 +57,7 @@ def run_one(variant: str, seed: int, root: Path, a) -> dict:
         resume = ["--ckpt_path", "last"] if (ft / "checkpoints" / "last.ckpt").exists() else []
         lm("finetune", "fit", "--config", "configs/sst2/finetune.yaml", "--model.pretrained", str(ckpt),
            "--seed_everything", str(seed), "--trainer.default_root_dir", str(ft), "--trainer.enable_progress_bar",
-           "false", *(["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "300"] if a.quick else []), *resume)
+           "false", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(a.sst2_batches), *resume)
         (ft / "done").write_text("")
     an = run / "analysis" / "analysis.json"
     if not an.exists():
@@ -65,16 +71,18 @@ def run_one(variant: str, seed: int, root: Path, a) -> dict:
         best = json.loads(sst.read_text()).get("best_by_dev_loss") or {}
         out["sst2"] = best.get("dev_acc")
     out["collapse"] = json.loads(an.read_text())["collapse_per_layer"]
-    wall = run / "train_wall_s.txt"
-    out["train_wall_s"] = float(wall.read_text()) if wall.exists() else None
+    train = run / "results" / "train.json"  # written by lm's TokenThroughput callback at the end of fit
+    t = json.loads(train.read_text()) if train.exists() else {}
+    out["train_wall_s"], out["train_tokens_per_s"] = t.get("wall_s"), t.get("tokens_per_s")
     return out
 
 
-def mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float], digits: int = 2) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+    m = f"{statistics.mean(xs):.{digits}f}"
+    return f"{m} ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else m
 
 
 def report(rows: list[dict], root: Path, a) -> str:
@@ -83,15 +91,17 @@ def report(rows: list[dict], root: Path, a) -> str:
              f"(window 128, no context across segments), PPL per token; word swap seed = training seed; "
              f"seeds {a.seeds}. SST-2: dev accuracy of the best-by-dev-loss checkpoint.", "",
              "| variant | n | clean PPL | " + " | ".join(f"PPL swap {r:g}" for r in RATES)
-             + " | " + " | ".join(f"x {r:g}" for r in RATES) + " | SST-2 dev acc | eval tokens/s |",
-             "|" + "---|" * (5 + 2 * len(RATES))]
+             + " | " + " | ".join(f"x {r:g}" for r in RATES)
+             + " | SST-2 dev acc | train tokens/s | train wall s | eval tokens/s |",
+             "|" + "---|" * (7 + 2 * len(RATES))]
     for v in a.variants:
         rs = [r for r in rows if r["variant"] == v]
         if not rs:
             continue
         cells = [mean_std([r["clean"] for r in rs])] + [mean_std([r[f"ws{x}"] for r in rs]) for x in RATES]
         cells += [mean_std([r[f"ws{x}"] / r["clean"] for r in rs]) for x in RATES]
-        cells += [mean_std([r.get("sst2") for r in rs]), mean_std([r.get("tokens_per_s_eval") for r in rs])]
+        cells += [mean_std([r.get("sst2") for r in rs], 3), mean_std([r.get("train_tokens_per_s") for r in rs], 0),
+                  mean_std([r.get("train_wall_s") for r in rs], 0), mean_std([r.get("tokens_per_s_eval") for r in rs], 0)]
         lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + " |")
     lines += ["", "![PPL vs swap rate](ppl_vs_rate.png)", "", "![collapse per layer](collapse.png)", ""]
     _plots(rows, root, a)
@@ -134,16 +144,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=VARIANTS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1111, 1112, 1113])
-    ap.add_argument("--steps", type=int, default=None, help="override the recipes' max_steps")
+    ap.add_argument("--steps", type=int, default=800, help="training steps per run (the recipes say 2000)")
+    ap.add_argument("--sst2_batches", type=int, default=400, help="SST-2 training batches (one epoch, capped)")
     ap.add_argument("--limit_batches", type=float, default=None, help="evaluate a fraction of the test set")
     ap.add_argument("--no-sst2", dest="sst2", action="store_false")
-    ap.add_argument("--quick", action="store_true", help="2 variants x 2 seeds, 300 steps, short finetune")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 variants x 2 seeds, 150 steps, 120 SST-2 batches, a quarter of the test set")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.quick:
         a.variants = a.variants if a.variants != VARIANTS else ["softmax", "elliptical"]
         a.seeds = a.seeds[:2]
-        a.steps = a.steps or 300
+        a.steps, a.sst2_batches = min(a.steps, 150), min(a.sst2_batches, 120)
+        a.limit_batches = a.limit_batches or 0.25
     root = Path(a.out or ("results/reproduce-quick" if a.quick else "results/reproduce"))
     root.mkdir(parents=True, exist_ok=True)
     rows = [run_one(v, s, root, a) for v in a.variants for s in a.seeds]

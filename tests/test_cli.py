@@ -8,6 +8,7 @@ project raises itself print ``lm: error: <one paragraph>``; errors jsonargparse 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from pathlib import Path
 
@@ -244,6 +245,22 @@ def test_checkpoints_that_are_fine_still_work(trained, tmp_path, capsys):
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", trained["data"], tmp_path / "cache")
     assert main(["test", "--config", str(cfg), "--ckpt_path", str(trained["ckpt"])]) == 0
     assert (tmp_path / "run" / "results" / "test-segments.json").is_file()
+
+
+def test_fit_saves_resolved_config_and_train_summary_beside_the_run(trained, tmp_path):
+    run = trained["tmp"] / "run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # beside checkpoints/, not only in lightning_logs
+    assert saved["model"]["d_model"] == 16 and saved["trainer"]["max_steps"] == 2
+    assert saved["data"]["root"] == str(trained["data"])
+    summary = json.loads((run / "results" / "train.json").read_text())
+    assert summary["global_step"] == 2 and len(summary["sessions"]) == 1
+    assert summary["tokens"] == 2 * 2 * 8  # steps x batch_size x tgt_len
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_s"], rel=0.01)
+    # the saved config reproduces the run: `lm validate --config <run>/config.yaml` works from it
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "again")
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["validate", "--config", str(tmp_path / "again.yaml"), "--ckpt_path", str(trained["ckpt"])]) == 0
 
 
 # ----- the error filter itself ---------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""Callbacks the CLI installs by default: run-directory checkpoints and token throughput."""
+"""Callbacks the CLI installs by default: run-directory checkpoints, token throughput (with a fit
+summary JSON) and the resolved config saved beside the run."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -11,9 +14,11 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.trainer.states import RunningStage
 
 from lm.errors import ConfigError
-from lm.utils import atomic_write_bytes
+from lm.utils import atomic_write_bytes, atomic_write_text
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -85,7 +90,57 @@ def _tokens(batch) -> int:
 
 class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor counting tokens: logs ``train|throughput/items_per_sec`` (= tokens/s)
-    and ``samples_per_sec`` (= segments/s) every ``log_every_n_steps``."""
+    and ``samples_per_sec`` (= segments/s) every ``log_every_n_steps``.
+
+    At the end of a fit it also writes ``<default_root_dir>/results/train.json``: steps, tokens and
+    training seconds of this session (validation time excluded, as in the logged rate), wall seconds
+    of the whole fit, and the mean tokens/s; a resumed run appends its session to ``sessions``."""
 
     def __init__(self, window_size: int = 20):
         super().__init__(batch_size_fn=_batch_size, length_fn=_tokens, window_size=window_size)
+        self._fit_t0: float | None = None
+        self._step0 = 0
+
+    def on_train_start(self, trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        self._fit_t0, self._step0 = time.perf_counter(), trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        stage = RunningStage.TRAINING
+        if self._fit_t0 is None or stage not in self._t0s or not trainer.is_global_zero:
+            return
+        train_s = time.perf_counter() - self._t0s[stage]  # ThroughputMonitor shifts t0 past validation
+        tokens = self._lengths.get(stage, 0) * trainer.world_size
+        session = {"steps": trainer.global_step - self._step0, "tokens": tokens,
+                   "train_s": round(train_s, 2), "wall_s": round(time.perf_counter() - self._fit_t0, 2),
+                   "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
+                   "world_size": trainer.world_size, "precision": str(trainer.precision)}
+        path = Path(trainer.default_root_dir) / "results" / "train.json"
+        sessions = []
+        if path.exists():
+            try:
+                sessions = json.loads(path.read_text()).get("sessions", [])
+            except (ValueError, OSError):
+                sessions = []
+        sessions.append(session)
+        tot_tokens = sum(x["tokens"] for x in sessions)
+        tot_train = sum(x["train_s"] for x in sessions)
+        summary = {"global_step": trainer.global_step, "tokens": tot_tokens, "train_s": round(tot_train, 2),
+                   "wall_s": round(sum(x["wall_s"] for x in sessions), 2),
+                   "tokens_per_s": round(tot_tokens / tot_train, 1) if tot_train > 0 else None,
+                   "sessions": sessions}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(summary, indent=2))
+
+
+class RunDirConfig(SaveConfigCallback):
+    """Also writes the fit config to ``<default_root_dir>/config.yaml`` beside ``checkpoints/`` (the
+    standard copy goes to the logger's version folder), so ``validate --config <run>/config.yaml`` works
+    and the hyper-parameters sit beside the checkpoints even with ``--trainer.logger false``."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        path = Path(trainer.default_root_dir) / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)

@@ -12,11 +12,10 @@ size back to the model. Checkpoints go to ``<default_root_dir>/checkpoints``: th
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI
 
 from lm.cli import CheckedCkptPathMixin  # --ckpt_path checked before LightningCLI loads it
+from lm.tasks.callbacks import RunDirConfig
 
 SUBCOMMANDS = ("fit", "validate")
 
@@ -26,18 +25,6 @@ def _parser_kwargs() -> dict:
 
     kw = parser_kwargs()
     return {k: v for k, v in kw.items() if k not in ("test",)}
-
-
-class RunDirConfig(SaveConfigCallback):
-    """Also writes the fit config to ``<default_root_dir>/config.yaml`` beside ``checkpoints/`` (the
-    standard copy goes to the logger's version folder), so ``validate --config <run>/config.yaml`` works."""
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit":
-            return
-        path = Path(trainer.default_root_dir) / "config.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
 
 
 class FinetuneCLI(CheckedCkptPathMixin, LightningCLI):

@@ -59,7 +59,9 @@ def elliptical_metric(v: Tensor, v_prev: Tensor, qlen: int, estimator: str = "se
     position i uses the prefix of the S - qlen memory positions and segment positions <= i).
     Detached; a head whose values did not change at all gets m̂ = 1 (no stretch) instead of 0/0.
     """
-    diff = (v.float() - v_prev.float()).abs()
+    # abs_ in place on the fresh difference: one [B, H, S, D] temporary instead of two (the second
+    # allocation made this reduction ~10x slower than the arithmetic; see scripts/bench_attention.py).
+    diff = (v.float() - v_prev.float()).abs_()
     if estimator == "segment_mean":
         m = diff.median(dim=2, keepdim=True).values if reduce == "median" else diff.mean(dim=2, keepdim=True)
     else:
