@@ -418,6 +418,32 @@ def plan(args) -> dict:
     }
 
 
+def summarize(results: list[dict], sliding: dict | None) -> dict:
+    """The issue's ratios in one place: framework vs plain-PyTorch reference (target >= 0.9), each model
+    vs softmax at the same shape and precision (Elliptical target >= 0.95), and the sliding speed-up."""
+    rows = [r for r in results if not r.get("compile")]
+    by = {(r["model"], r["shape"], r["precision"]): r for r in rows}
+    vs_ref = {f"{m}/{sh}/{p}": r["lightning_vs_reference"] for (m, sh, p), r in by.items()}
+    vs_softmax = {}
+    for (m, sh, p), r in by.items():
+        base = by.get(("softmax", sh, p))
+        if base and m != "softmax":
+            vs_softmax[f"{m}/{sh}/{p}"] = {
+                "train": round(r["lightning_train_tokens_per_s"] / base["lightning_train_tokens_per_s"], 3),
+                "eval": round(r["lightning_eval_tokens_per_s"] / base["lightning_eval_tokens_per_s"], 3)}
+    ell = [v["train"] for k, v in vs_softmax.items() if k.startswith("elliptical/")]
+    return {
+        "framework_vs_reference": vs_ref,
+        "framework_vs_reference_min": min(vs_ref.values()) if vs_ref else None,
+        "framework_vs_reference_target_met": bool(vs_ref) and min(vs_ref.values()) >= 0.9,
+        "vs_softmax": vs_softmax,
+        "elliptical_vs_softmax_train_min": min(ell) if ell else None,
+        "elliptical_vs_softmax_target_met": bool(ell) and min(ell) >= 0.95,
+        "sliding_speedup": sliding["speedup"] if sliding else None,
+        "sliding_target_met": bool(sliding) and sliding["speedup"] >= 20,
+    }
+
+
 def print_tables(report: dict) -> None:
     rows = [r for r in report["results"] if not r.get("compile")]
     print(f"\nTraining/evaluation throughput (tokens/s), load {report['machine']['loadavg_before']} -> "
@@ -526,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] sliding: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     report = {
         "schema": SCHEMA,
+        "summary": summarize(results, sliding),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {**ba.machine_info(), "loadavg_before": load_before, "loadavg_after": ba.loadavg(),
                     "matmul_peak_gflops_main_process": peaks},
@@ -545,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"sliding evaluation: batched and naive total NLL differ ({sliding})")
     ba.write_json(a.out, report)
     print_tables(report)
+    print("\nsummary: " + json.dumps(report["summary"]))
     print(f"\nwrote {a.out} in {report['wall_s']:.0f} s")
     return 0
 

@@ -8,9 +8,9 @@ result files exist), unfinished training resumes from `last.ckpt`.
     python scripts/reproduce.py                 # full study: 5 variants x 3 seeds, ~2 h on 2 cores
     python scripts/reproduce.py --quick         # 2 variants x 2 seeds, short runs, ~15 min
 
-Scale (the defaults, all overridable): the tiny recipes trained for --steps 800 (of their 2000) so that
+Scale (the defaults, all overridable): the tiny recipes trained for --steps 600 (of their 2000) so that
 15 runs fit in about two hours; SST-2 finetuning for one epoch capped at --sst2_batches 400 batches of
-16 sentences (a quarter of the training set); clean and word-swapped test PPL on the full WikiText-2
+16 sentences (a tenth of the training set); clean and word-swapped test PPL on the full WikiText-2
 test split. Runs live under <out>/runs (git-ignored); the report, rows.json and plots under <out>.
 """
 
@@ -22,6 +22,9 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lm.utils import atomic_write_text  # noqa: E402
 
 VARIANTS = ["softmax", "elliptical", "quest", "elliptical_quest", "elliptical_switch"]
 RATES = [0.015, 0.05]
@@ -70,7 +73,8 @@ def run_one(variant: str, seed: int, root: Path, a) -> dict:
     if sst.exists():
         best = json.loads(sst.read_text()).get("best_by_dev_loss") or {}
         out["sst2"] = best.get("dev_acc")
-    out["collapse"] = json.loads(an.read_text())["collapse_per_layer"]
+    analysis = json.loads(an.read_text())
+    out["collapse"], out["moe"] = analysis["collapse_per_layer"], analysis.get("moe", [])
     train = run / "results" / "train.json"  # written by lm's TokenThroughput callback at the end of fit
     t = json.loads(train.read_text()) if train.exists() else {}
     out["train_wall_s"], out["train_tokens_per_s"] = t.get("wall_s"), t.get("tokens_per_s")
@@ -85,8 +89,35 @@ def mean_std(xs: list[float], digits: int = 2) -> str:
     return f"{m} ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else m
 
 
-def report(rows: list[dict], root: Path, a) -> str:
+def findings(rows: list[dict], a) -> list[str]:
+    def stats(v, key):
+        xs = [key(r) for r in rows if r["variant"] == v and key(r) is not None]
+        return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else None) if xs else (None, None)
+
+    metrics = [("clean PPL", lambda r: r["clean"], "lower")]
+    metrics += [(f"PPL ratio at swap {x:g}", (lambda r, x=x: r[f"ws{x}"] / r["clean"]), "lower") for x in RATES]
+    metrics += [("SST-2 dev acc", lambda r: r.get("sst2"), "higher"), ("train tokens/s", lambda r: r.get("train_tokens_per_s"), "higher")]
+    out = []
+    for v in a.variants:
+        if v == "softmax" or not any(r["variant"] == v for r in rows):
+            continue
+        parts = []
+        for name, key, better in metrics:
+            (m, sd), (m0, sd0) = stats(v, key), stats("softmax", key)
+            if m is None or m0 is None:
+                continue
+            noise = None if sd is None or sd0 is None else max(sd, sd0)
+            verdict = "within noise" if noise is None or abs(m - m0) <= noise else (
+                "better" if (m < m0) == (better == "lower") else "worse")
+            parts.append(f"{name} {m:.4g} vs {m0:.4g} ({verdict})")
+        out.append(f"- **{v}**: " + "; ".join(parts) + ".")
+    return out or ["- (softmax or another variant missing: nothing to compare)"]
+
+
+def report(rows: list[dict], root: Path, a, done: str = "") -> str:
     lines = [f"# Reproduction at the scale of this machine ({'quick' if a.quick else 'full'} mode)", "",
+             f"Runs finished: {done}. Training: tiny WikiText-2 recipes, {a.steps} steps (batch 16 x 128 tokens, "
+             f"bf16-mixed); SST-2: {a.sst2_batches} batches, one epoch at most.", "",
              f"Command: `python scripts/reproduce.py {' '.join(sys.argv[1:])}`. WikiText-2 test, segments protocol "
              f"(window 128, no context across segments), PPL per token; word swap seed = training seed; "
              f"seeds {a.seeds}. SST-2: dev accuracy of the best-by-dev-loss checkpoint.", "",
@@ -103,6 +134,28 @@ def report(rows: list[dict], root: Path, a) -> str:
         cells += [mean_std([r.get("sst2") for r in rs], 3), mean_std([r.get("train_tokens_per_s") for r in rs], 0),
                   mean_std([r.get("train_wall_s") for r in rs], 0), mean_std([r.get("tokens_per_s_eval") for r in rs], 0)]
         lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + " |")
+    lines += ["", "What the data shows (each variant against softmax; 'within noise' = the difference of means is "
+              "smaller than the larger of the two standard deviations, or fewer than 2 seeds):", ""]
+    lines += findings(rows, a)
+    moe_rows = [r for r in rows if r.get("moe")]
+    if moe_rows:
+        lines += ["", "Expert load on the test windows analysed (evaluation capacity): per MoE layer, the share of "
+                  "assignments of the busiest expert over the mean share (1 = balanced, E = collapsed), and the "
+                  "dropped-token fraction; mean ± std over seeds.", "",
+                  "| variant | layer | max/mean load | dropped fraction |", "|---|---|---|---|"]
+        for v in a.variants:
+            rs = [r for r in moe_rows if r["variant"] == v]
+            for j, layer in enumerate(rs[0]["moe"] if rs else []):
+                lines.append(f"| {v} | {layer['layer']} | {mean_std([r['moe'][j]['load_max_over_mean'] for r in rs])} "
+                             f"| {mean_std([r['moe'][j]['dropped_fraction'] for r in rs], 4)} |")
+    lines += ["", "Collapse per layer (mean pairwise token cosine similarity, lower = less collapse), mean over seeds:",
+              "", "| variant | " + " | ".join(f"layer {i}" for i in range(len(rows[0]["collapse"]))) + " |",
+              "|---|" + "---|" * len(rows[0]["collapse"])]
+    for v in a.variants:
+        rs = [r for r in rows if r["variant"] == v]
+        if rs:
+            lines.append(f"| {v} | " + " | ".join(f"{statistics.mean(r['collapse'][i] for r in rs):.3f}"
+                                                  for i in range(len(rs[0]["collapse"]))) + " |")
     lines += ["", "![PPL vs swap rate](ppl_vs_rate.png)", "", "![collapse per layer](collapse.png)", ""]
     _plots(rows, root, a)
     return "\n".join(lines)
@@ -144,7 +197,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=VARIANTS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1111, 1112, 1113])
-    ap.add_argument("--steps", type=int, default=800, help="training steps per run (the recipes say 2000)")
+    ap.add_argument("--steps", type=int, default=600, help="training steps per run (the recipes say 2000)")
     ap.add_argument("--sst2_batches", type=int, default=400, help="SST-2 training batches (one epoch, capped)")
     ap.add_argument("--limit_batches", type=float, default=None, help="evaluate a fraction of the test set")
     ap.add_argument("--no-sst2", dest="sst2", action="store_false")
@@ -159,9 +212,14 @@ def main() -> None:
         a.limit_batches = a.limit_batches or 0.25
     root = Path(a.out or ("results/reproduce-quick" if a.quick else "results/reproduce"))
     root.mkdir(parents=True, exist_ok=True)
-    rows = [run_one(v, s, root, a) for v in a.variants for s in a.seeds]
-    (root / "rows.json").write_text(json.dumps(rows, indent=2))
-    (root / "report.md").write_text(report(rows, root, a))
+    rows, plan = [], [(v, s) for v in a.variants for s in a.seeds]
+    for i, (v, s) in enumerate(plan):
+        rows.append(run_one(v, s, root, a))
+        # The report is rewritten after every finished run: an interrupted study still leaves a
+        # (marked) partial report, and a rerun completes it.
+        done = f"{i + 1} of {len(plan)} runs" + ("" if i + 1 == len(plan) else " (PARTIAL: rerun the command to finish)")
+        atomic_write_text(root / "rows.json", json.dumps(rows, indent=2))
+        atomic_write_text(root / "report.md", report(rows, root, a, done))
     print((root / "report.md").read_text())
 
 

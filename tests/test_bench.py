@@ -59,14 +59,20 @@ def test_bench_attention_smoke(tmp_path):
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "b.json"
-    p = run_script([str(SCRIPTS / "bench.py"), "--smoke", "--models", "softmax", "--threads", "1",
+    p = run_script([str(SCRIPTS / "bench.py"), "--smoke", "--models", "softmax,elliptical", "--threads", "1",
                     "--out", str(out)])
     assert "Sliding-window evaluation" in p.stdout
     r = json.loads(out.read_text())
     assert r["schema"] == "bench/1"
     assert {"fp32", "bf16"} == set(r["machine"]["matmul_peak_gflops_main_process"])
-    (row,) = r["results"]
+    row, ell = r["results"]
     assert (row["model"], row["shape"], row["precision"]) == ("softmax", "tiny", "fp32")
+    assert ell["model"] == "elliptical"
+    summ = r["summary"]  # the ratios, recomputed from the rows
+    assert summ["framework_vs_reference"]["softmax/tiny/fp32"] == row["lightning_vs_reference"]
+    assert summ["vs_softmax"]["elliptical/tiny/fp32"]["train"] == pytest.approx(
+        ell["lightning_train_tokens_per_s"] / row["lightning_train_tokens_per_s"], abs=1e-3)
+    assert summ["sliding_speedup"] == r["sliding"]["speedup"]
     for key in ("reference_train_tokens_per_s", "lightning_train_tokens_per_s", "lightning_full_train_tokens_per_s",
                 "lightning_vs_reference", "lightning_full_vs_reference", "lightning_eval_tokens_per_s",
                 "reference_eval_tokens_per_s", "train_flops_per_step", "eval_flops_per_step", "matmul_peak_gflops",

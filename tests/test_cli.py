@@ -263,6 +263,14 @@ def test_fit_saves_resolved_config_and_train_summary_beside_the_run(trained, tmp
     assert main(["validate", "--config", str(tmp_path / "again.yaml"), "--ckpt_path", str(trained["ckpt"])]) == 0
 
 
+def test_last_checkpoint_holds_the_final_step_between_validations(env):
+    # Validation every 3 steps, 5 steps in all: the last 2 steps happen after the last validation save.
+    assert main(fit(env["cfg"], "--trainer.max_steps", "5", "--trainer.val_check_interval", "3",
+                    "--trainer.limit_val_batches", "1")) == 0
+    ckpt = torch.load(env["tmp"] / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 5
+
+
 # ----- the error filter itself ---------------------------------------------------------------------
 def test_user_error_digs_out_wrapped_lm_errors_and_leaves_bugs_alone():
     try:

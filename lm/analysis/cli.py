@@ -25,9 +25,17 @@ def analyze_model(model, tokens: torch.Tensor, seq_len: int, n_sequences: int, b
         raise ConfigError(f"the split has {tokens.numel()} tokens: too few for one window of seq_len={seq_len}.")
     windows = tokens[: n_windows * seq_len].view(n_windows, seq_len)
     per_layer_collapse, redundancy, entropy = [], [], []
+    moe: dict[int, dict[str, torch.Tensor]] = {}  # layer -> summed expert assignments, dropped, tokens
     for start in range(0, n_windows, batch_size):
         batch = windows[start:start + batch_size]
         out = net(batch, need_weights=True, output_hidden_states=True)
+        for i, blk in enumerate(net.layers):
+            stats = getattr(blk.ffn, "stats", None)
+            if stats:  # expert_load = fraction of this batch's assignments per expert (eval capacity)
+                acc = moe.setdefault(i, {"load": 0.0, "dropped": 0.0, "n": 0})
+                acc["load"] = acc["load"] + stats["expert_load"].double() * batch.numel()
+                acc["dropped"] += float(stats["dropped_fraction"]) * batch.numel()
+                acc["n"] += batch.numel()
         per_layer_collapse.append(torch.stack([collapse(h) for h in out.hidden_states], dim=1))  # [b, L]
         redundancy.append(torch.stack([head_redundancy(w) for w in out.attentions], dim=1))  # [b, L]
         entropy.append(torch.stack([attention_entropy(w) for w in out.attentions], dim=1))  # [b, L, H]
@@ -39,7 +47,17 @@ def analyze_model(model, tokens: torch.Tensor, seq_len: int, n_sequences: int, b
         "collapse_per_layer": col.tolist(), "head_redundancy_per_layer": red.tolist(),
         "head_redundancy": float(red.mean()), "entropy_per_layer_head": ent.tolist(),
         "attention_per_layer": model.cfg.attention_layers(),
+        "moe": [_moe_summary(i, a) for i, a in sorted(moe.items())],
     }
+
+
+def _moe_summary(layer: int, acc: dict) -> dict:
+    """Expert load balance of one MoE layer: the token-weighted share of assignments per expert, its
+    max/mean (1 = perfectly balanced, E = collapsed onto one expert) and coefficient of variation."""
+    load = acc["load"] / acc["n"]
+    return {"layer": layer, "expert_load": [round(x, 5) for x in load.tolist()],
+            "load_max_over_mean": float(load.max() / load.mean()), "load_cv": float(load.std(unbiased=False) / load.mean()),
+            "dropped_fraction": acc["dropped"] / acc["n"]}
 
 
 @torch.no_grad()

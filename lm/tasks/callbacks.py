@@ -54,6 +54,15 @@ class RunCheckpoint(ModelCheckpoint):
                          save_top_k=save_top_k, monitor=monitor, mode=mode,
                          enable_version_counter=enable_version_counter, **kwargs)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Lightning saves on validation end, or on train-epoch end when validation runs once per epoch.
+        # With an integer val_check_interval and max_steps falling between two validations, the steps
+        # after the last validation were never saved (a 2000-step run left last.ckpt at step 1519).
+        # A failed run never gets here (on_exception instead), so a non-finite state is never saved.
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and not trainer.interrupted and trainer.global_step > self._last_global_step_saved:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def _ensure_dirpath(self, trainer) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
