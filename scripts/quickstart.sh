@@ -2,7 +2,8 @@
 # The main job, end to end, on a fresh clone:
 #   environment -> train tiny softmax & Elliptical models on WikiText-2 -> test (clean)
 #   -> word-swap the test set and evaluate clean vs contaminated -> finetune both on SST-2
-#   -> print one result table (also written to results/quickstart.md).
+#   -> print one result table (also written to results/quickstart/summary.md).
+# About 45 minutes on a 2-core CPU: 2 x 11 min training, 2 x 1 min test, 3 min evaluation, 2 x 8 min SST-2.
 # Everything is resumable: re-running continues unfinished runs and reuses finished ones.
 # QUICK=1 shrinks every stage to a smoke run of a few minutes (numbers then mean nothing).
 set -euo pipefail
@@ -11,7 +12,8 @@ QUICK="${QUICK:-0}"
 VARIANTS="${VARIANTS:-softmax elliptical}"
 OUT="${OUT:-results/quickstart}"
 EXTRA=()
-FT_EXTRA=()
+# One epoch of SST-2 (the recipe says 2): 8 minutes per model on this CPU instead of 16.
+FT_EXTRA=(--trainer.max_epochs 1)
 EVAL_EXTRA=()
 SUFFIX=""
 if [ "$QUICK" = "1" ]; then

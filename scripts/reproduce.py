@@ -8,9 +8,9 @@ result files exist), unfinished training resumes from `last.ckpt`.
     python scripts/reproduce.py                 # full study: 5 variants x 3 seeds, ~2 h on 2 cores
     python scripts/reproduce.py --quick         # 2 variants x 2 seeds, short runs, ~15 min
 
-Scale (the defaults, all overridable): the tiny recipes trained for --steps 400 (of their 2000) so that
-15 runs fit in about two hours; SST-2 finetuning for one epoch capped at --sst2_batches 300 batches of
-32 sentences (14% of the training set); clean and word-swapped test PPL on the full WikiText-2
+Scale (the defaults, all overridable): the tiny recipes trained for --steps 600 (of their 2000) so that
+15 runs fit in about two hours; SST-2 finetuning for one epoch capped at --sst2_batches 400 batches of
+32 sentences (19% of the training set); clean and word-swapped test PPL on the full WikiText-2
 test split. Runs live under <out>/runs (git-ignored); the report, rows.json and plots under <out>.
 """
 
@@ -197,8 +197,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=VARIANTS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1111, 1112, 1113])
-    ap.add_argument("--steps", type=int, default=400, help="training steps per run (the recipes say 2000)")
-    ap.add_argument("--sst2_batches", type=int, default=300, help="SST-2 training batches (one epoch, capped)")
+    ap.add_argument("--steps", type=int, default=600, help="training steps per run (the recipes say 2000)")
+    ap.add_argument("--sst2_batches", type=int, default=400, help="SST-2 training batches (one epoch, capped)")
     ap.add_argument("--limit_batches", type=float, default=None, help="evaluate a fraction of the test set")
     ap.add_argument("--no-sst2", dest="sst2", action="store_false")
     ap.add_argument("--quick", action="store_true",

@@ -110,6 +110,12 @@ class TokenThroughput(ThroughputMonitor):
         self._fit_t0: float | None = None
         self._step0 = 0
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # Tokens/s is this monitor's job; model FLOPs and MFU are counted exactly by scripts/bench.py.
+        # Decide here so Lightning does not warn on every run that the module defines no flops_per_batch.
+        self._module_has_flops = hasattr(pl_module, "flops_per_batch")
+
     def on_train_start(self, trainer, *args) -> None:
         super().on_train_start(trainer, *args)
         self._fit_t0, self._step0 = time.perf_counter(), trainer.global_step

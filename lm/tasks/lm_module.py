@@ -68,7 +68,12 @@ class LanguageModel(L.LightningModule):
         optim: OptimConfig | None = None,
         eval: EvalConfig | None = None,
         results_dir: str | None = None,
+        compile: bool = False,
     ):
+        """``compile``: ``torch.compile`` every decoder block in place (parameter names, hence checkpoints,
+        unchanged). The embedding and adaptive softmax stay eager: their data-dependent cluster
+        gathers would only break the graph. Costs compilation time at the first steps (a C++ compiler is
+        needed on CPU); see scripts/bench.py --compile for what it buys."""
         super().__init__()
         args = dict(locals())
         self.save_hyperparameters(_plain({k: v for k, v in args.items() if k not in ("self", "__class__")}))
@@ -86,6 +91,9 @@ class LanguageModel(L.LightningModule):
         self.optim_cfg = coerce(OptimConfig, optim or OptimConfig())
         self.eval_cfg = coerce(EvalConfig, eval or EvalConfig())
         self.net = TransformerLM(self.cfg, vocab_size)
+        if compile:
+            for blk in self.net.layers:
+                blk.compile()
         self.mems: list[torch.Tensor] | None = None  # training memory, per rank
         self._eval_mems: list[torch.Tensor] | None = None
         self.eval_nll = MeanMetric()
