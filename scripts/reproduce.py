@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,8 @@ def run_one(variant: str, seed: int, root: Path, a) -> dict:
         resume = ["--ckpt_path", "last"] if ckpt.exists() else []
         lm("fit", "--config", f"configs/wikitext2/tiny_{variant}.yaml", "--seed_everything", str(seed),
            "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false", *extra, *resume)
+        # The efficiency columns depend on what else ran: keep the load beside them.
+        (run / "load_after_fit.txt").write_text(f"{os.getloadavg()[0]:.2f}")
         (run / "done").write_text("")
     ev = run / "evaluate" / "results.json"
     if not ev.exists():
@@ -78,6 +81,8 @@ def run_one(variant: str, seed: int, root: Path, a) -> dict:
     train = run / "results" / "train.json"  # written by lm's TokenThroughput callback at the end of fit
     t = json.loads(train.read_text()) if train.exists() else {}
     out["train_wall_s"], out["train_tokens_per_s"] = t.get("wall_s"), t.get("tokens_per_s")
+    load = run / "load_after_fit.txt"
+    out["load_after_fit"] = float(load.read_text()) if load.exists() else None
     return out
 
 
@@ -134,6 +139,11 @@ def report(rows: list[dict], root: Path, a, done: str = "") -> str:
         cells += [mean_std([r.get("sst2") for r in rs], 3), mean_std([r.get("train_tokens_per_s") for r in rs], 0),
                   mean_std([r.get("train_wall_s") for r in rs], 0), mean_std([r.get("tokens_per_s_eval") for r in rs], 0)]
         lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + " |")
+    loads = [r["load_after_fit"] for r in rows if r.get("load_after_fit") is not None]
+    if loads:
+        lines += ["", f"1-minute load average at the end of each training run: {min(loads):.1f}-{max(loads):.1f} on "
+                  f"{os.cpu_count()} cores (above the core count, other jobs shared the CPU and the tokens/s "
+                  f"columns are lower than on an idle machine)."]
     lines += ["", "What the data shows (each variant against softmax; 'within noise' = the difference of means is "
               "smaller than the larger of the two standard deviations, or fewer than 2 seeds):", ""]
     lines += findings(rows, a)
