@@ -3,7 +3,7 @@
 #   environment -> train tiny softmax & Elliptical models on WikiText-2 -> test (clean)
 #   -> word-swap the test set and evaluate clean vs contaminated -> finetune both on SST-2
 #   -> print one result table (also written to results/quickstart/summary.md).
-# About 45 minutes on a 2-core CPU: 2 x 11 min training, 2 x 1 min test, 3 min evaluation, 2 x 8 min SST-2.
+# About 40 minutes on a 2-core CPU: 2 x 10 min training, 2 x 0.5 min test, 3 min evaluation, 2 x 7 min SST-2.
 # Everything is resumable: re-running continues unfinished runs and reuses finished ones.
 # QUICK=1 shrinks every stage to a smoke run of a few minutes (numbers then mean nothing).
 set -euo pipefail

@@ -1,0 +1,55 @@
+"""The study driver's report (scripts/reproduce.py) on synthetic rows: means, standard deviations and the
+'what the data shows' verdicts are recomputed here by hand."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import reproduce  # noqa: E402
+
+
+def row(variant, seed, clean, ws1, ws5, sst2=0.8, tps=5000.0):
+    return {"variant": variant, "seed": seed, "clean": clean, "ws0.015": ws1, "ws0.05": ws5, "sst2": sst2,
+            "train_tokens_per_s": tps, "train_wall_s": 100.0, "tokens_per_s_eval": 9000.0, "load_after_fit": 2.0,
+            "collapse": [0.5, 0.6], "moe": []}
+
+
+def args(**kw):
+    base = dict(variants=["softmax", "elliptical", "quest"], seeds=[1, 2, 3], steps=600, sst2_batches=400,
+                quick=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_mean_std_formatting():
+    assert reproduce.mean_std([1.0, 2.0, 3.0]) == f"2.00 ± {statistics.stdev([1, 2, 3]):.2f}"
+    assert reproduce.mean_std([0.8123], 3) == "0.812"
+    assert reproduce.mean_std([None, None]) == "-"
+
+
+def test_findings_verdicts():
+    rows = [row("softmax", s, c, c * 1.10, c * 1.30) for s, c in zip((1, 2, 3), (150.0, 151.0, 152.0))]
+    # elliptical: clearly worse clean PPL (gap 20 >> std 1), same degradation ratios, far lower throughput
+    rows += [row("elliptical", s, c, c * 1.10, c * 1.30, tps=2000.0) for s, c in zip((1, 2, 3), (170.0, 171.0, 172.0))]
+    # quest: clean PPL within noise (gap 0.5 < std 1) but clearly smaller degradation at rate 0.05
+    rows += [row("quest", s, c, c * 1.10, c * 1.20) for s, c in zip((1, 2, 3), (150.5, 151.5, 152.5))]
+    lines = {ln.split("**")[1]: ln for ln in reproduce.findings(rows, args())}
+    assert "clean PPL 171 vs 151 (worse)" in lines["elliptical"]
+    assert "train tokens/s 2000 vs 5000 (worse)" in lines["elliptical"]
+    assert "PPL ratio at swap 0.015 1.1 vs 1.1 (within noise)" in lines["elliptical"]
+    assert "clean PPL 151.5 vs 151 (within noise)" in lines["quest"]
+    assert "PPL ratio at swap 0.05 1.2 vs 1.3 (better)" in lines["quest"]
+    assert "softmax" not in lines
+
+
+def test_report_table_and_partial_marker(tmp_path):
+    rows = [row("softmax", s, c, c * 1.1, c * 1.3) for s, c in zip((1, 2, 3), (150.0, 151.0, 152.0))]
+    text = reproduce.report(rows, tmp_path, args(variants=["softmax"]), "3 of 15 runs (PARTIAL: rerun the command to finish)")
+    assert "3 of 15 runs (PARTIAL" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| softmax |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "3" and cells[2] == f"151.00 ± {statistics.stdev([150, 151, 152]):.2f}"
+    assert cells[5] == "1.10 ± 0.00"  # word swap 0.015 / clean
