@@ -7,6 +7,7 @@ result files exist), unfinished training resumes from `last.ckpt`.
 
     python scripts/reproduce.py                 # full study: 5 variants x 3 seeds, ~2 h on 2 cores
     python scripts/reproduce.py --quick         # 2 variants x 2 seeds, short runs, ~15 min
+    python scripts/reproduce.py --report_only   # rebuild report.md and plots from rows.json
 
 Scale (the defaults, all overridable): the tiny recipes trained for --steps 600 (of their 2000) so that
 15 runs fit in about two hours; SST-2 finetuning for one epoch capped at --sst2_batches 400 batches of
@@ -123,7 +124,7 @@ def report(rows: list[dict], root: Path, a, done: str = "") -> str:
     lines = [f"# Reproduction at the scale of this machine ({'quick' if a.quick else 'full'} mode)", "",
              f"Runs finished: {done}. Training: tiny WikiText-2 recipes, {a.steps} steps (batch 16 x 128 tokens, "
              f"bf16-mixed); SST-2: {a.sst2_batches} batches, one epoch at most.", "",
-             f"Command: `python scripts/reproduce.py {' '.join(sys.argv[1:])}`. WikiText-2 test, segments protocol "
+             f"Command: `python scripts/reproduce.py {' '.join(x for x in sys.argv[1:] if x != '--report_only')}`. WikiText-2 test, segments protocol "
              f"(window 128, no context across segments), PPL per token; word swap seed = training seed; "
              f"seeds {a.seeds}. SST-2: dev accuracy of the best-by-dev-loss checkpoint.", "",
              "| variant | n | clean PPL | " + " | ".join(f"PPL swap {r:g}" for r in RATES)
@@ -171,6 +172,10 @@ def report(rows: list[dict], root: Path, a, done: str = "") -> str:
     return "\n".join(lines)
 
 
+def _std(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def _plots(rows: list[dict], root: Path, a) -> None:
     try:
         import matplotlib
@@ -183,8 +188,9 @@ def _plots(rows: list[dict], root: Path, a) -> None:
     for v in a.variants:
         rs = [r for r in rows if r["variant"] == v]
         if rs:
-            ys = [statistics.mean([r["clean"] for r in rs])] + [statistics.mean([r[f"ws{x}"] for r in rs]) for x in RATES]
-            ax.plot([0.0] + RATES, ys, marker="o", label=v)
+            cols = [[r["clean"] for r in rs]] + [[r[f"ws{x}"] for r in rs] for x in RATES]
+            ax.errorbar([0.0] + RATES, [statistics.mean(c) for c in cols], yerr=[_std(c) for c in cols],
+                        marker="o", capsize=3, label=v)
     ax.set(xlabel="word-swap rate", ylabel="test PPL", title="WikiText-2 test PPL under word swap")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -195,7 +201,10 @@ def _plots(rows: list[dict], root: Path, a) -> None:
         rs = [r for r in rows if r["variant"] == v]
         if rs:
             layers = range(len(rs[0]["collapse"]))
-            ax.plot(layers, [statistics.mean([r["collapse"][i] for r in rs]) for i in layers], marker="o", label=v)
+            cols = [[r["collapse"][i] for r in rs] for i in layers]
+            ax.errorbar(list(layers), [statistics.mean(c) for c in cols], yerr=[_std(c) for c in cols],
+                        marker="o", capsize=3, label=v)
+            ax.set_xticks(list(layers))
     ax.set(xlabel="layer", ylabel="mean token cosine similarity", title="representation collapse")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -214,6 +223,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="2 variants x 2 seeds, 300 steps, 200 SST-2 batches, a quarter of the test set")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--report_only", action="store_true",
+                    help="rebuild report.md and the plots from <out>/rows.json without running anything")
     a = ap.parse_args()
     if a.quick:
         a.variants = a.variants if a.variants != VARIANTS else ["softmax", "elliptical"]
@@ -221,6 +232,15 @@ def main() -> None:
         a.steps, a.sst2_batches = min(a.steps, 300), min(a.sst2_batches, 200)
         a.limit_batches = a.limit_batches or 0.25
     root = Path(a.out or ("results/reproduce-quick" if a.quick else "results/reproduce"))
+    if a.report_only:
+        if not (root / "rows.json").exists():
+            sys.exit(f"reproduce: error: {root / 'rows.json'} does not exist; run the study first (without --report_only)")
+        rows = json.loads((root / "rows.json").read_text())
+        n = len(a.variants) * len(a.seeds)
+        done = f"{len(rows)} of {n} runs" + ("" if len(rows) >= n else " (PARTIAL: rerun the command to finish)")
+        atomic_write_text(root / "report.md", report(rows, root, a, done))
+        print((root / "report.md").read_text())
+        return
     root.mkdir(parents=True, exist_ok=True)
     # Seed-major order: an interrupted study has every variant at fewer seeds, not some variants missing.
     rows, plan = [], [(v, s) for s in a.seeds for v in a.variants]

@@ -53,3 +53,26 @@ def test_report_table_and_partial_marker(tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "3" and cells[2] == f"151.00 ± {statistics.stdev([150, 151, 152]):.2f}"
     assert cells[5] == "1.10 ± 0.00"  # word swap 0.015 / clean
+
+
+def test_report_only_rebuilds_from_rows_without_running(tmp_path, monkeypatch, capsys):
+    import json
+
+    rows = [row(v, s, c, c * 1.1, c * 1.3) for v in ("softmax", "elliptical") for s, c in ((1, 150.0), (2, 152.0))]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(reproduce, "sh", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran a command")))
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--report_only", "--out", str(tmp_path),
+                                      "--variants", "softmax", "elliptical", "--seeds", "1", "2", "3"])
+    reproduce.main()
+    text = (tmp_path / "report.md").read_text()
+    assert "4 of 6 runs (PARTIAL" in text  # 2 variants x 3 seeds asked for, 4 rows present
+    assert "--report_only" not in text  # the command shown is the one that regenerates the numbers
+    assert f"| elliptical | 2 | 151.00 ± {statistics.stdev([150, 152]):.2f} |" in text
+
+
+def test_report_only_without_rows_names_the_fix(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--report_only", "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="run the study first"):
+        reproduce.main()
