@@ -142,9 +142,11 @@ def report(rows: list[dict], root: Path, a, done: str = "") -> str:
         lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + " |")
     loads = [r["load_after_fit"] for r in rows if r.get("load_after_fit") is not None]
     if loads:
+        shared = max(loads) > (os.cpu_count() or 1) + 0.5  # one training process alone keeps the load ~ cores
         lines += ["", f"1-minute load average at the end of each training run: {min(loads):.1f}-{max(loads):.1f} on "
-                  f"{os.cpu_count()} cores (above the core count, other jobs shared the CPU and the tokens/s "
-                  f"columns are lower than on an idle machine)."]
+                  f"{os.cpu_count()} cores" + (" (above the core count: other jobs shared the CPU for some runs, "
+                  "whose tokens/s are lower than on an idle machine)." if shared else
+                  " (no more than the training itself: the CPU was not shared).")]
     lines += ["", "What the data shows (each variant against softmax; 'within noise' = the difference of means is "
               "smaller than the larger of the two standard deviations, or fewer than 2 seeds):", ""]
     lines += findings(rows, a)
