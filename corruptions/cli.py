@@ -1,7 +1,9 @@
 """Command-line entry point for making contaminated splits (wired to ``lm corrupt``).
 
-``corrupt`` is written for ``jsonargparse.CLI(corrupt)``: plain type hints, defaults, and an ``Args:``
-docstring. Spec strings such as ``word_swap:0.015,char_swap:0.025`` (for evaluation configs) are parsed
+``corrupt`` is written for jsonargparse: plain type hints, defaults, and an ``Args:`` docstring.
+:func:`corrupt_cli` is ``lm corrupt``: the clean split(s) positionally (``lm corrupt wiki.test.tokens
+--rate 0.015``) or with ``--src`` (a path or a list ``[a, b]``), every other argument as ``--name``.
+Spec strings such as ``word_swap:0.015,char_swap:0.025`` (for evaluation configs) are parsed
 by :func:`parse_spec` / :func:`parse_specs`.
 """
 
@@ -13,7 +15,7 @@ from typing import Any
 from corruptions.manifest import RECIPES, corrupt_file, get_recipe, resolve_format
 from corruptions.word_swap import ConfigError, validate_rate
 
-__all__ = ["RECIPES", "DEFAULT_RATE", "corrupt", "parse_spec", "parse_specs"]
+__all__ = ["RECIPES", "DEFAULT_RATE", "corrupt", "corrupt_cli", "parse_spec", "parse_specs"]
 
 DEFAULT_RATE = 0.015
 
@@ -117,7 +119,35 @@ def corrupt(
     return summaries
 
 
-if __name__ == "__main__":  # pragma: no cover
-    from jsonargparse import CLI
+def corrupt_cli(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """``lm corrupt [SRC ...] [--src SRC] [--recipe ...] [--rate ...] [--seed ...] ...``.
 
-    CLI(corrupt)
+    The sources given positionally and with ``--src`` are corrupted in that order. Parse errors (an
+    unknown option, a rate that is not a number) exit through jsonargparse with code 2; bad values (a
+    missing file, a rate outside [0, 1], no source at all) raise a ``ConfigError``/``DataError``, which
+    ``lm`` prints as one paragraph with exit code 2.
+    """
+    import inspect
+    import sys
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="lm corrupt", description=(corrupt.__doc__ or "").split("\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the arguments below.")
+    parser.add_argument("paths", nargs="*", default=[], metavar="SRC",
+                        help="clean split file(s) to corrupt, e.g. data/wikitext-103/wiki.test.tokens.")
+    parser.add_argument("--src", type=str | list[str] | None, default=None,
+                        help="the clean split file(s), as an option instead of positionally (a path or [a, b]).")
+    parser.add_function_arguments(corrupt, skip={"src"}, as_positional=False)
+    cfg = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    extra = cfg.src if isinstance(cfg.src, list) else [cfg.src] if cfg.src is not None else []
+    sources = [str(s) for s in [*(cfg.paths or []), *extra]]
+    if not sources:
+        raise ConfigError("No source file given; pass the clean split to corrupt, e.g. "
+                          "`lm corrupt data/wikitext-103/wiki.test.tokens --rate 0.015` (or --src <file>).")
+    kwargs = {name: cfg[name] for name in inspect.signature(corrupt).parameters if name != "src"}
+    return corrupt(sources, **kwargs)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    corrupt_cli()

@@ -155,11 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = argv[0] if argv else None
     try:
         if cmd == "corrupt":
-            from jsonargparse import CLI
+            from corruptions.cli import corrupt_cli
 
-            from corruptions.cli import corrupt
-
-            CLI(corrupt, args=argv[1:], as_positional=False)
+            corrupt_cli(argv[1:])  # the source positionally (as in the README) or with --src
         elif cmd == "evaluate":
             from lm.eval.evaluate import evaluate_cli
 

@@ -35,6 +35,11 @@ paper's WikiText-103 small) shapes, fp32 and bf16-mixed, it measures in one invo
   (``lm.eval.protocols`` sliding windows through ``Trainer.validate``) against a naive loop, one
   window per scored token at batch 1 (the paper's protocol); the total NLL must agree (asserted).
 
+On a GPU (``--device cuda``; ``auto``, the default, picks it when one is visible) everything above runs
+there: Lightning with ``accelerator="gpu"``, the reference on the same device, bf16 autocast on CUDA,
+step times taken after ``torch.cuda.synchronize()``, memory from ``torch.cuda.max_memory_allocated``,
+the matmul peak measured on the GPU, and the device named in the JSON.
+
 Each (shape, precision) runs in a fresh worker subprocess; the JSON (``--out``, default
 results/bench.json) records machine, load averages, settings and every number.
 """
@@ -120,6 +125,8 @@ class StepTimer(Callback):
         self.ends: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.device.type == "cuda":  # kernels are asynchronous: the step ends when the GPU is done
+            torch.cuda.synchronize(pl_module.device)
         self.ends.append(time.perf_counter())
 
 
@@ -128,10 +135,15 @@ def tokens_per_s(ends: list[float], warmup: int, tokens: int) -> float:
     return n * tokens / (ends[-1] - ends[warmup - 1]) if n > 0 and warmup >= 1 else float("nan")
 
 
-def trainer(precision: str, max_steps: int, root: str, full: bool, timer, extra_callbacks=()):
+def accelerator(device: torch.device) -> dict:
+    return dict(accelerator="gpu", devices=[device.index or 0]) if device.type == "cuda" else dict(accelerator="cpu", devices=1)
+
+
+def trainer(precision: str, max_steps: int, root: str, full: bool, timer, extra_callbacks=(),
+            device: torch.device = torch.device("cpu")):
     import lightning as L
 
-    kw = dict(accelerator="cpu", devices=1, precision=precision, max_steps=max_steps, gradient_clip_val=0.25,
+    kw = dict(**accelerator(device), precision=precision, max_steps=max_steps, gradient_clip_val=0.25,
               limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=root)
     if full:
         # What `lm fit` installs (lm/cli.py): TensorBoard logger, RunCheckpoint, TokenThroughput; plus the
@@ -148,17 +160,17 @@ def trainer(precision: str, max_steps: int, root: str, full: bool, timer, extra_
                      enable_model_summary=False, callbacks=[timer, *extra_callbacks])
 
 
-def eval_trainer(precision: str, root: str):
+def eval_trainer(precision: str, root: str, device: torch.device = torch.device("cpu")):
     import lightning as L
 
-    return L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_checkpointing=False,
+    return L.Trainer(**accelerator(device), precision=precision, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
 
 
 def count_train_flops(net, batch, bf16: bool) -> int:
     net.train()
     with ba.flop_counter() as fc:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(batch["input"].device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(batch["input"])
             loss = net.nll(out.hidden, batch["target"]).mean()
             if out.aux_loss is not None:
@@ -170,7 +182,7 @@ def count_train_flops(net, batch, bf16: bool) -> int:
 
 def count_eval_flops(net, batch, bf16: bool) -> int:
     net.eval()
-    with ba.flop_counter() as fc, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with ba.flop_counter() as fc, torch.no_grad(), torch.autocast(batch["input"].device.type, dtype=torch.bfloat16, enabled=bf16):
         net.nll(net(batch["input"]).hidden, batch["target"])
     return int(fc.get_total_flops())
 
@@ -192,8 +204,9 @@ def run_worker(a) -> list[dict]:
     n_steps = warmup + steps
     data = ba.streams(shape, n_steps, a.seed)
     evb = Batches(ba.streams(shape, a.eval_steps, a.seed + 2))
-    peak = None if a.memory else ba.matmul_peak(torch.bfloat16 if bf16 else torch.float32)
-    measure = ba.peak_over if a.memory else (lambda fn: fn())
+    dev = a.device
+    peak = None if a.memory else ba.matmul_peak(torch.bfloat16 if bf16 else torch.float32, device=dev)
+    measure = (ba.cuda_peak_over if dev.type == "cuda" else ba.peak_over) if a.memory else (lambda fn: fn())
     rows = []
     for name in a.models.split(","):
         spec = MODELS[name]
@@ -206,8 +219,10 @@ def run_worker(a) -> list[dict]:
         state = copy.deepcopy(master.net.state_dict())
         if not a.memory:
             row["params"] = sum(p.numel() for p in master.parameters())
-            row["train_flops_per_step"] = count_train_flops(master.net, evb.batches[0], bf16)
-            row["eval_flops_per_step"] = count_eval_flops(master.net, evb.batches[0], bf16)
+            b0 = ba.to_device(evb.batches[0], dev)
+            master.net.to(dev)
+            row["train_flops_per_step"] = count_train_flops(master.net, b0, bf16)
+            row["eval_flops_per_step"] = count_eval_flops(master.net, b0, bf16)
         del master
 
         def fresh_lm():
@@ -219,7 +234,7 @@ def run_worker(a) -> list[dict]:
         with tempfile.TemporaryDirectory() as root:
             for r in range(rounds):
                 # --- reference: plain loop ---
-                ref = reference_model(spec, shape, state)
+                ref = reference_model(spec, shape, state).to(dev)
                 gc.collect()
                 ends = []
                 mem = measure(lambda: ends.extend(refdec.train_steps(ref, data, n_steps, lr=1e-3, bf16=bf16)))
@@ -233,7 +248,7 @@ def run_worker(a) -> list[dict]:
                         continue
                     model, timer = fresh_lm(), StepTimer()
                     t = trainer(PRECISIONS[a.precision], n_steps, os.path.join(root, f"{mode}{r}"),
-                                mode == "lightning_full", timer)
+                                mode == "lightning_full", timer, device=dev)
                     gc.collect()
                     mem = measure(lambda: t.fit(model, train_dataloaders=data))
                     res[mode].append(tokens_per_s(timer.ends, warmup, tokens))
@@ -246,7 +261,7 @@ def run_worker(a) -> list[dict]:
                     del model, t
             # --- evaluation: the framework's evaluator (Trainer.validate) vs the reference forward ---
             model = fresh_lm()
-            t = eval_trainer(PRECISIONS[a.precision], os.path.join(root, "eval"))
+            t = eval_trainer(PRECISIONS[a.precision], os.path.join(root, "eval"), device=dev)
             t.validate(model, dataloaders=evb, verbose=False)  # warm-up
             gc.collect()
             mem = measure(lambda: t.validate(model, dataloaders=evb, verbose=False))
@@ -254,11 +269,12 @@ def run_worker(a) -> list[dict]:
                 row["lightning_eval_peak_mb"] = round(mem, 1)
             else:
                 row["lightning_eval_tokens_per_s"] = model.last_result["tokens_per_s"]
-                ref = reference_model(spec, shape, state).eval()
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    ref(evb.batches[0]["input"], evb.batches[0]["target"])
+                ref = reference_model(spec, shape, state).to(dev).eval()
+                evd = [ba.to_device(b, dev) for b in evb]
+                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                    ref(evd[0]["input"], evd[0]["target"])
                     t0 = time.perf_counter()
-                    for b in evb:
+                    for b in evd:
                         ref(b["input"], b["target"])[0].item()
                     row["reference_eval_tokens_per_s"] = round(len(evb) * tokens / (time.perf_counter() - t0), 1)
                 del ref
@@ -296,7 +312,7 @@ def compile_probe(a, shape, bf16, data, tokens) -> dict:
         n_steps = a.warmup + 2 + a.steps  # compilation happens in the first steps
         master = language_model(spec, shape, a.seed)
         state = master.net.state_dict()
-        ref = reference_model(spec, shape, state)
+        ref = reference_model(spec, shape, state).to(a.device)
         t0 = time.perf_counter()
         cref = torch.compile(ref)
         ends = refdec.train_steps(cref, data_cycle(data, n_steps), n_steps, lr=1e-3, bf16=bf16)
@@ -308,7 +324,7 @@ def compile_probe(a, shape, bf16, data, tokens) -> dict:
             blk.compile()
         timer = StepTimer()
         with tempfile.TemporaryDirectory() as root:
-            t = trainer(PRECISIONS[a.precision], n_steps, root, False, timer)
+            t = trainer(PRECISIONS[a.precision], n_steps, root, False, timer, device=a.device)
             t.fit(model, train_dataloaders=data_cycle(data, n_steps))
         out["lightning_train_tokens_per_s"] = round(tokens_per_s(timer.ends, a.warmup + 2, tokens), 1)
         out["status"] = "ok"
@@ -338,7 +354,8 @@ def data_cycle(data, n) -> Batches:
 # ------------------------------------------------------------------------------------------------
 # sliding-window evaluation: batched vs naive
 # ------------------------------------------------------------------------------------------------
-def sliding_eval(n_tokens: int, window: int, batch: int, seed: int = 1111, shape_name: str = "tiny") -> dict:
+def sliding_eval(n_tokens: int, window: int, batch: int, seed: int = 1111, shape_name: str = "tiny",
+                 device: torch.device = torch.device("cpu")) -> dict:
     """Total NLL and wall time of stride-1 sliding evaluation, batched (framework) vs naive (batch 1)."""
     from lm.eval.protocols import eval_batches
 
@@ -349,14 +366,15 @@ def sliding_eval(n_tokens: int, window: int, batch: int, seed: int = 1111, shape
     toks = ba.zipf_tokens(n_tokens, shape["vocab"], seed=seed + 3)
     batches = eval_batches(toks, model.eval_cfg, window)
     with tempfile.TemporaryDirectory() as root:
-        t = eval_trainer("32-true", root)
+        t = eval_trainer("32-true", root, device=device)
         load0 = ba.loadavg()
         t.validate(model, dataloaders=batches, verbose=False)
     res = model.last_result
     batched_total = res["nll"] * res["tokens_scored"]
     batched_s = res["wall_s"]
 
-    net = model.net.eval()
+    net = model.net.to(device).eval()
+    toks = toks.to(device)
     total, n = 0.0, 0
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -373,7 +391,8 @@ def sliding_eval(n_tokens: int, window: int, batch: int, seed: int = 1111, shape
             "relative_difference": rel, "nll_match": ok, "batched_wall_s": round(batched_s, 3),
             "naive_wall_s": round(naive_s, 3), "batched_tokens_per_s": round(n / batched_s, 1),
             "naive_tokens_per_s": round(n / naive_s, 1), "speedup": round(naive_s / batched_s, 2),
-            "loadavg": [load0, ba.loadavg()], "model": "softmax, tiny shape, random weights, fp32"}
+            "loadavg": [load0, ba.loadavg()], "model": "softmax, tiny shape, random weights, fp32",
+            "device": str(device)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the memory workers")
     p.add_argument("--threads", default="auto",
                    help="torch intra-op threads, or 'auto' (default): all cores if idle, 1 if the machine is busy")
+    p.add_argument("--device", default="auto", help="auto (CUDA if visible, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=1111)
     p.add_argument("--timeout", type=float, default=3600, help="per worker, seconds")
     p.add_argument("--out", default="results/bench.json")
@@ -504,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, help=argparse.SUPPRESS)
     p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.device = ba.resolve_device(a.device)
     n_threads, threads_reason = ba.choose_threads(a.threads)
     torch.set_num_threads(n_threads)
     a.threads = str(n_threads)  # workers get the number decided here
@@ -512,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         print("BENCH_JSON " + json.dumps(run_worker(a)))
         return 0
     if a.worker == "sliding":
-        print("BENCH_JSON " + json.dumps(sliding_eval(a.sliding_tokens, a.window, a.batch, a.seed)))
+        print("BENCH_JSON " + json.dumps(sliding_eval(a.sliding_tokens, a.window, a.batch, a.seed, device=a.device)))
         return 0
 
     pl = plan(a)
@@ -521,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     t_start = time.perf_counter()
     load_before = ba.loadavg()
-    peaks = {"fp32": round(ba.matmul_peak(torch.float32), 1), "bf16": round(ba.matmul_peak(torch.bfloat16), 1)}
+    peaks = {k: round(ba.matmul_peak(dt, device=a.device), 1) for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     results = []
     for shape in pl["shapes"]:
         for prec in pl["precisions"]:
@@ -530,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                       "--warmup", str(pl["warmup"]), "--steps", str(pl["steps"]), "--rounds", str(pl["rounds"]),
                       "--eval-steps", str(pl["eval_steps"]), "--seed", str(a.seed),
                       "--full-lightning", str(int(not a.no_full_lightning and prec in pl["full_lightning_precisions"]))]
-            argv_w += ["--threads", a.threads]
+            argv_w += ["--threads", a.threads, "--device", str(a.device)]
             if a.compile:
                 argv_w.append("--compile")
             t0 = time.perf_counter()
@@ -549,15 +570,17 @@ def main(argv: list[str] | None = None) -> int:
         s = pl["sliding"]
         t0 = time.perf_counter()
         sliding = spawn(["--worker", "sliding", "--sliding-tokens", str(s["tokens"]), "--window", str(s["window"]),
-                         "--batch", str(s["batch"]), "--seed", str(a.seed), "--threads", a.threads], a.timeout)
+                         "--batch", str(s["batch"]), "--seed", str(a.seed), "--threads", a.threads,
+                         "--device", str(a.device)], a.timeout)
         print(f"[bench] sliding: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     report = {
         "schema": SCHEMA,
         "summary": summarize(results, sliding),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {**ba.machine_info(), "loadavg_before": load_before, "loadavg_after": ba.loadavg(),
+        "machine": {**ba.machine_info(), **ba.device_info(a.device), "loadavg_before": load_before, "loadavg_after": ba.loadavg(),
                     "matmul_peak_gflops_main_process": peaks},
-        "settings": {**pl, "quick": a.quick, "smoke": a.smoke, "threads": n_threads, "threads_reason": threads_reason, "shapes_def": {k: ba.SHAPES[k] for k in pl["shapes"]},
+        "settings": {**pl, "quick": a.quick, "smoke": a.smoke, "threads": n_threads, "threads_reason": threads_reason,
+                     "device": str(a.device), "shapes_def": {k: ba.SHAPES[k] for k in pl["shapes"]},
                      "models_def": {k: MODELS[k] for k in pl["models"].split(",")},
                      "token_distribution": "zipf a=1.1 over the frequency-sorted vocabulary", "dropout": 0.1,
                      "optimizer": "Adam lr 1e-3, warm-up 200 then cosine, grad-norm clip 0.25",

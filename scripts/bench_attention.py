@@ -29,6 +29,12 @@ What is measured, for every variant, in one invocation:
   evaluation forward. ``train_total_peak_mb`` is the absolute peak RSS of that process (Python, torch,
   weights, Adam state included).
 
+On a GPU (``--device cuda``, the default ``auto`` picks it when one is visible) the same loop runs there
+(bf16 autocast with ``--precision bf16``; SDPA then dispatches to its flash / memory-efficient kernels),
+and memory is the CUDA caching allocator's peak (``torch.cuda.max_memory_allocated``) over the
+allocation at the start of the measured phase, in the same fresh subprocess per variant. Timing needs no
+explicit synchronisation: every step ends in ``.item()``, which waits for the device.
+
 The JSON (``--out``, default results/bench_attention.json) records the machine, its load average
 before and after, the settings and every number; a markdown table is printed.
 """
@@ -111,6 +117,30 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def resolve_device(spec: str) -> torch.device:
+    """``auto``: CUDA when a GPU is visible, else the CPU; ``cuda`` without a GPU is a clear error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {spec}: no CUDA device is visible to torch {torch.__version__} "
+                         "(a CPU build, or no GPU); run with --device cpu (or auto)")
+    if spec != "cpu" and not spec.startswith("cuda"):
+        raise SystemExit(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    return torch.device(spec)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"device": "cpu"}
+    props = torch.cuda.get_device_properties(device)
+    return {"device": str(device), "gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+
+
 def machine_info() -> dict:
     cpu = platform.processor()
     try:
@@ -180,14 +210,20 @@ def peak_over(fn) -> float:
     return hwm_mb() - base
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.5) -> float:
-    """Best sustained GFLOP/s of an n x n x n ``torch.matmul`` in ``dtype`` on this CPU (best of runs)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.5, device: str | torch.device = "cpu") -> float:
+    """Best sustained GFLOP/s of an n x n x n ``torch.matmul`` in ``dtype`` on ``device`` (best of runs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        n = max(n, 8192)  # a 2048^3 GEMM is too short to time on a GPU
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     torch.matmul(a, b)
+    sync()
     best, t_end = math.inf, time.perf_counter() + seconds
     while time.perf_counter() < t_end or best == math.inf:
         t0 = time.perf_counter()
         torch.matmul(a, b)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -223,8 +259,12 @@ def clip_and_step(params, opt, clip: float = 0.25) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def _device_type(net) -> str:
+    return next(net.parameters()).device.type
+
+
 def train_step(net, batch, opt, bf16: bool) -> float:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(_device_type(net), dtype=torch.bfloat16, enabled=bf16):
         out = net(batch["input"])
         loss = net.nll(out.hidden, batch["target"]).mean()
         total = loss if out.aux_loss is None else loss + out.aux_loss
@@ -235,7 +275,7 @@ def train_step(net, batch, opt, bf16: bool) -> float:
 
 @torch.no_grad()
 def eval_step(net, batch, bf16: bool) -> float:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(_device_type(net), dtype=torch.bfloat16, enabled=bf16):
         out = net(batch["input"])
         return net.nll(out.hidden, batch["target"]).sum().item()
 
@@ -275,27 +315,40 @@ def build(variant: str, shape: dict, seed: int = 1111) -> TransformerLM:
     return TransformerLM(model_config(shape, attention_config(variant)), shape["vocab"])
 
 
-def memory_worker(variant: str, shape: dict, bf16: bool, seed: int) -> dict:
+def cuda_peak_over(fn) -> float:
+    """Peak CUDA allocation growth (MiB) while ``fn()`` runs, over the allocation when it starts."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def memory_worker(variant: str, shape: dict, bf16: bool, seed: int, device: torch.device = torch.device("cpu")) -> dict:
     """Runs in a fresh subprocess (see the module docstring)."""
     torch.manual_seed(seed)
-    data = list(streams(shape, 3, seed))
-    net = build(variant, shape, seed)
+    data = [to_device(b, device) for b in streams(shape, 3, seed)]
+    net = build(variant, shape, seed).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    measure = cuda_peak_over if device.type == "cuda" else peak_over
     net.eval()
-    eval_peak = peak_over(lambda: eval_step(net, data[0], bf16))
+    eval_peak = measure(lambda: eval_step(net, data[0], bf16))
     net.train()
     train_step(net, data[0], opt, bf16)  # Adam state now resident
-    step_peak = peak_over(lambda: train_step(net, data[1], opt, bf16))
+    step_peak = measure(lambda: train_step(net, data[1], opt, bf16))
+    total = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else hwm_mb()
     return {"variant": variant, "eval_peak_mb": round(eval_peak, 1), "train_step_peak_mb": round(step_peak, 1),
-            "train_total_peak_mb": round(hwm_mb(), 1), "rss_after_mb": round(rss_mb(), 1),
+            "train_total_peak_mb": round(total, 1), "rss_after_mb": round(rss_mb(), 1),
             "params": sum(p.numel() for p in net.parameters())}
 
 
-def measure_memory(variant: str, shape_name: str, shape: dict, bf16: bool, seed: int, timeout: float = 600) -> dict:
+def measure_memory(variant: str, shape_name: str, shape: dict, bf16: bool, seed: int, timeout: float = 600,
+                   device: torch.device = torch.device("cpu")) -> dict:
     env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", variant, "--shape", shape_name,
            "--batch", str(shape["batch"]), "--tgt-len", str(shape["tgt_len"]),
-           "--precision", "bf16" if bf16 else "32", "--seed", str(seed), "--threads", str(torch.get_num_threads())]
+           "--precision", "bf16" if bf16 else "32", "--seed", str(seed), "--threads", str(torch.get_num_threads()), "--device", str(device)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -322,12 +375,12 @@ def run(args) -> dict:
     t_start = time.perf_counter()
 
     n_train = args.warmup + args.steps * args.rounds
-    data = list(streams(shape, n_train + args.eval_steps * args.rounds + 1, args.seed))
+    data = [to_device(b, args.device) for b in streams(shape, n_train + args.eval_steps * args.rounds + 1, args.seed)]
     train_data, eval_data = data[:n_train], data[n_train:]
     tokens = shape["batch"] * shape["tgt_len"]
     nets, opts = {}, {}
     for v in variants:
-        nets[v] = build(v, shape, args.seed)
+        nets[v] = build(v, shape, args.seed).to(args.device)
         opts[v] = torch.optim.Adam(nets[v].parameters(), lr=1e-4)
     # warm-up: first calls allocate, pick kernels, create Adam state
     for v in variants:
@@ -362,7 +415,7 @@ def run(args) -> dict:
                "train_tokens_per_s_rounds": [round(x, 1) for x in train_tps[v]],
                "eval_tokens_per_s_rounds": [round(x, 1) for x in eval_tps[v]]}
         if not args.no_memory:
-            mem = measure_memory(v, args.shape, shape, bf16, args.seed)
+            mem = measure_memory(v, args.shape, shape, bf16, args.seed, device=args.device)
             row.update({k: mem[k] for k in mem if k != "variant"})
         results.append(row)
     base = results[0]
@@ -385,17 +438,18 @@ def run(args) -> dict:
     return {
         "schema": SCHEMA,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after_timing": load_mid,
+        "machine": {**machine_info(), **device_info(args.device), "loadavg_before": load_before, "loadavg_after_timing": load_mid,
                     "loadavg_after": loadavg()},
         "settings": {"threads": torch.get_num_threads(), "threads_reason": args.threads_reason, "shape": args.shape, **shape, "precision": "bf16-autocast" if bf16 else "fp32",
-                     "tokens_per_step": tokens, "warmup_steps": args.warmup, "steps_per_round": args.steps,
+                     "device": str(args.device), "tokens_per_step": tokens, "warmup_steps": args.warmup, "steps_per_round": args.steps,
                      "eval_steps_per_round": args.eval_steps, "rounds": args.rounds, "seed": args.seed,
                      "quick": args.quick, "token_distribution": "zipf a=1.1 over the frequency-sorted vocabulary",
                      "optimizer": "Adam + grad-norm clip 0.25", "dropout": 0.1},
         "method": {
             "throughput": "median over rounds of tokens/s; variants round-robin in one process, order rotated "
                           "every round; train = fwd + NLL + bwd + clip + Adam; eval = no_grad fwd + NLL",
-            "memory": "fresh subprocess per variant with MALLOC_MMAP_THRESHOLD_=65536; peak RSS (VmHWM, reset via "
+            "memory": "CUDA: fresh subprocess per variant; torch.cuda.max_memory_allocated over the allocation at "
+                      "the start of the measured phase. CPU: fresh subprocess per variant with MALLOC_MMAP_THRESHOLD_=65536; peak RSS (VmHWM, reset via "
                       "/proc/self/clear_refs) over the RSS at the reset. train_step_peak_mb: a training step after "
                       "the first (activations + gradients + workspace); eval_peak_mb: one eval forward",
         },
@@ -409,6 +463,7 @@ def print_table(report: dict) -> None:
     s = report["settings"]
     print(f"\nAttention variants, {s['shape']} shape ({s['n_layer']} layers, d {s['d_model']}, "
           f"{s['n_head']}x{s['d_head']}, batch {s['batch']} x {s['tgt_len']}), {s['precision']}, "
+          f"{report['machine'].get('gpu', report['machine']['cpu'])}, "
           f"load {report['machine']['loadavg_before']} -> {report['machine']['loadavg_after']}\n")
     print(markdown_table(report["results"], [
         ("variant", "variant", ""), ("train_tokens_per_s", "train tok/s", ".0f"),
@@ -434,16 +489,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--threads", default="auto",
                    help="torch intra-op threads, or 'auto' (default): all cores if idle, 1 if the machine is busy")
+    p.add_argument("--device", default="auto", help="auto (CUDA if visible, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=1111)
     p.add_argument("--out", default="results/bench_attention.json")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.device = resolve_device(args.device)
     n_threads, args.threads_reason = choose_threads(args.threads)
     torch.set_num_threads(n_threads)
     if args.memory_worker:
         shape = dict(SHAPES[args.shape])
         shape.update({k: v for k, v in (("batch", args.batch), ("tgt_len", args.tgt_len)) if v})
-        print(json.dumps(memory_worker(args.memory_worker, shape, args.precision == "bf16", args.seed)))
+        print(json.dumps(memory_worker(args.memory_worker, shape, args.precision == "bf16", args.seed, args.device)))
         return 0
     q = args.quick
     args.steps = args.steps or (1 if q else 4)

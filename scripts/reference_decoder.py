@@ -150,9 +150,10 @@ def train_steps(model: ReferenceDecoder, batches: Iterable[dict], n_steps: int, 
     sched = warmup_cosine(opt, warmup, total)
     ends = []
     it = iter(batches)
+    device = next(model.parameters()).device
     for _ in range(n_steps):
-        batch = next(it)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(it).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, aux = model(batch["input"], batch["target"])
             total_loss = loss if aux is None else loss + aux
         total_loss.backward()

@@ -575,6 +575,68 @@ def test_segment_mean_estimator_leaks_future(pos):
 
 
 # ----------------------------------------------------------------------------------------------------
+# the fused kernel is really used
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pos", ["absolute", "relative"])
+@pytest.mark.parametrize("name, layers", [("elliptical", "1:"), ("quest", "all"), ("qknorm", "all"),
+                                          ("elliptical_quest", "all")])
+def test_fused_sdpa_path_is_used(name, layers, pos, monkeypatch):
+    """A plain forward (no attention maps wanted) runs exactly one ``scaled_dot_product_attention`` per
+    layer and never the explicit math path (no ``torch.softmax``, ``need_weights`` False, a float scale):
+    absolute positions (is_causal, no mask), and relative positions over [memory; segment] (float bias
+    mask). The fused outputs equal the math path's (``need_weights=True``)."""
+    import lm.model.attention.base as base
+
+    n_layer, mem_len = 3, (6 if pos == "relative" else 0)
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=n_layer, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, pos=pos,
+                      mem_len=mem_len, adaptive=False, cutoffs=[], init_std=0.3,
+                      attention=AttentionConfig(name=name, layers=layers))
+    model = TransformerLM(cfg, vocab_size=40).eval()
+    assert [b.attn.name for b in model.layers] == cfg.attention_layers()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 40, (2, 10), generator=g)
+    with torch.no_grad():
+        mems = model(torch.randint(0, 40, (2, 6), generator=g)).mems if mem_len else None
+        assert mems is None or mems[0].size(1) == mem_len
+        reference = model(tokens, mems=mems, need_weights=True)  # the explicit math path
+
+    sdpa_calls, softmax_calls, attention_calls = [], [], []
+    real_sdpa, real_attention = torch.nn.functional.scaled_dot_product_attention, base.softmax_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        sdpa_calls.append((tuple(q.shape), tuple(k.shape), attn_mask, is_causal))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    def attention(q, k, v, bias, mask, scale, dropout_p=0.0, need_weights=False):
+        attention_calls.append((need_weights, torch.is_tensor(scale)))
+        return real_attention(q, k, v, bias, mask, scale, dropout_p, need_weights)
+
+    def no_softmax(*a, **kw):
+        softmax_calls.append(1)
+        raise AssertionError("the explicit softmax (math) path was taken")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(base, "softmax_attention", attention)
+    monkeypatch.setattr(torch, "softmax", no_softmax)
+    with torch.no_grad():
+        out = model(tokens, mems=mems)
+    monkeypatch.undo()
+
+    assert len(sdpa_calls) == n_layer and not softmax_calls
+    assert attention_calls == [(False, False)] * n_layer  # need_weights False, scale a Python float
+    assert out.attentions is None
+    for q_shape, k_shape, attn_mask, is_causal in sdpa_calls:
+        assert q_shape == (2, 2, 10, 8) and k_shape == (2, 2, 10 + mem_len, 8)
+        if pos == "absolute":  # no memory: SDPA's own causal mask, nothing materialised
+            assert is_causal and attn_mask is None
+        else:  # XL: position term + memory mask as one float bias, -inf above the causal diagonal
+            assert not is_causal and attn_mask.dtype == torch.float32 and attn_mask.shape[-2:] == (10, 10 + mem_len)
+            assert torch.isinf(attn_mask[..., 0, mem_len + 1:]).all() and torch.isfinite(attn_mask[..., -1, :]).all()
+    torch.testing.assert_close(out.hidden, reference.hidden, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
 # errors
 # ----------------------------------------------------------------------------------------------------
 def test_registry_has_all_variants():

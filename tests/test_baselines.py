@@ -395,13 +395,22 @@ def test_mom_picks_median_block():
 
 
 # ---------------------------------------------------------------- options, construction, training
+@pytest.mark.parametrize("mem_len", [8, 0])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_relative_positions_rejected_at_construction(name):
-    """Memory in the decoder needs model.pos: relative, which these variants refuse with a clear error."""
+def test_relative_positions_rejected_at_construction(name, mem_len):
+    """Memory in the decoder needs model.pos: relative, which these variants refuse with an error that
+    names both problems (relative positions, memory) and the fix."""
     cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64, cutoffs=[], pos="relative",
-                      mem_len=8, attention=AttentionConfig(name=name, layers="all"))
-    with pytest.raises(ConfigError, match="relative"):
+                      mem_len=mem_len, attention=AttentionConfig(name=name, layers="1:"))
+    with pytest.raises(ConfigError) as e:
         TransformerLM(cfg, 50)
+    msg = str(e.value)
+    assert f"attention '{name}' (layer 1) supports absolute positions only" in msg
+    assert "memory (model.mem_len > 0" in msg
+    assert "Set model.pos: absolute and model.mem_len: 0" in msg
+    alternatives = {n.strip(" .") for n in msg.rsplit(":", 1)[1].split(",")}
+    assert {"softmax", "elliptical", "quest", "qknorm", "elliptical_quest"} <= alternatives
+    assert not alternatives & set(VARIANTS)
 
 
 @pytest.mark.parametrize("name,bad,match", [

@@ -142,3 +142,21 @@ def test_flop_counter_counts_cpu_attention():
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
     fwd = 2 * (2 * 2 * 4 * 32 * 32 * 16)  # QK^T and PV, full T x S
     assert fc.get_total_flops() == fwd + 2.5 * fwd  # backward: 5 matmuls of the same size
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("script", ["bench.py", "bench_attention.py"])
+def test_cuda_without_a_gpu_is_a_clear_error(script):
+    r = subprocess.run([sys.executable, str(SCRIPTS / script), "--device", "cuda",
+                        "--smoke" if script == "bench.py" else "--quick", "--out", os.devnull],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "no CUDA device" in r.stderr and "--device cpu" in r.stderr
+
+
+def test_device_resolution():
+    ba = bench_attention
+    assert ba.resolve_device("cpu") == torch.device("cpu")
+    assert ba.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SystemExit, match="expected auto, cpu, cuda"):
+        ba.resolve_device("tpu")

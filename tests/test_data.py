@@ -367,3 +367,85 @@ def test_datamodule_validate_scores_every_token(tmp_path):
         L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                   devices=1, default_root_dir=str(tmp_path)).validate(model, datamodule=dm)
         assert model.scored == 34, protocol
+
+
+# ----- broken enwik8.zip ---------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["not-a-zip", "truncated-zip"])
+def test_enwik8_corrupt_zip_is_a_clear_error(tmp_path, damage):
+    (tmp_path / "enwik8").mkdir()
+    z = tmp_path / "enwik8" / "enwik8.zip"
+    if damage == "not-a-zip":
+        z.write_bytes(make_enwik8(500))  # e.g. the raw file saved under the zip's name
+    else:
+        with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as f:
+            f.writestr("enwik8", make_enwik8(2000))
+        z.write_bytes(z.read_bytes()[:-30])  # an interrupted download: the central directory is cut
+    with pytest.raises(DataError) as e:
+        find_corpus("enwik8", root=str(tmp_path)).read_bytes("train")
+    msg = str(e.value)
+    assert str(z) in msg and "is not a valid zip file" in msg and "Re-download enwik8.zip" in msg
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # one paragraph, no zipfile traceback
+    # the same error through the data module (the path `lm fit` takes)
+    with pytest.raises(DataError, match="is not a valid zip file"):
+        LMDataModule(corpus="enwik8", root=str(tmp_path), cache_dir=str(tmp_path / "cache")).tokens("train")
+
+
+def test_enwik8_zip_without_enwik8_member_is_a_clear_error(tmp_path):
+    (tmp_path / "enwik8").mkdir()
+    z = tmp_path / "enwik8" / "enwik8.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("enwik9", make_enwik8(500))
+        f.writestr("readme.txt", "hello")
+    with pytest.raises(DataError) as e:
+        find_corpus("enwik8", root=str(tmp_path)).read_bytes("valid")
+    msg = str(e.value)
+    assert str(z) in msg and "has no member named 'enwik8'" in msg
+    assert "enwik9" in msg and "readme.txt" in msg  # what it holds instead
+    assert "original enwik8.zip from mattmahoney.net" in msg
+    with pytest.raises(DataError, match="has no member named 'enwik8'"):
+        LMDataModule(corpus="enwik8", root=str(tmp_path), cache_dir=str(tmp_path / "cache")).tokens("train")
+
+
+# ----- byte-level evaluation reports bits per character --------------------------------------------
+def test_byte_level_test_reports_bpc_from_the_models_own_nll(tmp_path):
+    import json
+    import math
+
+    from lm.tasks.lm_module import LanguageModel
+
+    data = make_enwik8(20_000)
+    (tmp_path / "enwik8").mkdir()
+    (tmp_path / "enwik8" / "enwik8").write_bytes(data)
+    test_bytes = data[20_000 * 95 // 100:]  # the last 5%: 1000 bytes
+    dm = LMDataModule(corpus="enwik8", root=str(tmp_path), cache_dir=str(tmp_path / "cache"), tgt_len=16,
+                      eval=EvalConfig(batch_size=3))
+    torch.manual_seed(0)
+    model = LanguageModel(vocab_size=dm.vocab_size, unit=dm.unit, tgt_len=16, n_layer=1, d_model=16, n_head=2,
+                          d_head=8, d_inner=32, dropout=0.0, adaptive=False, cutoffs=[], results_dir=str(tmp_path))
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        devices=1, default_root_dir=str(tmp_path))
+    trainer.test(model, datamodule=dm)
+    result = json.loads((tmp_path / "results" / "test-segments.json").read_text())
+
+    # Independently: the model's own per-byte NLL over every scored target of the test split.
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            nll = model.net.nll(model.net(batch["input"]).hidden, batch["target"])
+            mask = batch.get("mask", torch.ones_like(nll, dtype=torch.bool))
+            total += nll[mask].double().sum().item()
+            count += int(mask.sum())
+    assert count == len(test_bytes) - 1  # every byte after the first is predicted once
+    assert result["tokens_scored"] == count
+    mean_nll = total / count
+    assert result["unit"] == "byte" and result["metric"] == "bpc" and "ppl" not in result
+    assert result["protocol"]["normalised_by"] == "byte"
+    assert result["nll"] == pytest.approx(mean_nll, rel=1e-5)
+    assert result["bpc"] == pytest.approx(mean_nll / math.log(2), rel=1e-5)
+    assert result["bpc"] == pytest.approx(result["nll"] / math.log(2), rel=1e-6)
+    # an untrained model (init std 0.02) is close to uniform over 256 bytes: about 8 bits per byte
+    assert 7.5 < result["bpc"] < 8.5
+    logged = trainer.callback_metrics
+    assert "test/bpc" in logged and "test/ppl" not in logged
+    assert float(logged["test/bpc"]) == pytest.approx(result["bpc"], rel=1e-6)

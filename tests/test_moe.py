@@ -343,3 +343,244 @@ def test_autocast_bf16_router_stays_fp32():
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
     assert m.aux_loss.item() == pytest.approx(ref_aux, rel=1e-6)
+
+
+# ------------------------------------------------------------------- in the model and the LightningModule
+# (imports here so the layer-level tests above stay independent of the model, config and Lightning)
+import copy  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import lightning as L  # noqa: E402
+import yaml  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.loggers import Logger  # noqa: E402
+
+from lm.config import AttentionConfig, FFNConfig, ModelConfig, OptimConfig  # noqa: E402
+from lm.model.attention import ATTENTION  # noqa: E402
+from lm.model.transformer import TransformerLM  # noqa: E402
+from lm.tasks.lm_module import LanguageModel  # noqa: E402
+
+_V, _B, _T = 120, 2, 8
+_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _lm(ffn: FFNConfig, n_layer: int = 4, seed: int = 0) -> LanguageModel:
+    torch.manual_seed(seed)
+    return LanguageModel(vocab_size=_V, tgt_len=_T, n_layer=n_layer, d_model=16, n_head=2, d_head=8, d_inner=32,
+                         dropout=0.0, adaptive=False, ffn=ffn,
+                         optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant"))
+
+
+def _lm_batches(n: int, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, _V, (n, _B, _T + 1), generator=g)
+    return [{"input": x[i, :, :-1], "target": x[i, :, 1:], "first": i == 0} for i in range(n)]
+
+
+class _Loader:
+    """A plain iterable of ready batches (what Lightning accepts as a training dataloader)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+class _Records(Logger):
+    """A logger that keeps every (step, metrics) it is asked to write."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self):
+        return "records"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+
+class _StepCapture(Callback):
+    """The training loss each step returned, and every MoE layer's stats after that step's forward."""
+
+    def __init__(self):
+        self.losses, self.stats = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach().clone())
+        self.stats.append({i: {k: v.clone() for k, v in blk.ffn.stats.items()}
+                           for i, blk in enumerate(pl_module.net.layers) if isinstance(blk.ffn, MoEFFN)})
+
+
+def _fit(model: LanguageModel, data: list[dict], logger=False, log_every_n_steps: int = 1, **kw) -> _StepCapture:
+    cap = _StepCapture()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(data), logger=logger,
+                        log_every_n_steps=log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[cap],
+                        **kw)
+    trainer.fit(model, train_dataloaders=_Loader(data))
+    return cap
+
+
+def _hand_aux(x: torch.Tensor, weight: torch.Tensor, k: int, alpha: float, beta: float):
+    """balance and z-loss from the router input and weight, by the formulas (not through MoEFFN)."""
+    logits = x.reshape(-1, x.shape[-1]).double() @ weight.double().t()  # [N, E]
+    n, e = logits.shape
+    chosen = logits.topk(k, dim=-1).indices
+    f = torch.zeros(e, dtype=torch.float64)
+    for row in chosen:
+        for j in row.tolist():
+            f[j] += 1.0 / (n * k)
+    p = logits.softmax(-1).mean(0)
+    balance = alpha * e * (f * p).sum()
+    z = beta * torch.logsumexp(logits, -1).pow(2).mean()
+    return balance, z
+
+
+def test_training_loss_is_nll_plus_weighted_aux_of_every_moe_layer():
+    # GLaM on 4 layers: MoE in layers 1 and 3, dense in 0 and 2. Large weights so that forgetting any
+    # layer's term, or one of its two losses, is far outside the tolerance.
+    ffn = FFNConfig(name="glam", n_experts=4, capacity_factor=1.0, balance_loss_weight=0.3, z_loss_weight=0.05)
+    model = _lm(ffn)
+    ref = copy.deepcopy(model)  # the weights the (only) training step sees
+    data = _lm_batches(1)
+    loss = _fit(model, data).losses[0]
+
+    inputs = {}
+    hooks = [blk.ffn.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach().clone()))
+             for i, blk in enumerate(ref.net.layers) if isinstance(blk.ffn, MoEFFN)]
+    ref.train()
+    with torch.no_grad():
+        out = ref.net(data[0]["input"])
+        nll = ref.net.nll(out.hidden, data[0]["target"]).mean()
+    for h in hooks:
+        h.remove()
+    assert sorted(inputs) == [1, 3]
+
+    expected_aux = torch.zeros((), dtype=torch.float64)
+    for i, x in inputs.items():
+        layer = ref.net.layers[i].ffn
+        balance, z = _hand_aux(x, layer.router.weight.detach(), 2, 0.3, 0.05)
+        # the layer's stored values agree with the formulas...
+        assert layer.stats["balance_loss"].item() == pytest.approx(balance.item(), rel=1e-5)
+        assert layer.stats["z_loss"].item() == pytest.approx(z.item(), rel=1e-5)
+        assert layer.aux_loss.item() == pytest.approx((balance + z).item(), rel=1e-5)
+        assert balance.item() > 0.1 and z.item() > 0.0
+        expected_aux += balance + z
+    # ...and the module's training loss is the NLL plus all of them.
+    assert loss.item() == pytest.approx(nll.item() + expected_aux.item(), rel=1e-5)
+    assert expected_aux.item() > 0.2
+
+
+def test_moe_stats_and_per_expert_load_are_logged_at_the_log_interval():
+    ffn = FFNConfig(name="glam", n_experts=4, capacity_factor=0.5)  # drops: dropped_fraction > 0
+    model = _lm(ffn)
+    calls: list[tuple[int, str]] = []
+    log = model.log
+
+    def spy(name, value, *args, **kwargs):
+        calls.append((model.trainer.global_step, name))
+        return log(name, value, *args, **kwargs)
+
+    model.log = spy
+    logger = _Records()
+    cap = _fit(model, _lm_batches(4), logger=logger, log_every_n_steps=2)
+
+    rows = [(step, m) for step, m in logger.rows if any(k.startswith("moe/") for k in m)]
+    assert [step for step, _ in rows] == [1, 3]  # the 2nd and 4th steps, as Lightning's interval says
+    for step, metrics in rows:
+        assert metrics["train/aux_loss"] > 0
+        for i in (1, 3):  # the MoE layers
+            stats = cap.stats[step][i]
+            for key in ("balance_loss", "z_loss", "dropped_fraction", "load_max_over_mean"):
+                assert f"moe/layer{i}/{key}" in metrics
+            assert metrics[f"moe/layer{i}/dropped_fraction"] == pytest.approx(stats["dropped_fraction"].item())
+            assert metrics[f"moe/layer{i}/dropped_fraction"] > 0
+            loads = [metrics[f"moe/layer{i}/expert{j}_load"] for j in range(4)]
+            torch.testing.assert_close(torch.tensor(loads), stats["expert_load"].float())
+            assert sum(loads) == pytest.approx(1.0, abs=1e-6)  # share of the top-k assignments
+            assert all(0.0 <= v <= 1.0 for v in loads)
+            assert f"moe/layer{i}/expert4_load" not in metrics
+            assert max(loads) / (sum(loads) / 4) == pytest.approx(metrics[f"moe/layer{i}/load_max_over_mean"],
+                                                                  rel=1e-5)
+        assert not any(k.startswith(("moe/layer0/", "moe/layer2/")) for k in metrics)  # dense layers
+    # The per-expert self.log calls happen only on the steps the logger writes: other steps pay nothing.
+    per_expert_steps = sorted({s for s, name in calls if name.endswith("_load") and "/expert" in name})
+    assert per_expert_steps == [1, 3]
+    assert sorted({s for s, name in calls if name.endswith("/balance_loss")}) == [0, 1, 2, 3]
+
+
+def test_default_moe_layer_placement():
+    # GLaM: every other layer, the odd ones (1, 3, ...), dense FFN in the rest (README, FFNConfig, and the
+    # recipes, which spell out `layers: odd`); Switch: every layer. Defaults for top_k: 2 and 1.
+    glam, switch = FFNConfig(name="glam"), FFNConfig(name="switch")
+    assert glam.moe_layers(6) == [1, 3, 5] and glam.moe_layers(5) == [1, 3]
+    assert glam.resolved_top_k == 2
+    assert switch.moe_layers(6) == list(range(6)) and switch.resolved_top_k == 1
+    assert FFNConfig(name="dense").moe_layers(6) == []
+    assert FFNConfig(name="glam", layers="even").moe_layers(6) == [0, 2, 4]
+    assert FFNConfig(name="switch", layers=[0, 3]).moe_layers(6) == [0, 3]
+    for name, expected in (("glam", [1, 3, 5]), ("switch", list(range(6)))):
+        net = TransformerLM(ModelConfig(n_layer=6, d_model=16, n_head=2, d_head=8, d_inner=32, adaptive=False,
+                                        ffn=FFNConfig(name=name, n_experts=4)), _V)
+        assert [i for i, b in enumerate(net.layers) if isinstance(b.ffn, MoEFFN)] == expected
+        assert all(isinstance(b.ffn, DenseFFN) for i, b in enumerate(net.layers) if i not in expected)
+        assert all(b.ffn.top_k == (2 if name == "glam" else 1) for b in net.layers if isinstance(b.ffn, MoEFFN))
+    glam_recipes = sorted(_CONFIGS.glob("*/*glam*.yaml"))
+    assert glam_recipes
+    for path in glam_recipes:  # the recipes' explicit placement is the documented default
+        ffn_cfg = yaml.safe_load(path.read_text())["model"]["ffn"]
+        assert ffn_cfg["name"] == "glam" and ffn_cfg.get("layers", "odd") == "odd", path
+
+
+def _attention_cases():
+    for name in sorted(ATTENTION):
+        yield pytest.param(name, "absolute", id=f"{name}-absolute")
+        if ATTENTION[name].supports_relative:
+            yield pytest.param(name, "relative", id=f"{name}-relative")
+
+
+@pytest.mark.parametrize("variant,pos", list(_attention_cases()))
+def test_moe_ffn_composes_with_attention_variant(variant, pos):
+    torch.manual_seed(0)
+    if variant in ("elliptical", "elliptical_quest"):  # the paper: layer 0 ordinary attention
+        default = "quest" if variant == "elliptical_quest" else "softmax"
+        attn = AttentionConfig(name=variant, layers="1:", default=default)
+    else:
+        attn = AttentionConfig(name=variant)
+    relative = pos == "relative"
+    mem_len = 4 if relative and ATTENTION[variant].supports_memory else 0
+    cfg = ModelConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, pos=pos, mem_len=mem_len,
+                      adaptive=False, attention=attn,
+                      ffn=FFNConfig(name="switch", n_experts=4, top_k=2, capacity_factor=1.25))
+    net = TransformerLM(cfg, _V).train()
+    assert [type(b.attn) for b in net.layers][-1] is ATTENTION[variant]
+    data = _lm_batches(2)
+    mems, total = None, 0.0
+    for batch in data:  # two segments: with memory, the second attends over the first
+        out = net(batch["input"], mems)
+        mems = out.mems
+        assert out.hidden.shape == (_B, _T, 16) and torch.isfinite(out.hidden).all()
+        assert out.aux_loss is not None and torch.isfinite(out.aux_loss)
+        total = total + net.nll(out.hidden, batch["target"]).mean() + out.aux_loss
+    total.backward()
+    for blk in net.layers:
+        moe = blk.ffn
+        assert isinstance(moe, MoEFFN)
+        assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+        assert moe.w1.grad is not None and torch.isfinite(moe.w1.grad).all()
+    attn_grads = [p.grad for p in net.layers[-1].attn.parameters() if p.requires_grad]
+    assert attn_grads and all(g is not None and torch.isfinite(g).all() for g in attn_grads)
+    assert any(g.abs().sum() > 0 for g in attn_grads)

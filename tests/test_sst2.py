@@ -19,6 +19,14 @@ POS = ["good", "great", "fine", "nice"]
 NEG = ["bad", "awful", "poor", "dull"]
 FILLER = ["the", "movie", "film", "was", "a", "plot", "and", "story", "very", "quite", "is", "it", "this"]
 TINY = dict(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64, cutoffs=[])
+# Pretrained variants that must all finetune (LanguageModel keyword overrides). Elliptical runs on layers 1:
+# (its layer 0 has no previous values); switch keeps FFNConfig's finite capacities (1.25 train, 2.0 eval).
+VARIANTS = {
+    "softmax": {},
+    "elliptical": dict(attention=dict(name="elliptical", layers="1:")),
+    "quest": dict(attention=dict(name="quest")),
+    "switch": dict(ffn=dict(name="switch", n_experts=4)),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -177,7 +185,9 @@ def test_byte_level_checkpoint_reads_utf8_bytes(tmp_path, root):
 
 
 # ----- weight transfer --------------------------------------------------------------------------------
-def test_reuse_transfers_blocks_and_embeddings(ckpt):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_reuse_transfers_blocks_and_embeddings(tmp_path, variant):
+    ckpt = make_lm_ckpt(tmp_path / f"{variant}.ckpt", **VARIANTS[variant])
     src = lm_state(ckpt)
     model = SequenceClassifier(pretrained=str(ckpt), vocab="reuse")
     dst = model.net.state_dict()
@@ -185,6 +195,23 @@ def test_reuse_transfers_blocks_and_embeddings(ckpt):
     for k in src:
         assert torch.equal(dst[k], src[k]), k
     assert any(k.startswith("embed.") for k in dst)
+    attn = [type(b.attn).__name__ for b in model.net.layers]
+    assert attn == {"elliptical": ["SoftmaxAttention", "EllipticalAttention"],
+                    "quest": ["QuestAttention"] * 2}.get(variant, ["SoftmaxAttention"] * 2)
+    assert all(type(b.ffn).__name__ == ("MoEFFN" if variant == "switch" else "DenseFFN") for b in model.net.layers)
+    if variant == "switch":
+        assert any(".ffn.w1" in k for k in src)
+    # One training step on a left-padded batch: finite loss, a gradient for every trainable tensor.
+    model.train()
+    batch = left_pad([([3, 4, 5, 6], 1), ([7, 8], 0), ([9], 1)], 0)
+    _, loss = model._step(batch)
+    aux = model.net.aux_loss()
+    assert (aux is not None) == (variant == "switch")
+    (loss if aux is None else loss + aux).backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.net.layers[1].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_fresh_transfers_blocks_only(ckpt, root):
@@ -226,11 +253,14 @@ def test_masked_forward_equals_plain_forward_without_padding(tmp_path, pos):
     torch.testing.assert_close(masked, plain, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["softmax", "quest", "switch"])
 @pytest.mark.parametrize("pos", ["absolute", "relative"])
 @pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_padding_does_not_change_the_prediction(tmp_path, pos, pooling):
-    path = make_lm_ckpt(tmp_path / f"{pos}.ckpt", pos=pos)
-    model = SequenceClassifier(pretrained=str(path), pooling=pooling).eval()
+def test_padding_does_not_change_the_prediction(tmp_path, pos, pooling, variant):
+    # MoE: dropless (a finite capacity makes predictions batch-dependent: see test_moe_capacity_*);
+    # Elliptical: see test_elliptical_needs_same_length_batches.
+    path = make_lm_ckpt(tmp_path / f"{pos}.ckpt", pos=pos, **VARIANTS[variant])
+    model = SequenceClassifier(pretrained=str(path), pooling=pooling, dropless_moe=variant == "switch").eval()
     V = lm_vocab().size
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 2, 8)]
@@ -250,6 +280,42 @@ def test_padding_does_not_change_the_prediction(tmp_path, pos, pooling):
             torch.testing.assert_close(model.head(h[:, -1]), padded)
             for r, s in enumerate(seqs):
                 assert batch["input"][r, -1].item() == s[-1]
+
+
+def test_moe_capacity_warns_and_pads_are_not_routed(tmp_path, caplog):
+    # eval capacity ceil(0.5 * N / 4): tokens are certainly dropped, and capacity is counted over real tokens only.
+    path = make_lm_ckpt(tmp_path / "switch.ckpt", ffn=dict(name="switch", n_experts=4, eval_capacity_factor=0.5))
+    with caplog.at_level("WARNING", logger="lm.tasks.classifier"):
+        model = SequenceClassifier(pretrained=str(path)).eval()
+    assert "finite capacity" in caplog.text and "dropless_moe" in caplog.text
+    seqs = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    batch = left_pad([(s, 0) for s in seqs], 0)
+    more = {"input": torch.cat([torch.full((3, 4), 2), batch["input"]], 1), "n_pad": batch["n_pad"] + 4}
+    moe = model.net.layers[0].ffn
+    with torch.no_grad():
+        logits = model(batch["input"], batch["n_pad"])
+        assert moe.stats["dropped_fraction"] > 0 and moe.token_mask is None
+        assert moe.stats["expert_load"].sum() == pytest.approx(1.0)
+        torch.testing.assert_close(model(more["input"], more["n_pad"]), logits, atol=1e-6, rtol=1e-5)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lm.tasks.classifier"):
+        dropless = SequenceClassifier(pretrained=str(path), dropless_moe=True)
+    assert caplog.text == "" and all(b.ffn.capacity_factor is None is b.ffn.eval_capacity_factor
+                                     for b in dropless.net.layers)
+
+
+def test_elliptical_needs_same_length_batches(tmp_path):
+    # Elliptical's estimator averages over every position, pads included: batch same-length sentences
+    # (the data's ``batching: length``, no padding), and each prediction is the sentence's own.
+    path = make_lm_ckpt(tmp_path / "elliptical.ckpt", init_std=0.2, **VARIANTS["elliptical"])  # visible effects
+    model = SequenceClassifier(pretrained=str(path)).eval()
+    same = [[3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14]]
+    with torch.no_grad():
+        alone = torch.cat([model(torch.tensor([s])) for s in same])
+        torch.testing.assert_close(model(torch.tensor(same)), alone, atol=1e-5, rtol=1e-4)
+        batch = left_pad([(same[0], 0), ([7, 8], 0)], 0)
+        assert not torch.allclose(model(batch["input"], batch["n_pad"])[1], model(torch.tensor([[7, 8]]))[0],
+                                  atol=1e-5)
 
 
 def test_unmasked_padding_is_visible(ckpt):

@@ -92,6 +92,14 @@ class MoEFFN(nn.Module):
 
     After every forward: ``self.aux_loss`` (float32 scalar, balance + z, weighted) and ``self.stats``
     (detached: ``balance_loss``, ``z_loss``, ``expert_load [E]`` = f_e above, ``dropped_fraction``).
+
+    Padding: a host that knows which positions are padding sets ``token_mask`` (bool, the input's
+    leading shape, e.g. ``[B, T]``; False = pad) for the duration of its forward. Pad positions are
+    then not routed at all: they take no expert capacity, count in neither the aux losses nor the
+    stats, and get a zero FFN output. The real tokens are routed exactly as if the pads were absent,
+    so with capacity limits their outputs no longer depend on HOW MUCH padding the batch has (they
+    still depend on the other real tokens of the batch, as capacity is shared). ``None`` (default):
+    every position is a token. ``SequenceClassifier``'s masked forward sets it.
     """
 
     def __init__(
@@ -141,6 +149,7 @@ class MoEFFN(nn.Module):
 
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
+        self.token_mask: torch.Tensor | None = None  # see "Padding" above; set by the host, never saved
 
     def reset_parameters(self) -> None:
         # Each expert is initialised exactly like an nn.Linear pair (uniform +-1/sqrt(fan_in) for weight
@@ -188,6 +197,19 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # [N, D]
+        if self.token_mask is None:
+            return self._moe(h).reshape(shape)
+        keep = self.token_mask.reshape(-1)
+        if keep.numel() != h.shape[0]:
+            raise ValueError(f"MoEFFN.token_mask has shape {tuple(self.token_mask.shape)}, which does not match "
+                             f"the input's leading shape {tuple(shape[:-1])}")
+        idx = keep.nonzero().squeeze(1)  # real tokens, in order: their priority order is unchanged
+        y = self._moe(h.index_select(0, idx))
+        return y.new_zeros(h.shape[0], shape[-1]).index_copy(0, idx, y).reshape(shape)
+
+    def _moe(self, h: torch.Tensor) -> torch.Tensor:
+        """The layer on flat tokens ``h [N, D]`` -> ``[N, D]``; sets ``aux_loss`` and ``stats``."""
+        shape = h.shape
         n_tok, n_exp, k = h.shape[0], self.n_experts, self.top_k
 
         logits, top_idx, weights = self.route(h)  # [N, E] fp32, [N, k], [N, k] fp32
@@ -229,7 +251,7 @@ class MoEFFN(nn.Module):
 
         # ---- experts: one call per expert on its contiguous slice ----
         # Expert math runs in the input dtype (bf16 stays bf16; autocast may still lower the matmuls).
-        dtype = x.dtype
+        dtype = h.dtype
         w1, b1, w2, b2 = (p.to(dtype) for p in (self.w1, self.b1, self.w2, self.b2))
         xs = h[tok]  # [M, D]
         outs = []
@@ -260,4 +282,4 @@ class MoEFFN(nn.Module):
             "expert_load": load.detach(),
             "dropped_fraction": torch.tensor(dropped, device=h.device),
         }
-        return out.reshape(*shape[:-1], shape[-1])
+        return out

@@ -16,6 +16,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lm.errors import ConfigError
 from lm.utils import atomic_write_bytes, atomic_write_text
@@ -98,8 +99,13 @@ def _tokens(batch) -> int:
 
 
 class TokenThroughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor counting tokens: logs ``train|throughput/items_per_sec`` (= tokens/s)
-    and ``samples_per_sec`` (= segments/s) every ``log_every_n_steps``.
+    """Lightning's ThroughputMonitor counting tokens, under our own tag names. Every ``log_every_n_steps``
+    it logs ``train/tokens_per_s`` and ``train/segments_per_s`` (all devices together; training time only,
+    validation excluded): the rolling mean over the last ``window_size`` steps, or, until that many steps
+    have run, the mean since the start of this fit (so a short run logs them too). At the end of each
+    validation/test run it logs ``val/tokens_per_s`` / ``test/tokens_per_s`` (input tokens fed per second
+    over the whole run; the results JSON's ``tokens_per_s`` counts scored tokens) at the step of ``val/loss``.
+    Lightning's own keys (``train/device/items_per_sec``, ...) are not logged.
 
     At the end of a fit it also writes ``<default_root_dir>/results/train.json``: steps, tokens and
     training seconds of this session (validation time excluded, as in the logged rate), wall seconds
@@ -119,6 +125,48 @@ class TokenThroughput(ThroughputMonitor):
     def on_train_start(self, trainer, *args) -> None:
         super().on_train_start(trainer, *args)
         self._fit_t0, self._step0 = time.perf_counter(), trainer.global_step
+
+    # Tag prefixes, as the module logs its losses (``val/loss`` also under `lm validate`).
+    _PREFIX = {RunningStage.TRAINING: "train", RunningStage.VALIDATING: "val", RunningStage.TESTING: "test",
+               RunningStage.PREDICTING: "predict"}
+
+    def _rates(self, stage: RunningStage, world_size: int, whole_run: bool = False) -> dict[str, float]:
+        """``Throughput.compute()`` renamed: its per-device rolling rates (times the world size) once its
+        window is full, else (or with ``whole_run``) its totals over the time since the stage started."""
+        m = self._throughputs[stage].compute()
+        prefix = self._PREFIX.get(stage, str(stage.value))
+        if "device/items_per_sec" in m and not whole_run:
+            tokens, segments = m["device/items_per_sec"], m["device/samples_per_sec"]
+        elif m.get("time", 0) > 0:
+            tokens, segments = m.get("lengths", 0) / m["time"], m["samples"] / m["time"]
+        else:
+            return {}
+        return {f"{prefix}/tokens_per_s": tokens * world_size, f"{prefix}/segments_per_s": segments * world_size}
+
+    def _compute(self, trainer, iter_num: int | None = None) -> None:
+        # Lightning logs every evaluation batch under `<stage>/device/...` at an evaluation-batch step;
+        # evaluation gets one value per run instead (_log_eval), at the step of `val/loss` / `test/loss`.
+        stage = trainer.state.stage
+        if stage != RunningStage.TRAINING or not trainer._logger_connector.should_update_logs:
+            return
+        trainer._logger_connector.log_metrics(self._rates(stage, trainer.world_size))
+
+    def _log_eval(self, trainer) -> None:
+        stage = trainer.state.stage
+        if trainer.sanity_checking or stage not in self._throughputs or not self._throughputs[stage]._time:
+            return
+        rates = self._rates(stage, trainer.world_size, whole_run=True)
+        rates.pop(f"{self._PREFIX.get(stage, stage.value)}/segments_per_s", None)
+        trainer._logger_connector.log_metrics(rates)  # at the step Lightning logs `val/loss`/`test/loss` at
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._log_eval(trainer)
+        super().on_validation_end(trainer, pl_module)
+
+    @rank_zero_only
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._log_eval(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         stage = RunningStage.TRAINING

@@ -14,10 +14,17 @@ the amount of padding: the prediction would depend on what a sentence is batched
 - with padding (``batching: pad``) and ``mask_padding: true``, the classifier runs the decoder's
   blocks with a per-sentence mask: no query attends a pad key (a pad query attends only itself, so
   its row is never empty), and absolute positions count from the first real token. Relative
-  positions are shift-invariant already. The result equals the unpadded computation for attention
-  variants that honour ``AttnContext.mask`` and use no statistics across positions (the softmax
-  family: softmax, qknorm, ...). Elliptical's segment-mean estimator and MoE capacity limits do see
-  pad positions: use ``batching: length`` with those.
+  positions are shift-invariant already. MoE layers do not route pad positions (``MoEFFN.token_mask``):
+  pads take no expert capacity and stay out of the load-balancing loss. The result equals the unpadded
+  computation for attention variants that honour ``AttnContext.mask`` and use no statistics across
+  positions (softmax, qknorm, QUEST, ...), with dense or dropless MoE FFNs. Elliptical's estimator
+  (segment mean or causal prefix) averages over pad positions too: use ``batching: length`` with it.
+
+MoE capacity. An MoE layer with a finite capacity factor keeps at most ``ceil(cf * n_tokens * k / E)``
+tokens per expert, counted over the whole batch, so which tokens are dropped (and hence a sentence's
+prediction) depends on the other sentences of its batch, with or without padding. The classifier logs
+a warning at construction for such a checkpoint; ``dropless_moe: true`` removes the capacity limits
+(training and evaluation) so that every prediction is a function of its sentence alone.
 
 ``mask_padding: false`` is a decoder that reads pads as ordinary context tokens (positions from the
 first pad), which is what an unmasked implementation of the paper's protocol computes.
@@ -42,6 +49,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lm.config import ModelConfig
 from lm.errors import CheckpointError, ConfigError, unknown
 from lm.model.attention import AttnContext
+from lm.model.moe import MoEFFN
 from lm.model.positions import relative_positions, sinusoid
 from lm.model.transformer import TransformerLM
 from lm.utils import atomic_write_text
@@ -65,6 +73,8 @@ class SequenceClassifier(L.LightningModule):
         model: architecture for ``pretrained: null`` (``ModelConfig`` fields, e.g. n_layer, d_model).
         pooling: ``last`` (final position of the left-padded input) or ``mean`` (over real tokens).
         mask_padding: make left padding invisible to the decoder (see the module docstring).
+        dropless_moe: run the MoE layers without capacity limits (capacity_factor and
+            eval_capacity_factor None), so no prediction depends on its batch (see the module docstring).
         n_classes: number of labels.
         head_dropout: dropout between the head's Tanh and its output layer.
         dropout: override the decoder's dropout for finetuning (None: keep the pretrained value).
@@ -84,6 +94,7 @@ class SequenceClassifier(L.LightningModule):
         model: dict[str, Any] | None = None,
         pooling: str = "last",
         mask_padding: bool = True,
+        dropless_moe: bool = False,
         n_classes: int = 2,
         head_dropout: float = 0.1,
         dropout: float | None = None,
@@ -116,6 +127,7 @@ class SequenceClassifier(L.LightningModule):
                     m.p = dropout
         if freeze_embeddings:
             self.net.embed.requires_grad_(False)
+        self._check_moe_capacity(dropless_moe)
         d = self.net.cfg.d_model
         self.head = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Dropout(head_dropout), nn.Linear(d, n_classes))
         self.val_loss, self.val_acc = MeanMetric(), MulticlassAccuracy(n_classes, average="micro")
@@ -174,6 +186,23 @@ class SequenceClassifier(L.LightningModule):
         if load_weights:
             transfer_weights(src.state_dict(), net, keys, pretrained)
         return net
+
+    def _check_moe_capacity(self, dropless: bool) -> None:
+        """Make the MoE layers dropless, or warn that their capacity limits make predictions batch-dependent."""
+        moes = [(i, b.ffn) for i, b in enumerate(self.net.layers) if isinstance(b.ffn, MoEFFN)]
+        if dropless:
+            for _, m in moes:
+                m.capacity_factor = m.eval_capacity_factor = None
+            return
+        limited = [(i, m) for i, m in moes if m.capacity_factor is not None or m.eval_capacity_factor is not None]
+        if limited:
+            i, m = limited[0]
+            log.warning(
+                "The decoder has %d MoE layer(s) with a finite capacity (layer %d: capacity_factor %s, "
+                "eval_capacity_factor %s): each expert keeps at most ceil(cf * tokens in the batch * top_k / "
+                "n_experts) tokens, so which tokens are dropped, and hence a sentence's prediction, depends on "
+                "the other sentences of its batch. Set model.dropless_moe: true for batch-independent "
+                "predictions.", len(limited), i, m.capacity_factor, m.eval_capacity_factor)
 
     @staticmethod
     def _strip(net: TransformerLM) -> TransformerLM:
@@ -347,9 +376,9 @@ def transfer_weights(src: dict[str, Tensor], net: nn.Module, keys: list[str], wh
 def masked_forward(net: TransformerLM, tokens: Tensor, n_pad: Tensor) -> Tensor:
     """``TransformerLM.forward`` (no memory) with left padding made invisible.
 
-    Query ``i`` of row ``b`` attends keys ``n_pad[b] <= j <= i`` (a pad query only itself), and absolute
-    positions start at 0 on the first real token. Mirrors ``TransformerLM.forward``; a test checks
-    that both agree on unpadded input.
+    Query ``i`` of row ``b`` attends keys ``n_pad[b] <= j <= i`` (a pad query only itself), absolute
+    positions start at 0 on the first real token, and MoE layers route only real tokens. Mirrors
+    ``TransformerLM.forward``; a test checks that both agree on unpadded input.
     """
     cfg = net.cfg
     B, T = tokens.shape
@@ -366,9 +395,16 @@ def masked_forward(net: TransformerLM, tokens: Tensor, n_pad: Tensor) -> Tensor:
     else:
         ctx.rel_pos = net.drop(sinusoid(relative_positions(T, cfg.clamp_len, dev), cfg.d_model).to(h.dtype))
     h = net.drop(h)
-    prev = None
-    for block in net.layers:
-        h, prev = block(h, None, ctx, prev)
+    moes = [b.ffn for b in net.layers if isinstance(b.ffn, MoEFFN)]
+    for m in moes:
+        m.token_mask = real_key  # [B, T]: pads are not routed
+    try:
+        prev = None
+        for block in net.layers:
+            h, prev = block(h, None, ctx, prev)
+    finally:
+        for m in moes:
+            m.token_mask = None
     return net.drop(net.final_norm(h))
 
 

@@ -147,6 +147,7 @@ class LanguageModel(L.LightningModule):
         return next((p for p in paths if p), "(none saved yet)")
 
     def _log_moe_stats(self):
+        loads = {}
         for i, blk in enumerate(self.net.layers):
             stats = getattr(blk.ffn, "stats", None)
             if not stats:
@@ -156,6 +157,22 @@ class LanguageModel(L.LightningModule):
             self.log(f"moe/layer{i}/z_loss", stats["z_loss"])
             load = stats["expert_load"]
             self.log(f"moe/layer{i}/load_max_over_mean", load.max() / load.mean().clamp_min(1e-9))
+            loads[i] = load
+        # Each expert's share of the layer's top-k assignments (f_e, before capacity; sums to 1 per layer).
+        # E x layers self.log calls cost real time, and the logger only writes on its interval: log them
+        # only on steps the logger writes, from one device-to-host copy (the logger's .item() calls on these
+        # steps would sync anyway), so other steps pay nothing.
+        if loads and self._is_log_step():
+            host = torch.cat([f.float() for f in loads.values()]).cpu().split([f.numel() for f in loads.values()])
+            for i, row in zip(loads, host):
+                for j, share in enumerate(row):
+                    self.log(f"moe/layer{i}/expert{j}_load", share)
+
+    def _is_log_step(self) -> bool:
+        """Whether the logger writes this training step's metrics (Lightning's own predicate)."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True) or trainer.fast_dev_run)
 
     def _metric(self, mean_nll: torch.Tensor) -> torch.Tensor:
         return torch.exp(mean_nll) if self.unit == "word" else mean_nll / math.log(2)

@@ -92,9 +92,15 @@ class Attention(nn.Module):
         super().__init__()
         self.opts = self.parse_options(options or {})
         if relative and not self.supports_relative:
+            # Decoder memory (model.mem_len > 0) exists only with relative positions (ModelConfig enforces
+            # it), so this is also the error a memory config with such a variant ends in: name both.
+            others = ", ".join(sorted(n for n, c in ATTENTION.items() if c.supports_relative))
             raise ConfigError(
-                f"attention '{self.name}' does not support relative positions (model.pos: relative); "
-                f"use model.pos: absolute or another variant."
+                f"attention '{self.name}' (layer {layer_idx}) supports absolute positions only: it has no "
+                f"Transformer-XL relative position term, so it cannot run with model.pos: relative or with "
+                f"decoder memory (model.mem_len > 0, which needs relative positions). Set model.pos: absolute "
+                f"and model.mem_len: 0 (the Elliptical paper's Table-1 setting), or choose a variant that "
+                f"supports relative positions and memory: {others}."
             )
         self.n_head, self.d_head, self.layer_idx, self.relative = n_head, d_head, layer_idx, relative
         self.dropatt = dropatt
