@@ -696,3 +696,20 @@ def test_options_dataclass_is_typed():
     assert dataclasses.asdict(mod.opts) == dict(scale="none", estimator="segment_mean", normalize="max",
                                                 reduce="mean", stretch_position=False)
     assert build_attention("elliptical_quest", d_model=D_MODEL, n_head=H, d_head=D).opts.scale == "none"
+
+
+@pytest.mark.parametrize("estimator,reduce", [("segment_mean", "mean"), ("segment_mean", "median"), ("causal", "mean")])
+def test_metric_with_key_mask_equals_metric_on_the_real_positions(estimator, reduce):
+    # Left padding: row b's first n_pad[b] positions are pads. The masked estimate must equal the plain
+    # estimate computed on that row's real positions alone (the sentence without padding).
+    g = torch.Generator().manual_seed(3)
+    B, H, S, D = 3, 2, 7, 5
+    v, vp = torch.randn(B, H, S, D, generator=g), torch.randn(B, H, S, D, generator=g)
+    n_pad = torch.tensor([0, 3, 5])
+    keep = torch.arange(S)[None, :] >= n_pad[:, None]
+    m = elliptical_metric(v, vp, S, estimator, "max", reduce, key_mask=keep)
+    for b in range(B):
+        p = int(n_pad[b])
+        alone = elliptical_metric(v[b:b + 1, :, p:], vp[b:b + 1, :, p:], S - p, estimator, "max", reduce)
+        got = m[b:b + 1] if estimator == "segment_mean" else m[b:b + 1, :, p:]
+        torch.testing.assert_close(got, alone)

@@ -253,12 +253,12 @@ def test_masked_forward_equals_plain_forward_without_padding(tmp_path, pos):
     torch.testing.assert_close(masked, plain, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["softmax", "quest", "switch"])
+@pytest.mark.parametrize("variant", ["softmax", "elliptical", "quest", "switch"])
 @pytest.mark.parametrize("pos", ["absolute", "relative"])
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_padding_does_not_change_the_prediction(tmp_path, pos, pooling, variant):
     # MoE: dropless (a finite capacity makes predictions batch-dependent: see test_moe_capacity_*);
-    # Elliptical: see test_elliptical_needs_same_length_batches.
+    # Elliptical: see also test_elliptical_metric_ignores_padding (larger weights, both estimators).
     path = make_lm_ckpt(tmp_path / f"{pos}.ckpt", pos=pos, **VARIANTS[variant])
     model = SequenceClassifier(pretrained=str(path), pooling=pooling, dropless_moe=variant == "switch").eval()
     V = lm_vocab().size
@@ -304,18 +304,27 @@ def test_moe_capacity_warns_and_pads_are_not_routed(tmp_path, caplog):
                                      for b in dropless.net.layers)
 
 
-def test_elliptical_needs_same_length_batches(tmp_path):
-    # Elliptical's estimator averages over every position, pads included: batch same-length sentences
-    # (the data's ``batching: length``, no padding), and each prediction is the sentence's own.
-    path = make_lm_ckpt(tmp_path / "elliptical.ckpt", init_std=0.2, **VARIANTS["elliptical"])  # visible effects
+@pytest.mark.parametrize("estimator", ["segment_mean", "causal"])
+def test_elliptical_metric_ignores_padding(tmp_path, monkeypatch, estimator):
+    # Elliptical's m̂ is a per-sequence statistic over positions: with left padding it is taken over the
+    # real tokens only (AttnContext.key_mask), so a padded sentence gets exactly its own prediction.
+    att = dict(name="elliptical", layers="1:", options={"estimator": estimator})
+    path = make_lm_ckpt(tmp_path / "elliptical.ckpt", init_std=0.2, attention=att)  # visible effects
     model = SequenceClassifier(pretrained=str(path)).eval()
-    same = [[3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14]]
+    seqs = [[3, 4, 5, 6, 9, 2], [7, 8], [11, 12, 13]]
+    batch = left_pad([(s, 0) for s in seqs], 0)
     with torch.no_grad():
-        alone = torch.cat([model(torch.tensor([s])) for s in same])
-        torch.testing.assert_close(model(torch.tensor(same)), alone, atol=1e-5, rtol=1e-4)
-        batch = left_pad([(same[0], 0), ([7, 8], 0)], 0)
-        assert not torch.allclose(model(batch["input"], batch["n_pad"])[1], model(torch.tensor([[7, 8]]))[0],
-                                  atol=1e-5)
+        alone = torch.cat([model(torch.tensor([s])) for s in seqs])
+        torch.testing.assert_close(model(batch["input"], batch["n_pad"]), alone, atol=1e-5, rtol=1e-4)
+    # The control: the same forward with pads counted in the statistic gives other predictions.
+    import lm.tasks.classifier as clf
+
+    real_ctx = clf.AttnContext
+    monkeypatch.setattr(clf, "AttnContext", lambda **kw: real_ctx(**{**kw, "key_mask": None}))
+    with torch.no_grad():
+        counted = model(batch["input"], batch["n_pad"])
+    assert not torch.allclose(counted[1:], alone[1:], atol=1e-5)
+    torch.testing.assert_close(counted[0], alone[0], atol=1e-5, rtol=1e-4)  # the unpadded row is unaffected
 
 
 def test_unmasked_padding_is_visible(ckpt):

@@ -20,7 +20,8 @@ Padding and batching (``batching``):
 
 - ``length`` (default): every batch holds sentences of the SAME token length, so there is no padding
   at all. The prediction for a sentence cannot depend on what it is batched with, for every attention
-  variant (Elliptical's segment statistics and MoE capacity included).
+  variant (Elliptical's segment statistics included; an MoE layer with a finite capacity still shares
+  its capacity across the sentences of a batch: use `model.dropless_moe: true` for batch-independent predictions).
 - ``pad``: random batches, LEFT-padded to the longest sentence (the paper's protocol), so the final
   position is every sentence's real last token. Batches carry ``n_pad``; the classifier masks padding
   keys and counts absolute positions from the first real token (``model.mask_padding``), which makes

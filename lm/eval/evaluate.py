@@ -8,6 +8,7 @@ TensorBoard) gives PPL (or BPC) clean vs contaminated and the degradation ratio.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -102,47 +103,50 @@ def evaluate(
                       batch_size=batch_size)
     out_dir = Path(out)
     rows, tmp = [], Path(tempfile.mkdtemp(prefix="lm-eval-"))
-    for ckpt_path in ckpts:
-        model, vocab, ckpt = load_checkpoint(ckpt_path)
-        hp = ckpt.get("hyper_parameters", {})
-        data_hp = ckpt.get("lm_data", {})
-        name = _run_name(ckpt_path)
-        tok_path = tmp / f"{name}-tokenizer.json"
-        vocab.save(tok_path)
-        model.eval_cfg = ecfg
-        model.results_dir = str(tmp / name)
-        dm_kwargs = dict(corpus=corpus or data_hp.get("corpus", "wikitext-2"), root=root, tokenizer=str(tok_path),
-                         tgt_len=hp.get("tgt_len", 128), batch_size=1, eval=ecfg)
-        clean_dm = LMDataModule(**dm_kwargs)
-        source = clean_dm.split_file(split)
-        variants = [("clean", None, None)]
-        for recipe, rate in specs:
-            res = corrupt_file(source, recipe=recipe, rate=rate, seed=seed,
-                               format="enwik8" if vocab.unit == "byte" else "wikitext")
-            variants.append((f"{recipe}:{rate:g}", res.path, res.manifest))
-        row = {"checkpoint": ckpt_path, "name": name, "attention": hp.get("attention"), "ffn": hp.get("ffn"),
-               "unit": vocab.unit, "results": {}}
-        for label, path, manifest in variants:
-            kw = dict(dm_kwargs)
-            if path is not None:
-                kw[f"{split}_file"] = str(path)
-            dm = LMDataModule(**kw)
-            trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
-                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                limit_test_batches=limit_batches, limit_val_batches=limit_batches,
-                                default_root_dir=str(tmp / name))
-            (trainer.test if split == "test" else trainer.validate)(model, datamodule=dm, verbose=False)
-            r = dict(model.last_result)
-            if manifest is not None:
-                r["corruption"] = {k: manifest.get(k) for k in (
-                    "recipe", "rate", "seed", "replacement", "effective_rate", "swapped_line_fraction",
-                    "token_change_rate", "unk_swaps", "n_swaps", "source_sha256", "output_sha256")}
-                r["corrupted_file"] = str(path)
-            row["results"][label] = r
-        clean = row["results"]["clean"][row["results"]["clean"]["metric"]]
-        for r in row["results"].values():
-            r["ratio_vs_clean"] = r[r["metric"]] / clean if clean else None
-        rows.append(row)
+    try:  # the per-checkpoint tokenizers and Lightning folders are scratch: never left behind
+        for ckpt_path in ckpts:
+            model, vocab, ckpt = load_checkpoint(ckpt_path)
+            hp = ckpt.get("hyper_parameters", {})
+            data_hp = ckpt.get("lm_data", {})
+            name = _run_name(ckpt_path)
+            tok_path = tmp / f"{name}-tokenizer.json"
+            vocab.save(tok_path)
+            model.eval_cfg = ecfg
+            model.results_dir = str(tmp / name)
+            dm_kwargs = dict(corpus=corpus or data_hp.get("corpus", "wikitext-2"), root=root, tokenizer=str(tok_path),
+                             tgt_len=hp.get("tgt_len", 128), batch_size=1, eval=ecfg)
+            clean_dm = LMDataModule(**dm_kwargs)
+            source = clean_dm.split_file(split)
+            variants = [("clean", None, None)]
+            for recipe, rate in specs:
+                res = corrupt_file(source, recipe=recipe, rate=rate, seed=seed,
+                                   format="enwik8" if vocab.unit == "byte" else "wikitext")
+                variants.append((f"{recipe}:{rate:g}", res.path, res.manifest))
+            row = {"checkpoint": ckpt_path, "name": name, "attention": hp.get("attention"), "ffn": hp.get("ffn"),
+                   "unit": vocab.unit, "results": {}}
+            for label, path, manifest in variants:
+                kw = dict(dm_kwargs)
+                if path is not None:
+                    kw[f"{split}_file"] = str(path)
+                dm = LMDataModule(**kw)
+                trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                    limit_test_batches=limit_batches, limit_val_batches=limit_batches,
+                                    default_root_dir=str(tmp / name))
+                (trainer.test if split == "test" else trainer.validate)(model, datamodule=dm, verbose=False)
+                r = dict(model.last_result)
+                if manifest is not None:
+                    r["corruption"] = {k: manifest.get(k) for k in (
+                        "recipe", "rate", "seed", "replacement", "effective_rate", "swapped_line_fraction",
+                        "token_change_rate", "unk_swaps", "n_swaps", "source_sha256", "output_sha256")}
+                    r["corrupted_file"] = str(Path(path).resolve())
+                row["results"][label] = r
+            clean = row["results"]["clean"][row["results"]["clean"]["metric"]]
+            for r in row["results"].values():
+                r["ratio_vs_clean"] = r[r["metric"]] / clean if clean else None
+            rows.append(row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     report = {"protocol": rows[0]["results"]["clean"]["protocol"] if rows else asdict(ecfg), "split": split,
               "corruption_seed": seed, "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)

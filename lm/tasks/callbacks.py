@@ -175,7 +175,7 @@ class TokenThroughput(ThroughputMonitor):
         train_s = time.perf_counter() - self._t0s[stage]  # ThroughputMonitor shifts t0 past validation
         tokens = self._lengths.get(stage, 0) * trainer.world_size
         session = {"steps": trainer.global_step - self._step0, "tokens": tokens,
-                   "train_s": round(train_s, 2), "wall_s": round(time.perf_counter() - self._fit_t0, 2),
+                   "train_s": round(train_s, 6), "wall_s": round(time.perf_counter() - self._fit_t0, 2),
                    "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
                    "world_size": trainer.world_size, "precision": str(trainer.precision)}
         path = Path(trainer.default_root_dir) / "results" / "train.json"
@@ -188,7 +188,7 @@ class TokenThroughput(ThroughputMonitor):
         sessions.append(session)
         tot_tokens = sum(x["tokens"] for x in sessions)
         tot_train = sum(x["train_s"] for x in sessions)
-        summary = {"global_step": trainer.global_step, "tokens": tot_tokens, "train_s": round(tot_train, 2),
+        summary = {"global_step": trainer.global_step, "tokens": tot_tokens, "train_s": round(tot_train, 3),
                    "wall_s": round(sum(x["wall_s"] for x in sessions), 2),
                    "tokens_per_s": round(tot_tokens / tot_train, 1) if tot_train > 0 else None,
                    "sessions": sessions}

@@ -16,9 +16,9 @@ the amount of padding: the prediction would depend on what a sentence is batched
   its row is never empty), and absolute positions count from the first real token. Relative
   positions are shift-invariant already. MoE layers do not route pad positions (``MoEFFN.token_mask``):
   pads take no expert capacity and stay out of the load-balancing loss. The result equals the unpadded
-  computation for attention variants that honour ``AttnContext.mask`` and use no statistics across
-  positions (softmax, qknorm, QUEST, ...), with dense or dropless MoE FFNs. Elliptical's estimator
-  (segment mean or causal prefix) averages over pad positions too: use ``batching: length`` with it.
+  computation for attention variants that honour ``AttnContext.mask`` (softmax, qknorm, QUEST, ...),
+  with dense or dropless MoE FFNs; Elliptical's per-sequence estimate of m̂ (segment mean, median or
+  causal prefix) is taken over the real tokens only (``AttnContext.key_mask``), so it is exact too.
 
 MoE capacity. An MoE layer with a finite capacity factor keeps at most ``ceil(cf * n_tokens * k / E)``
 tokens per expert, counted over the whole batch, so which tokens are dropped (and hence a sentence's
@@ -387,7 +387,8 @@ def masked_forward(net: TransformerLM, tokens: Tensor, n_pad: Tensor) -> Tensor:
     real_key = ar[None, :] >= n_pad[:, None]  # [B, S]
     allowed = (ar[None, :, None] >= ar[None, None, :]) & (real_key[:, None, :] | torch.eye(T, dtype=torch.bool,
                                                                                         device=dev)[None])
-    ctx = AttnContext(mask=allowed[:, None], mem_len=0)  # [B, 1, T, S] broadcasts over heads
+    # key_mask: per-sequence statistics (Elliptical's m̂) are taken over real tokens only.
+    ctx = AttnContext(mask=allowed[:, None], mem_len=0, key_mask=real_key)  # mask [B, 1, T, S] broadcasts over heads
     h = net.embed(tokens)
     if cfg.pos == "absolute":
         pos = (ar[None, :] - n_pad[:, None]).clamp_min(0)

@@ -52,6 +52,7 @@ class AttnContext:
     rel_pos: Tensor | None = None  # [S, d_model] sinusoids of distances S-1..0 (relative setting)
     need_weights: bool = False  # math path, return attention maps (analysis)
     mem_len: int = 0  # M, memory positions in front of the segment
+    key_mask: Tensor | None = None  # bool [B, S], False = padding: left out of per-sequence statistics
 
 
 @dataclass

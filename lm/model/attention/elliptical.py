@@ -52,33 +52,53 @@ class EllipticalOptions:
 
 @torch.no_grad()
 def elliptical_metric(v: Tensor, v_prev: Tensor, qlen: int, estimator: str = "segment_mean",
-                      normalize: str = "max", reduce: str = "mean") -> Tensor:
+                      normalize: str = "max", reduce: str = "mean", key_mask: Tensor | None = None) -> Tensor:
     """m̂ from this layer's and the previous layer's values ``[B, H, S, D]`` (same positions).
 
     Returns ``[B, H, 1, D]`` (segment estimator) or ``[B, H, qlen, D]`` (causal: the query at segment
     position i uses the prefix of the S - qlen memory positions and segment positions <= i).
+    ``key_mask`` (bool ``[B, S]``, False = padding): padded positions are left out of the mean / median /
+    prefix mean, so a padded sentence gets the m̂ it has alone (finetuning with padded batches).
     Detached; a head whose values did not change at all gets m̂ = 1 (no stretch) instead of 0/0.
     """
     # abs_ in place on the fresh difference: one [B, H, S, D] temporary instead of two (the second
     # allocation made this reduction ~10x slower than the arithmetic; see scripts/bench_attention.py).
     diff = (v.float() - v_prev.float()).abs_()
+    if key_mask is not None:
+        return _normalise(_masked_mean(diff, key_mask, qlen, estimator, reduce), normalize).to(v.dtype)
     if estimator == "segment_mean":
         m = diff.median(dim=2, keepdim=True).values if reduce == "median" else diff.mean(dim=2, keepdim=True)
     else:
         s = diff.size(2)
         count = torch.arange(s - qlen + 1, s + 1, device=v.device, dtype=diff.dtype)
         m = diff.cumsum(dim=2)[:, :, s - qlen:] / count[:, None]
+    return _normalise(m, normalize).to(v.dtype)
+
+
+def _normalise(m: Tensor, normalize: str) -> Tensor:
     denom = m.amax(dim=-1, keepdim=True) if normalize == "max" else m.mean(dim=-1, keepdim=True)
     tiny = torch.finfo(m.dtype).tiny
-    m_hat = torch.where(denom > tiny, m / denom.clamp_min(tiny), torch.ones_like(m))
-    return m_hat.to(v.dtype)
+    return torch.where(denom > tiny, m / denom.clamp_min(tiny), torch.ones_like(m))
+
+
+def _masked_mean(diff: Tensor, key_mask: Tensor, qlen: int, estimator: str, reduce: str) -> Tensor:
+    """The estimator over real positions only (``key_mask`` [B, S], True = real)."""
+    keep = key_mask[:, None, :, None].to(diff.dtype)  # [B, 1, S, 1]
+    if estimator == "segment_mean":
+        if reduce == "median":
+            return diff.masked_fill(keep == 0, float("nan")).nanmedian(dim=2, keepdim=True).values.nan_to_num(0.0)
+        return (diff * keep).sum(dim=2, keepdim=True) / keep.sum(dim=2, keepdim=True).clamp_min(1.0)
+    s = diff.size(2)
+    # A pad query (no real position up to it) gets an all-zero estimate -> m̂ = 1; its output is unused.
+    return ((diff * keep).cumsum(dim=2)[:, :, s - qlen:]
+            / keep.cumsum(dim=2)[:, :, s - qlen:].clamp_min(1.0))
 
 
 @register("elliptical")
 class EllipticalAttention(Attention):
     Options = EllipticalOptions
 
-    def metric(self, v: Tensor, prev: LayerState | None, qlen: int) -> Tensor | None:
+    def metric(self, v: Tensor, prev: LayerState | None, qlen: int, key_mask: Tensor | None = None) -> Tensor | None:
         """m̂, or None where there is no previous layer (layer 0 is ordinary attention)."""
         if prev is None or prev.values is None:
             return None
@@ -86,13 +106,13 @@ class EllipticalAttention(Attention):
             raise ConfigError(f"elliptical layer {self.layer_idx}: previous layer's values {tuple(prev.values.shape)} "
                               f"do not match this layer's {tuple(v.shape)}; all layers need the same n_head, d_head.")
         o = self.opts
-        return elliptical_metric(v, prev.values, qlen, o.estimator, o.normalize, o.reduce)
+        return elliptical_metric(v, prev.values, qlen, o.estimator, o.normalize, o.reduce, key_mask)
 
     def content_scale(self, stretched: bool) -> float:
         return 1.0 / math.sqrt(self.d_head) if (self.opts.scale == "sqrt" or not stretched) else 1.0
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, prev: LayerState | None):
-        m_hat = self.metric(v, prev, q.size(-2))
+        m_hat = self.metric(v, prev, q.size(-2), ctx.key_mask)
         stretched = m_hat is not None
         qc = q + self.r_w_bias[:, None, :] if self.relative else q
         if stretched:
