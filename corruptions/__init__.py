@@ -15,7 +15,15 @@ from corruptions.char_swap import char_swap_line
 from corruptions.cli import corrupt, parse_spec, parse_specs
 from corruptions.manifest import RECIPES, CorruptionResult, corrupt_file, corrupt_text
 from corruptions.word_swap import ConfigError, Swap, n_swaps_for_line, word_swap_line
-from corruptions.words import STOPWORDS, Word, find_words, markup_spans, words_from_text
+from corruptions.words import (
+    STOPWORDS,
+    Word,
+    enwik8_protected_spans,
+    find_words,
+    markup_spans,
+    text_body_spans,
+    words_from_text,
+)
 
 __all__ = [
     "RECIPES",
@@ -28,11 +36,13 @@ __all__ = [
     "corrupt",
     "corrupt_file",
     "corrupt_text",
+    "enwik8_protected_spans",
     "find_words",
     "markup_spans",
     "n_swaps_for_line",
     "parse_spec",
     "parse_specs",
+    "text_body_spans",
     "word_swap_line",
     "words_from_text",
 ]

@@ -79,7 +79,7 @@ def char_swap_line(
         rate: fraction of the line's words (stopwords included) to edit, in [0, 1].
         rng: the file's ``random.Random``.
         stopwords: words never edited (exact, case-sensitive match).
-        protected: sorted, disjoint character spans (XML markup) left untouched.
+        protected: sorted, disjoint character spans (XML markup, EnWik8 page metadata) left untouched.
         replacement: ignored; accepted so that both recipes share one call signature.
 
     Returns:

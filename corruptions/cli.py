@@ -83,8 +83,8 @@ def corrupt(
         seed: random seed; the same seed gives byte-identical output and manifest.
         replacement: literal that replaces each chosen word in word_swap.
         out_dir: cache directory for the corrupted splits and manifests.
-        format: wikitext, enwik8 (XML tags left untouched) or auto (enwik8 if the file name starts
-            with enwik8).
+        format: wikitext, enwik8 (only the <text> bodies are corrupted; markup and page metadata are
+            left untouched) or auto (enwik8 if the file name starts with enwik8).
 
     Returns:
         One manifest per file (without the per-swap list), each with "path", "manifest_path" and "cached".

@@ -8,11 +8,12 @@ writes the result and a JSON manifest to::
     <out_dir>/<source name>.<recipe>-r<rate>-s<seed>-<hash12>/manifest.json
 
 ``hash12`` is the start of the sha256 of the cache key: the source's sha256, recipe, rate, seed,
-replacement (``None`` for ``char_swap``), format and algorithm version. A later call with the same key
-reuses the files when the manifest's key matches and the output's sha256 equals the one recorded
-(``cached=True``); anything else (a missing, edited or truncated file, a manifest from another version)
-is rebuilt. Every write goes to a temporary file in the destination folder and is moved into place
-with ``os.replace``, the output first and the manifest last. The clean source is only ever read.
+replacement (``None`` for ``char_swap``), format and the format's algorithm version
+(:data:`ALGORITHMS`). A later call with the same key reuses the files when the manifest's key matches
+and the output's sha256 equals the one recorded (``cached=True``); anything else (a missing, edited or
+truncated file, a manifest from another version) is rebuilt. Every write goes to a temporary file in
+the destination folder and is moved into place with ``os.replace``, the output first and the manifest
+last. The clean source is only ever read.
 
 Manifest fields (all counts are over the whole file):
 
@@ -20,7 +21,8 @@ Manifest fields (all counts are over the whole file):
 * ``source_path``, ``source_sha256``, ``source_bytes``, ``output_file``, ``output_sha256``, ``output_bytes``;
 * ``n_lines`` (``\\n``-separated lines), ``n_nonempty_lines`` (lines with a whitespace token),
   ``n_lines_with_eligible`` (lines with at least one non-stopword word), ``n_lines_swapped``;
-* ``n_words`` (all words, stopwords included; outside markup for ``enwik8``), ``n_eligible_words``,
+* ``n_words`` (all words, stopwords included; for ``enwik8`` only the words inside ``<text>`` bodies,
+  outside tags and entities), ``n_eligible_words``,
   ``n_swaps``, ``effective_rate`` = ``n_swaps / n_words``;
 * ``swapped_line_fraction`` = ``n_lines_swapped / n_lines``,
   ``swapped_nonempty_line_fraction`` = ``n_lines_swapped / n_nonempty_lines``;
@@ -55,7 +57,7 @@ from corruptions.word_swap import (
     validate_replacement,
     word_swap_line_detailed,
 )
-from corruptions.words import STOPWORDS, line_spans, markup_spans
+from corruptions.words import STOPWORDS, enwik8_protected_spans, line_spans
 
 # corruptions/ ships in the same distribution as lm/: share its errors and atomic writes.
 from lm.errors import DataError, unknown
@@ -64,6 +66,7 @@ from lm.utils import atomic_write_bytes
 
 __all__ = [
     "ALGORITHM",
+    "ALGORITHMS",
     "FORMATS",
     "RECIPES",
     "Recipe",
@@ -81,8 +84,12 @@ __all__ = [
     "sha256_file",
 ]
 
-# Bumped whenever the output for a given key could change; part of the cache key.
+# Bumped whenever the output for a given key could change; part of the cache key. Versioned per format
+# so that a change to one format leaves the caches of the other valid: v2 of ``enwik8`` protects
+# everything outside the <text> bodies (v1 protected only tags and entities); ``wikitext`` is unchanged,
+# so its cache paths (recorded in results/) stay the same.
 ALGORITHM = "corruptions-v1"
+ALGORITHMS = {"wikitext": ALGORITHM, "enwik8": "corruptions-v2"}
 FORMATS = ("wikitext", "enwik8")
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
@@ -197,10 +204,12 @@ def corrupt_text(
     """Corrupt every line of ``text``; return ``(new_text, stats, swaps)``.
 
     One ``random.Random(seed)`` serves the whole text and lines are visited in order, so the result
-    depends only on ``(text, recipe, rate, seed, replacement, format)``. In ``enwik8`` format, XML tags
-    and entity references are found over the whole text first (a tag may span lines) and excluded from
-    the words of every line they touch. ``stats`` holds the count fields of the manifest; ``swaps`` is
-    one ``[line, word, start, original, new]`` per swap.
+    depends only on ``(text, recipe, rate, seed, replacement, format)``. In ``enwik8`` format the
+    protected spans are found over the whole text first (XML tags and entity references, which may span
+    lines, and everything outside the ``<text>`` bodies; see
+    :func:`~corruptions.words.enwik8_protected_spans`) and excluded from the words of every line they
+    touch, so only article text is corrupted. ``stats`` holds the count fields of the manifest;
+    ``swaps`` is one ``[line, word, start, original, new]`` per swap.
     """
     spec = get_recipe(recipe)
     rate = validate_rate(rate)
@@ -208,7 +217,7 @@ def corrupt_text(
     if spec.uses_replacement:
         replacement = validate_replacement(replacement, markup=format == "enwik8")
     rng = random.Random(seed)
-    markup = markup_spans(text) if format == "enwik8" else []
+    markup = enwik8_protected_spans(text) if format == "enwik8" else []
     mi = 0  # first markup span that may still overlap the current line
 
     pieces: list[str] = []
@@ -287,7 +296,7 @@ def cache_key(
 ) -> dict[str, Any]:
     """Everything the corrupted bytes depend on."""
     return {
-        "algorithm": ALGORITHM,
+        "algorithm": ALGORITHMS.get(format, ALGORITHM),
         "source_sha256": source_sha256,
         "recipe": recipe,
         "rate": float(rate),
@@ -353,7 +362,8 @@ def corrupt_file(
         seed: seed of the file's ``random.Random``.
         out_dir: cache root; default ``./.cache/corruptions`` under the current working directory.
         replacement: the literal for ``word_swap`` (``AAA``); ignored by ``char_swap``.
-        format: ``wikitext``, ``enwik8`` (XML markup protected) or ``auto`` (by file name).
+        format: ``wikitext``, ``enwik8`` (only ``<text>`` bodies corrupted, markup protected) or ``auto``
+            (by file name).
         stopwords: words never corrupted; the default is NLTK's English list. A non-default list is
             not part of the cache key, so give such runs their own ``out_dir``.
     """
@@ -396,7 +406,7 @@ def corrupt_file(
         "seed": seed,
         "replacement": key["replacement"],
         "format": format,
-        "algorithm": ALGORITHM,
+        "algorithm": key["algorithm"],
         "key": key,
         "key_hash": _key_hash(key),
         "source_path": str(src_path.resolve()),

@@ -1,6 +1,7 @@
 """Word-swap contamination: the paper's recipe, one line at a time.
 
-For one line (a WikiText paragraph or heading; a line of an EnWik8 dump with its XML markup protected):
+For one line (a WikiText paragraph or heading; a line of an EnWik8 dump with its XML markup
+and everything outside the ``<text>`` bodies protected):
 
 1. ``words`` = every word of the line (:mod:`corruptions.words`), stopwords included;
    ``eligible`` = the words that are not stopwords (exact match against NLTK's lowercase list) and
@@ -175,7 +176,8 @@ def word_swap_line(
         replacement: the literal that replaces each chosen word (``AAA`` in the paper).
         stopwords: words never swapped, matched exactly (case-sensitive), as TextAttack does; words
             equal to ``replacement`` are not swapped either.
-        protected: sorted, disjoint character spans (XML markup) that are neither words nor touched.
+        protected: sorted, disjoint character spans (XML markup, EnWik8 page metadata) that are neither
+            words nor touched.
 
     Returns:
         ``(new_line, swaps)``; each :class:`Swap` is ``(word_index, start, original, new)`` with the

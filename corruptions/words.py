@@ -25,7 +25,15 @@ and ``[\\w'*@-]`` is "alphanumeric or one of ``'-_*@``".
 
 For EnWik8-style XML, :func:`markup_spans` finds the XML tags (``<page>``, ``<text xml:space=...>``,
 ``</title>``) and XML entity / character references (``&amp;``, ``&quot;``, ``&#160;``) that must stay
-byte-identical; words are then only looked for in the text between those spans.
+byte-identical. Only the article bodies are corrupted: :func:`text_body_spans` finds the content of
+every ``<text ...>...</text>`` element (which usually spans many lines), and
+:func:`enwik8_protected_spans` protects the markup plus everything outside those bodies (the
+``<title>``, ``<id>``, ``<timestamp>``, ``<contributor>``, ``<comment>`` ... of every page, the
+``<siteinfo>`` header). Words are then only looked for in the text between the protected spans.
+
+A split cut out of a dump may start or end inside a body. The rule: if the first ``<text``-element tag
+of the file is a closing ``</text>`` (a body closes before any opens), everything before it is body; a
+body still open at the end of the file runs to the end. A self-closing ``<text ... />`` has no body.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ __all__ = [
     "find_words",
     "words_from_text",
     "markup_spans",
+    "text_body_spans",
+    "enwik8_protected_spans",
     "line_spans",
     "load_stopwords",
     "STOPWORDS",
@@ -58,6 +68,9 @@ _ENTITY_RE = re.compile(r"&(?:[A-Za-z][A-Za-z0-9._-]*|#[0-9]+|#[xX][0-9A-Fa-f]+)
 # A split that starts in the middle of a tag: text up to the first '>' on the first line, if no '<'
 # comes before it (in a MediaWiki dump a bare '>' never occurs in text; it is written '&gt;').
 _LEADING_TAG_TAIL_RE = re.compile(r"\A[^<>\n]*>")
+# The tags of the <text> element (the article body): "<text ...>", "</text>", "<text ... />"; the
+# name must end there ("<textarea>" is another element). Matched at the start of a _TAG_RE match.
+_TEXT_TAG_RE = re.compile(r"<\s*(/?)\s*text(?=[\s/>]|\Z)")
 
 
 class Word(NamedTuple):
@@ -90,13 +103,8 @@ def words_from_text(text: str) -> list[str]:
     return WORD_RE.findall(text)
 
 
-def markup_spans(text: str) -> list[tuple[int, int]]:
-    """Sorted, merged character spans of XML markup (tags and entity references) in ``text``."""
-    spans = [m.span() for m in _TAG_RE.finditer(text)]
-    spans += [m.span() for m in _ENTITY_RE.finditer(text)]
-    m = _LEADING_TAG_TAIL_RE.match(text)
-    if m:
-        spans.append(m.span())
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort ``spans`` and merge the overlapping or touching ones."""
     spans.sort()
     merged: list[tuple[int, int]] = []
     for s, e in spans:
@@ -106,6 +114,63 @@ def markup_spans(text: str) -> list[tuple[int, int]]:
         else:
             merged.append((s, e))
     return merged
+
+
+def markup_spans(text: str) -> list[tuple[int, int]]:
+    """Sorted, merged character spans of XML markup (tags and entity references) in ``text``."""
+    spans = [m.span() for m in _TAG_RE.finditer(text)]
+    spans += [m.span() for m in _ENTITY_RE.finditer(text)]
+    m = _LEADING_TAG_TAIL_RE.match(text)
+    if m:
+        spans.append(m.span())
+    return _merge(spans)
+
+
+def text_body_spans(text: str) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``(start, end)`` of the contents of the ``<text ...>`` elements of ``text``.
+
+    A body runs from the end of an opening ``<text ...>`` tag to the start of the next ``</text>``.
+    If the first ``<text``-element tag is a closing one, the file starts inside a body, which then
+    runs from offset 0; a body not closed by the end of the file runs to the end. ``<text ... />`` is
+    empty. Tags are those of :func:`markup_spans` (a tag may span lines; a final one may be cut).
+    """
+    bodies: list[tuple[int, int]] = []
+    body_start: int | None = None
+    first = True
+    for tag in _TAG_RE.finditer(text):
+        m = _TEXT_TAG_RE.match(tag.group())
+        if m is None:
+            continue
+        closing = bool(m.group(1))
+        if first and closing:
+            body_start = 0  # the split starts inside a body
+        first = False
+        if closing:
+            if body_start is not None:
+                bodies.append((body_start, tag.start()))
+                body_start = None
+        elif body_start is None and tag.group().endswith(">") and not tag.group().endswith("/>"):
+            body_start = tag.end()
+    if body_start is not None:
+        bodies.append((body_start, len(text)))
+    return [(s, e) for s, e in bodies if e > s]
+
+
+def enwik8_protected_spans(text: str) -> list[tuple[int, int]]:
+    """What stays byte-identical in an EnWik8 dump: all markup, and everything outside text bodies.
+
+    Sorted and merged; the words of the file are the words of its :func:`text_body_spans` with the
+    tags and entity references in them (:func:`markup_spans`) excluded.
+    """
+    spans = markup_spans(text)
+    pos = 0
+    for s, e in text_body_spans(text):
+        if s > pos:
+            spans.append((pos, s))
+        pos = e
+    if pos < len(text):
+        spans.append((pos, len(text)))
+    return _merge(spans)
 
 
 def line_spans(text: str) -> list[tuple[int, int]]:

@@ -444,6 +444,9 @@ def test_enwik8_markup_is_byte_identical(tmp_path, recipe):
     assert ENTITY_RE.findall(out) == ENTITY_RE.findall(data)
     for raw in (b"\xff\xfe", b"\xc3(", b"\xe2\x82 ", b"\x80s<"):
         assert out.count(raw) == data.count(raw)
+    # everything outside the <text> bodies (titles, ids, the header) is byte-identical
+    strip = re.compile(rb"<text[^<>]*>.*?</text>", re.DOTALL)
+    assert strip.sub(b"", out) == strip.sub(b"", data) and b"<title>Page 7 Title</title>" in out
     # no word was taken from inside markup
     text = data.decode("utf-8", "surrogateescape")
     lines = text.split("\n")
@@ -457,6 +460,7 @@ def test_enwik8_markup_is_byte_identical(tmp_path, recipe):
 
 
 def test_enwik8_round_trip_and_cut_tags(tmp_path):
+    # no <text> element at all: nothing is a body, so nothing is corrupted (not even at rate 1)
     data = b"ge>\n  <title>Cut start</title>\nsome text \xff words here <tit"
     src = tmp_path / "enwik8.test"
     src.write_bytes(data)
@@ -464,10 +468,166 @@ def test_enwik8_round_trip_and_cut_tags(tmp_path):
     assert zero.manifest["format"] == "enwik8"
     assert zero.path.read_bytes() == data  # arbitrary bytes round-trip exactly
     full = corrupt_file(src, rate=1.0, out_dir=tmp_path / "o", format="auto")
-    # "some" and "here" are stopwords
-    assert full.path.read_bytes() == b"ge>\n  <title>AAA AAA</title>\nsome AAA \xff AAA here <tit"
+    assert full.path.read_bytes() == data
+    assert full.manifest["n_words"] == 0 and full.manifest["n_swaps"] == 0
+    # cut inside the opening <text ...> tag and again inside a tag of an unclosed body: the tag tail
+    # is markup, the body before "</text>" and the one open at the end are corrupted ("here" and
+    # "more" are stopwords), the title between them is not
+    data = (b've">cut body \xff words here</text>\n  <title>Cut start</title>\n'
+            b'  <text xml:space="preserve">more words \xff open body <tit')
+    src2 = tmp_path / "enwik8.cut"
+    src2.write_bytes(data)
+    full = corrupt_file(src2, rate=1.0, out_dir=tmp_path / "o", format="auto")
+    assert full.path.read_bytes() == (
+        b've">AAA AAA \xff AAA here</text>\n  <title>Cut start</title>\n'
+        b'  <text xml:space="preserve">more AAA \xff AAA AAA <tit'
+    )
+    assert full.manifest["n_words"] == 8 and full.manifest["n_swaps"] == 6
     spans = markup_spans("a <b\nc> d &amp; e")
     assert spans == [(2, 7), (10, 15)]
+
+
+ENWIK8_PAGES = (
+    "  <page>\n"
+    "    <title>Anarchism Theory</title>\n"
+    "    <id>12</id>\n"
+    "    <revision>\n"
+    "      <id>42136831</id>\n"
+    "      <timestamp>2006-03-04T01:41:25Z</timestamp>\n"
+    "      <contributor>\n"
+    "        <username>Ben Example</username>\n"
+    "        <id>94</id>\n"
+    "      </contributor>\n"
+    "      <comment>Revert vandalism per talk page</comment>\n"
+    '      <text xml:space="preserve">{{Anarchism}} Anarchism originated as a term of abuse\n'
+    "Political philosophy &amp; movement &lt;ref&gt;Ward 2004&lt;/ref&gt; rejects hierarchy\n"
+    "\n"
+    "== Etymology ==\n"
+    'Greek roots <span class="gr">anarchos</span> meaning without rulers</text>\n'
+    "    </revision>\n"
+    "  </page>\n"
+    "  <page>\n"
+    "    <title>Autism Spectrum</title>\n"
+    "    <id>25</id>\n"
+    "    <revision>\n"
+    "      <id>42019020</id>\n"
+    "      <timestamp>2006-03-03T06:55:53Z</timestamp>\n"
+    "      <contributor>\n"
+    "        <ip>210.49.112.47</ip>\n"
+    "      </contributor>\n"
+    "      <minor />\n"
+    "      <comment>spelling fix</comment>\n"
+    '      <text xml:space="preserve">Autism is a neurodevelopmental condition</text>\n'
+    '      <text deleted="deleted" />\n'
+    "    </revision>\n"
+    "  </page>\n"
+)
+# a 5M-byte-style split that begins in the middle of a body
+ENWIK8_MID_BODY = (
+    "ing rulers and states &quot;quoted words&quot; continue\n"
+    "second body line here [[Link|label]]</text>\n"
+    "    </revision>\n"
+    "  </page>\n" + ENWIK8_PAGES
+)
+
+
+def ref_enwik8_mask(s: str) -> list[bool]:
+    """True for each character that may belong to a word: inside a <text> body and outside markup."""
+    mask = [False] * len(s)
+    events = [(m.start(), m.end(), m.group()) for m in re.finditer(r"<text(?:\s[^<>]*)?>|</text>", s)]
+    inside, pos = False, 0
+    if events and events[0][2] == "</text>":
+        inside = True  # starts mid-body
+    for a, b, tag in events:
+        if tag == "</text>":
+            if inside:
+                mask[pos:a] = [True] * (a - pos)
+            inside = False
+        elif not tag.endswith("/>") and not inside:
+            inside, pos = True, b
+    if inside:
+        mask[pos:] = [True] * (len(s) - pos)
+    for m in re.finditer(r"<[^<>]*>|&(?:[A-Za-z]+|#[0-9]+|#x[0-9A-Fa-f]+);", s):
+        mask[m.start() : m.end()] = [False] * (m.end() - m.start())
+    return mask
+
+
+def ref_enwik8_line_words(s: str) -> list[list[tuple[str, int]]]:
+    """Per line: the (word, start in line) of the characters the mask allows."""
+    mask = ref_enwik8_mask(s)
+    out, off = [], 0
+    for line in s.split("\n"):
+        words = []
+        for m in re.finditer(r"1+", "".join("1" if mask[off + i] else "0" for i in range(len(line)))):
+            words += [(w, m.start() + st) for w, st in ref_words(line[m.start() : m.end()])]
+        out.append(words)
+        off += len(line) + 1
+    return out
+
+
+@pytest.mark.parametrize("snippet", [ENWIK8_PAGES, ENWIK8_MID_BODY], ids=["pages", "mid_body"])
+def test_enwik8_only_text_bodies_are_corrupted(tmp_path, snippet):
+    src = tmp_path / "src" / "enwik8"
+    src.parent.mkdir()
+    src.write_text(snippet, encoding="utf-8")
+    lines = snippet.split("\n")
+    line_words = ref_enwik8_line_words(snippet)
+    body_lines = {i for i, ws in enumerate(line_words) if ws}
+    # the reference agrees with a hand annotation: the lines with words inside a body (line 13 of the
+    # pages is an empty body line); no metadata line yields a word
+    pages_body = {11, 12, 14, 15, 29}
+    assert body_lines == (pages_body if snippet is ENWIK8_PAGES else {0, 1} | {i + 4 for i in pages_body})
+
+    # rate 1: exactly the non-stopword body words become AAA, everything else is byte-identical
+    full = corrupt_file(src, "word_swap", 1.0, seed=0, out_dir=tmp_path / "o", format="enwik8")
+    expected = []
+    for line, words in zip(lines, line_words, strict=True):
+        for w, st in reversed(words):
+            if w not in REF_STOPWORDS:
+                line = line[:st] + "AAA" + line[st + len(w) :]
+        expected.append(line)
+    assert full.path.read_text(encoding="utf-8") == "\n".join(expected)
+    assert full.manifest["n_words"] == sum(len(ws) for ws in line_words)
+    assert full.manifest["algorithm"] == full.manifest["key"]["algorithm"] == "corruptions-v2"
+
+    for recipe in sorted(RECIPES):
+        res = corrupt_file(src, recipe, 0.3, seed=3, out_dir=tmp_path / "o", format="enwik8")
+        out = res.path.read_text(encoding="utf-8").split("\n")
+        assert len(out) == len(lines)
+        for i, (old, new) in enumerate(zip(lines, out, strict=True)):
+            if i not in body_lines:
+                assert new == old  # title, id, timestamp, contributor, comment, closing tags ...
+        for needle in ("<title>Anarchism Theory</title>", "<id>42136831</id>", "Ben Example",
+                       "<timestamp>2006-03-03T06:55:53Z</timestamp>", "<comment>spelling fix</comment>",
+                       '<span class="gr">', "&lt;ref&gt;", "&amp;"):
+            assert "\n".join(out).count(needle) == snippet.count(needle)
+        out_bytes = res.path.read_bytes()
+        assert TAG_RE.findall(out_bytes) == TAG_RE.findall(snippet.encode())
+        assert ENTITY_RE.findall(out_bytes) == ENTITY_RE.findall(snippet.encode())
+        by_line: dict[int, list[list]] = {}
+        for rec in res.manifest["swaps"]:
+            by_line.setdefault(rec[0], []).append(rec)
+        with_eligible = {i for i in body_lines if any(w not in REF_STOPWORDS for w, _ in line_words[i])}
+        assert set(by_line) == with_eligible
+        for i, recs in by_line.items():
+            words = line_words[i]
+            n_eligible = sum(w not in REF_STOPWORDS and w != "AAA" for w, _ in words)
+            assert len(recs) == ref_count(len(words), n_eligible, 0.3) == max(int(0.3 * len(words)), 1)
+            assert {(r[2], r[3]) for r in recs} <= {(st, w) for w, st in words}
+        assert res.manifest["n_words"] == sum(len(ws) for ws in line_words)
+        assert res.manifest["n_swaps"] == sum(len(r) for r in by_line.values())
+
+
+def test_cache_key_algorithm_is_versioned_per_format():
+    from corruptions.manifest import cache_key, cache_paths
+
+    # enwik8 output changed when page metadata became protected (v2); WikiText output did not, so its
+    # keys (and the cache paths recorded in results/) must stay those of v1
+    wt = cache_key("0" * 64, "word_swap", 0.015, 0, "AAA", "wikitext")
+    e8 = cache_key("0" * 64, "word_swap", 0.015, 0, "AAA", "enwik8")
+    assert wt["algorithm"] == "corruptions-v1" and e8["algorithm"] == "corruptions-v2"
+    old = {**e8, "algorithm": "corruptions-v1"}
+    assert cache_paths("enwik8", old, "o") != cache_paths("enwik8", e8, "o")
 
 
 def test_wikitext_format_leaves_unk_swappable_and_enwik8_protects_it():
