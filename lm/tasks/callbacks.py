@@ -188,7 +188,7 @@ class TokenThroughput(ThroughputMonitor):
         sessions.append(session)
         tot_tokens = sum(x["tokens"] for x in sessions)
         tot_train = sum(x["train_s"] for x in sessions)
-        summary = {"global_step": trainer.global_step, "tokens": tot_tokens, "train_s": round(tot_train, 3),
+        summary = {"global_step": trainer.global_step, "tokens": tot_tokens, "train_s": round(tot_train, 6),
                    "wall_s": round(sum(x["wall_s"] for x in sessions), 2),
                    "tokens_per_s": round(tot_tokens / tot_train, 1) if tot_train > 0 else None,
                    "sessions": sessions}
