@@ -132,7 +132,8 @@ def corrupt_cli(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="lm corrupt", description=(corrupt.__doc__ or "").split("\n")[0])
+    # allow_abbrev=False: a misspelt option (--rat) is an error, never silently another option (--rate).
+    parser = ArgumentParser(prog="lm corrupt", description=(corrupt.__doc__ or "").split("\n")[0], allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the arguments below.")
     parser.add_argument("paths", nargs="*", default=[], metavar="SRC",
                         help="clean split file(s) to corrupt, e.g. data/wikitext-103/wiki.test.tokens.")

@@ -31,7 +31,10 @@ SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 
 def parser_kwargs() -> dict:
     # Subcommand parsers take their own kwargs in LightningCLI: give each the omegaconf mode.
-    return {"parser_mode": "omegaconf", **{s: {"parser_mode": "omegaconf"} for s in LIGHTNING_SUBCOMMANDS}}
+    # allow_abbrev=False: argparse would otherwise read a misspelt `--trainer.max_step 5` silently as
+    # `--trainer.max_steps 5`; a typo must be an error that names the option.
+    kw = {"parser_mode": "omegaconf", "allow_abbrev": False}
+    return {**kw, **{s: dict(kw) for s in LIGHTNING_SUBCOMMANDS}}
 
 
 def check_ckpt_path(path: str | None, model_class: type | None = None) -> None:

@@ -292,3 +292,16 @@ def test_a_bug_keeps_its_traceback(env, monkeypatch):
     monkeypatch.setattr(dm.LMDataModule, "prepare_data", boom)
     with pytest.raises(KeyError, match="a genuine bug"):
         main(fit(env["cfg"]))
+
+
+@pytest.mark.parametrize("argv, typo", [
+    (["fit", "--config", "configs/wikitext2/tiny.yaml", "--trainer.max_step", "5", "--print_config"], "--trainer.max_step"),
+    (["finetune", "fit", "--config", "configs/sst2/finetune.yaml", "--trainer.max_epoch", "1", "--print_config"],
+     "--trainer.max_epoch"),
+    (["evaluate", "--ckpt", "x.ckpt"], "--ckpt"),
+    (["analyze", "--ck", "x.ckpt"], "--ck"),
+])
+def test_misspelt_option_is_an_error_not_a_prefix_match(capsys, monkeypatch, argv, typo):
+    # argparse's default would read `--trainer.max_step 5` as `--trainer.max_steps 5` without a word.
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    fails(capsys, argv, "unrecognized arguments", typo)

@@ -135,6 +135,7 @@ def fails(capsys, argv: list[str], *needles: str) -> str:
     (["{src}", "--recipe", "word_swp"], ("word_swp", "word_swap")),
     (["--rate", "0.015"], ("No source file given", "lm corrupt")),
     (["{src}", "--bogus", "0.1"], ("unrecognized arguments", "--bogus")),
+    (["{src}", "--rat", "0.1"], ("unrecognized arguments", "--rat")),  # no silent prefix match
 ])
 def test_bad_input_is_one_message_exit_2(src, tmp_path, capsys, argv, needles):
     argv = [a.format(src=src, data=src.parent) for a in argv]

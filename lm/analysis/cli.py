@@ -162,4 +162,4 @@ def _tensorboard(out_dir: Path, result: dict) -> None:
 def analyze_cli(argv: list[str]) -> None:
     from jsonargparse import CLI
 
-    CLI(analyze, args=argv, as_positional=False)
+    CLI(analyze, args=argv, as_positional=False, allow_abbrev=False)  # a typo is an error, not a prefix match

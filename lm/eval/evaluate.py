@@ -201,4 +201,4 @@ def _tensorboard(out_dir: Path, report: dict, table: str) -> None:
 def evaluate_cli(argv: list[str]) -> None:
     from jsonargparse import CLI
 
-    CLI(evaluate, args=argv, as_positional=False)
+    CLI(evaluate, args=argv, as_positional=False, allow_abbrev=False)  # a typo is an error, not a prefix match
