@@ -22,14 +22,18 @@ from lm.errors import ConfigError, LMError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def write_corpus(root: Path, seed: int = 0, prefix: str = "w", n_words: int = 40) -> Path:
+def write_corpus(root: Path, seed: int = 0, prefix: str = "w", n_words: int = 40, extra_words: tuple = (),
+                 lines: tuple[int, int, int] = (120, 15, 15), min_len: int = 3, max_len: int = 10) -> Path:
+    """A WikiText-like corpus (space-separated tokens, ' \\n' line ends) under root/wikitext-2: ``lines``
+    train/valid/test lines of ``min_len``..``max_len`` words drawn from ``prefix0..`` (+ ``extra_words``).
+    The other test modules import it."""
     rng = random.Random(seed)
-    words = [f"{prefix}{i}" for i in range(n_words)]
+    words = [f"{prefix}{i}" for i in range(n_words)] + list(extra_words)
     d = root / "wikitext-2"
     d.mkdir(parents=True, exist_ok=True)
-    for split, lines in (("train", 120), ("valid", 15), ("test", 15)):
-        text = "".join(" " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + " \n"
-                       for _ in range(lines))
+    for split, n_lines in zip(("train", "valid", "test"), lines):
+        text = "".join(" " + " ".join(rng.choice(words) for _ in range(rng.randint(min_len, max_len))) + " \n"
+                       for _ in range(n_lines))
         (d / f"wiki.{split}.tokens").write_text(text, encoding="utf-8")
     return root
 

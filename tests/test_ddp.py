@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_cli import write_corpus as cli_write_corpus  # the shared tiny WikiText-2 generator
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, W = 4, 8, 2  # global streams, segment length, world size
@@ -37,14 +37,7 @@ def free_port() -> int:
 
 
 def write_corpus(root: Path, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(40)]
-    d = root / "wikitext-2"
-    d.mkdir(parents=True, exist_ok=True)
-    for split, n_lines in (("train", 60), ("valid", 12), ("test", 12)):
-        lines = [" " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + " " for _ in range(n_lines)]
-        (d / f"wiki.{split}.tokens").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
+    return cli_write_corpus(root, seed, lines=(60, 12, 12), max_len=12)  # test_cli's generator
 
 
 def run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

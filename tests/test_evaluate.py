@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import pytest
 import yaml
+
+from test_cli import write_corpus as cli_write_corpus  # the shared tiny WikiText-2 generator
 
 from lm.cli import main
 
@@ -24,15 +25,8 @@ SPEC = "word_swap:0.05"
 
 
 def write_corpus(root: Path, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(40)] + STOP
-    d = root / "wikitext-2"
-    d.mkdir(parents=True, exist_ok=True)
-    for split, lines in (("train", 120), ("valid", 15), ("test", 30)):
-        text = "".join(" " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 25))) + " \n"
-                       for _ in range(lines))
-        (d / f"wiki.{split}.tokens").write_text(text, encoding="utf-8")
-    return root
+    # stopwords in the text, so word swap has words it must skip; longer test lines for enough swaps
+    return cli_write_corpus(root, seed, extra_words=tuple(STOP), lines=(120, 15, 30), max_len=25)
 
 
 def write_config(path: Path, run_dir: Path, data_root: Path) -> Path:

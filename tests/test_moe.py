@@ -354,6 +354,7 @@ import lightning as L  # noqa: E402
 import yaml  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
+from test_precision import Loader  # noqa: E402  (a plain iterable of ready batches)
 
 from lm.config import AttentionConfig, FFNConfig, ModelConfig, OptimConfig  # noqa: E402
 from lm.model.attention import ATTENTION  # noqa: E402
@@ -375,19 +376,6 @@ def _lm_batches(n: int, seed: int = 1) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, _V, (n, _B, _T + 1), generator=g)
     return [{"input": x[i, :, :-1], "target": x[i, :, 1:], "first": i == 0} for i in range(n)]
-
-
-class _Loader:
-    """A plain iterable of ready batches (what Lightning accepts as a training dataloader)."""
-
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __iter__(self):
-        return iter(self.items)
 
 
 class _Records(Logger):
@@ -430,7 +418,7 @@ def _fit(model: LanguageModel, data: list[dict], logger=False, log_every_n_steps
                         log_every_n_steps=log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[cap],
                         **kw)
-    trainer.fit(model, train_dataloaders=_Loader(data))
+    trainer.fit(model, train_dataloaders=Loader(data))
     return cap
 
 

@@ -5,11 +5,12 @@ no data needed), and every tiny WikiText-2 recipe trains and tests through the r
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import yaml
+
+from test_cli import write_corpus  # the shared tiny WikiText-2 generator
 
 from lm.cli import main
 
@@ -37,15 +38,7 @@ def test_recipe_parses(recipe, capsys):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(60)]
-    d = root / "wikitext-2"
-    d.mkdir()
-    for split, n in (("train", 80), ("valid", 10), ("test", 10)):
-        (d / f"wiki.{split}.tokens").write_text(
-            "".join(" " + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + " \n" for _ in range(n)))
-    return root
+    return write_corpus(tmp_path_factory.mktemp("data"), n_words=60, lines=(80, 10, 10), min_len=4, max_len=12)
 
 
 @pytest.mark.slow

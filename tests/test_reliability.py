@@ -17,7 +17,6 @@ import csv
 import logging
 import math
 import os
-import random
 import re
 import signal
 import stat
@@ -31,6 +30,8 @@ import torch
 import yaml
 
 import lm.utils
+from test_cli import write_corpus as cli_write_corpus  # the shared tiny WikiText-2 generator
+
 from lm.cli import main
 from lm.config import AttentionConfig, ModelConfig
 from lm.data.datamodule import LMDataModule
@@ -92,16 +93,8 @@ class PoisonAt(Callback):
 
 
 def write_corpus(root: Path, seed: int = 0, n_words: int = 40) -> Path:
-    """A WikiText-like corpus (space-separated tokens, ' \\n' line ends) under root/wikitext-2."""
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(n_words)]
-    d = root / "wikitext-2"
-    d.mkdir(parents=True, exist_ok=True)
-    for split, lines in (("train", 160), ("valid", 20), ("test", 20)):
-        text = "".join(" " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + " \n"
-                       for _ in range(lines))
-        (d / f"wiki.{split}.tokens").write_text(text, encoding="utf-8")
-    return root
+    """A WikiText-like corpus under root/wikitext-2 (test_cli's generator, more and longer lines)."""
+    return cli_write_corpus(root, seed, n_words=n_words, lines=(160, 20, 20), max_len=12)
 
 
 def write_config(tmp_path: Path, run: str, *, steps: int = 8, extra_callbacks=(), model=None, **trainer) -> Path:
