@@ -87,6 +87,11 @@ def run_one(variant: str, seed: int, root: Path, a) -> dict:
     return out
 
 
+def progress(done: int, total: int) -> str:
+    """The report's "Runs finished" line: marked PARTIAL until every planned run is in."""
+    return f"{done} of {total} runs" + ("" if done >= total else " (PARTIAL: rerun the command to finish)")
+
+
 def mean_std(xs: list[float], digits: int = 2) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -238,9 +243,7 @@ def main() -> None:
         if not (root / "rows.json").exists():
             sys.exit(f"reproduce: error: {root / 'rows.json'} does not exist; run the study first (without --report_only)")
         rows = json.loads((root / "rows.json").read_text())
-        n = len(a.variants) * len(a.seeds)
-        done = f"{len(rows)} of {n} runs" + ("" if len(rows) >= n else " (PARTIAL: rerun the command to finish)")
-        atomic_write_text(root / "report.md", report(rows, root, a, done))
+        atomic_write_text(root / "report.md", report(rows, root, a, progress(len(rows), len(a.variants) * len(a.seeds))))
         print((root / "report.md").read_text())
         return
     root.mkdir(parents=True, exist_ok=True)
@@ -250,9 +253,8 @@ def main() -> None:
         rows.append(run_one(v, s, root, a))
         # The report is rewritten after every finished run: an interrupted study still leaves a
         # (marked) partial report, and a rerun completes it.
-        done = f"{i + 1} of {len(plan)} runs" + ("" if i + 1 == len(plan) else " (PARTIAL: rerun the command to finish)")
         atomic_write_text(root / "rows.json", json.dumps(rows, indent=2))
-        atomic_write_text(root / "report.md", report(rows, root, a, done))
+        atomic_write_text(root / "report.md", report(rows, root, a, progress(i + 1, len(plan))))
     print((root / "report.md").read_text())
 
 

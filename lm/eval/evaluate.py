@@ -8,7 +8,6 @@ TensorBoard) gives PPL (or BPC) clean vs contaminated and the degradation ratio.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -102,8 +101,10 @@ def evaluate(
     ecfg = EvalConfig(protocol=protocol, tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len, stride=stride,
                       batch_size=batch_size)
     out_dir = Path(out)
-    rows, tmp = [], Path(tempfile.mkdtemp(prefix="lm-eval-"))
-    try:  # the per-checkpoint tokenizers and Lightning folders are scratch: never left behind
+    rows = []
+    # The per-checkpoint tokenizers and Lightning folders are scratch: never left behind.
+    with tempfile.TemporaryDirectory(prefix="lm-eval-", ignore_cleanup_errors=True) as scratch:
+        tmp = Path(scratch)
         for ckpt_path in ckpts:
             model, vocab, ckpt = load_checkpoint(ckpt_path)
             hp = ckpt.get("hyper_parameters", {})
@@ -145,8 +146,6 @@ def evaluate(
             for r in row["results"].values():
                 r["ratio_vs_clean"] = r[r["metric"]] / clean if clean else None
             rows.append(row)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     report = {"protocol": rows[0]["results"]["clean"]["protocol"] if rows else asdict(ecfg), "split": split,
               "corruption_seed": seed, "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,13 @@ def _tokens(batch) -> int:
     return int(batch["input"].numel())
 
 
+def logger_writes_now(trainer) -> bool:
+    """Whether the logger writes the metrics of the current step (every ``log_every_n_steps``).
+
+    Lightning's own predicate; it is private, so this is the one place the package reads it."""
+    return bool(trainer._logger_connector.should_update_logs)
+
+
 class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor counting tokens, under our own tag names. Every ``log_every_n_steps``
     it logs ``train/tokens_per_s`` and ``train/segments_per_s`` (all devices together; training time only,
@@ -147,7 +154,7 @@ class TokenThroughput(ThroughputMonitor):
         # Lightning logs every evaluation batch under `<stage>/device/...` at an evaluation-batch step;
         # evaluation gets one value per run instead (_log_eval), at the step of `val/loss` / `test/loss`.
         stage = trainer.state.stage
-        if stage != RunningStage.TRAINING or not trainer._logger_connector.should_update_logs:
+        if stage != RunningStage.TRAINING or not logger_writes_now(trainer):
             return
         trainer._logger_connector.log_metrics(self._rates(stage, trainer.world_size))
 

@@ -17,6 +17,7 @@ from torchmetrics.aggregation import MeanMetric
 from lm.config import AttentionConfig, EvalConfig, FFNConfig, ModelConfig, OptimConfig, coerce
 from lm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from lm.model.transformer import TransformerLM
+from lm.tasks.callbacks import logger_writes_now
 from lm.utils import atomic_write_text
 
 
@@ -162,17 +163,11 @@ class LanguageModel(L.LightningModule):
         # E x layers self.log calls cost real time, and the logger only writes on its interval: log them
         # only on steps the logger writes, from one device-to-host copy (the logger's .item() calls on these
         # steps would sync anyway), so other steps pay nothing.
-        if loads and self._is_log_step():
+        if loads and (logger_writes_now(self.trainer) or self.trainer.fast_dev_run):
             host = torch.cat([f.float() for f in loads.values()]).cpu().split([f.numel() for f in loads.values()])
             for i, row in zip(loads, host):
                 for j, share in enumerate(row):
                     self.log(f"moe/layer{i}/expert{j}_load", share)
-
-    def _is_log_step(self) -> bool:
-        """Whether the logger writes this training step's metrics (Lightning's own predicate)."""
-        trainer = self.trainer
-        connector = getattr(trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True) or trainer.fast_dev_run)
 
     def _metric(self, mean_nll: torch.Tensor) -> torch.Tensor:
         return torch.exp(mean_nll) if self.unit == "word" else mean_nll / math.log(2)
