@@ -713,3 +713,15 @@ def test_metric_with_key_mask_equals_metric_on_the_real_positions(estimator, red
         alone = elliptical_metric(v[b:b + 1, :, p:], vp[b:b + 1, :, p:], S - p, estimator, "max", reduce)
         got = m[b:b + 1] if estimator == "segment_mean" else m[b:b + 1, :, p:]
         torch.testing.assert_close(got, alone)
+
+
+def test_softmax_family_variants_only_transform_scores():
+    """Elliptical, Elliptical-QUEST, QUEST, QKNorm are ``score_transform`` variants: the base class's
+    ``attend`` (fused/math paths, position term) is the only softmax attention, so none re-implements it."""
+    from lm.model.attention.base import Attention
+
+    for name in ("softmax", "elliptical", "elliptical_quest", "quest", "qknorm"):
+        cls = ATTENTION[name]
+        assert cls.attend is Attention.attend, f"{name} re-implements attend"
+        for private_hook in ("key_transform", "content_scale"):
+            assert not hasattr(cls, private_hook), f"{name}.{private_hook} is back"

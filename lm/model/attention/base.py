@@ -10,10 +10,12 @@ calls ``forward(h, mem, ctx, prev) -> (out, state)``:
   projection, which Elliptical's estimator needs. Every variant hands its values on, so any mix of
   variants across layers works.
 
-Softmax-family variants only override ``score_transform`` (rescale q, normalise k, change the
-scale); the base class then runs the fused ``scaled_dot_product_attention`` kernel, or an explicit
-math path that also returns the attention weights. Variants that are not softmax over ``q·k``
-(Performer, FourierFormer, ...) override ``attend``.
+Softmax-family variants only override ``score_transform``: it receives the ``Scores`` record (content
+query, keys, content scale, and, in the relative setting, the position-term query and its scale) plus
+the values, the context and the previous layer's state, and returns the record changed (rescale q,
+normalise k, change a scale); the base class then runs the fused ``scaled_dot_product_attention``
+kernel, or an explicit math path that also returns the attention weights. Variants that are not
+softmax over ``q·k`` (Performer, FourierFormer, ...) override ``attend``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,25 @@ class LayerState:
 
     values: Tensor | None = None  # this layer's value projection over [memory; segment], [B, H, S, D]
     weights: Tensor | None = None  # attention map [B, H, T, S] when ctx.need_weights
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a softmax-family variant may change: the scores are
+    ``scale · q kᵀ + pos_scale · q_posᵀ W_R R_{i-j}`` (the second term only in the relative setting).
+
+    The base class fills it with standard attention (``q`` = XL content query ``q + u``, ``q_pos`` =
+    ``q + v``, content scale ``1/sqrt(D)``, ``pos_scale=None``); variants return a copy with
+    ``dataclasses.replace``. ``pos_scale=None`` divides the position term by ``sqrt(D)`` and a float
+    multiplies it: the two differ in the last bit when ``sqrt(D)`` is not a power of two, and each is
+    what trained checkpoints were computed with (softmax family: divide; Elliptical: multiply).
+    """
+
+    q: Tensor  # [B, H, T, D] content query
+    k: Tensor  # [B, H, S, D]
+    scale: float | Tensor  # content-term scale: a float keeps the fused kernel; a tensor forces the math path
+    q_pos: Tensor | None = None  # [B, H, T, D] position-term query; None in the absolute setting
+    pos_scale: float | None = None  # position-term scale; None = the standard 1/sqrt(D)
 
 
 @dataclass
@@ -151,17 +172,23 @@ class Attention(nn.Module):
         return out, LayerState(values=v, weights=weights)
 
     # ----- the softmax family ----------------------------------------------------------------------
-    def score_transform(self, q: Tensor, k: Tensor, v: Tensor, prev: LayerState | None):
-        """Variant hook: return ``(q, k, scale)`` so that scores are ``scale · q kᵀ``."""
-        return q, k, 1.0 / math.sqrt(self.d_head)
+    def score_transform(self, s: Scores, v: Tensor, ctx: AttnContext, prev: LayerState | None) -> Scores:
+        """Variant hook: standard attention in, this variant's scores out (see ``Scores``)."""
+        return s
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, prev: LayerState | None):
         """Raw projections in, ``(out [B, H, T, D], weights | None)`` out."""
-        qc = q + self.r_w_bias[:, None, :] if self.relative else q  # XL content query q + u
-        qc, k, scale = self.score_transform(qc, k, v, prev)
-        # The position term keeps the standard 1/sqrt(D) scale: variants change the content term only.
-        bias = self.position_scores(q + self.r_r_bias[:, None, :], ctx) / math.sqrt(self.d_head) if self.relative else None
-        return self.softmax(qc, k, v, bias, ctx, scale)
+        standard = 1.0 / math.sqrt(self.d_head)
+        if self.relative:  # XL: content query q + u, position query q + v
+            s = Scores(q + self.r_w_bias[:, None, :], k, standard, q + self.r_r_bias[:, None, :])
+        else:
+            s = Scores(q, k, standard)
+        s = self.score_transform(s, v, ctx, prev)
+        bias = None
+        if s.q_pos is not None:
+            pos = self.position_scores(s.q_pos, ctx)
+            bias = pos / math.sqrt(self.d_head) if s.pos_scale is None else pos * s.pos_scale
+        return self.softmax(s.q, s.k, v, bias, ctx, s.scale)
 
     def softmax(self, q, k, v, bias, ctx: AttnContext, scale):
         p = self.dropatt if self.training else 0.0

@@ -12,13 +12,13 @@ fused SDPA kernels at the cost of one O(S·D) reduction.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from lm.errors import ConfigError, unknown
-from lm.model.attention.base import Attention, AttnContext, LayerState, register
+from lm.model.attention.base import Attention, AttnContext, LayerState, Scores, register
 
 
 @dataclass
@@ -108,25 +108,16 @@ class EllipticalAttention(Attention):
         o = self.opts
         return elliptical_metric(v, prev.values, qlen, o.estimator, o.normalize, o.reduce, key_mask)
 
-    def content_scale(self, stretched: bool) -> float:
-        return 1.0 / math.sqrt(self.d_head) if (self.opts.scale == "sqrt" or not stretched) else 1.0
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, prev: LayerState | None):
-        m_hat = self.metric(v, prev, q.size(-2), ctx.key_mask)
-        stretched = m_hat is not None
-        qc = q + self.r_w_bias[:, None, :] if self.relative else q
-        if stretched:
-            qc = qc * m_hat
-        k = self.key_transform(k)
-        scale = self.content_scale(stretched)
-        bias = None
-        if self.relative:
-            qp = q + self.r_r_bias[:, None, :]
-            pos_scale = 1.0 / math.sqrt(self.d_head)
-            if stretched and self.opts.stretch_position:
-                qp, pos_scale = qp * m_hat, scale
-            bias = self.position_scores(qp, ctx) * pos_scale
-        return self.softmax(qc, k, v, bias, ctx, scale)
-
-    def key_transform(self, k: Tensor) -> Tensor:
-        return k
+    def score_transform(self, s: Scores, v: Tensor, ctx: AttnContext, prev: LayerState | None) -> Scores:
+        m_hat = self.metric(v, prev, s.q.size(-2), ctx.key_mask)
+        standard = 1.0 / math.sqrt(self.d_head)
+        if s.q_pos is not None:
+            # Elliptical multiplies its position term by the scale (see ``Scores.pos_scale``).
+            s = replace(s, pos_scale=standard)
+        if m_hat is None:  # no previous layer (layer 0): ordinary attention
+            return s
+        scale = s.scale if self.opts.scale == "sqrt" else 1.0
+        s = replace(s, q=s.q * m_hat, scale=scale)
+        if s.q_pos is not None and self.opts.stretch_position:
+            s = replace(s, q_pos=s.q_pos * m_hat, pos_scale=scale)
+        return s

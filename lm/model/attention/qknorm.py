@@ -4,14 +4,14 @@ initialised to log2(L² - L) for a typical training length L."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lm.errors import ConfigError
-from lm.model.attention.base import Attention, register
+from lm.model.attention.base import Attention, Scores, register
 
 
 @dataclass
@@ -32,6 +32,6 @@ class QKNormAttention(Attention):
         L = self.opts.init_len
         self.gain = nn.Parameter(torch.tensor(math.log2(L * L - L)))
 
-    def score_transform(self, q, k, v, prev):
+    def score_transform(self, s: Scores, v, ctx, prev) -> Scores:
         # Folding g into the query keeps the scale a Python float, so the fused SDPA path is used.
-        return F.normalize(q, dim=-1) * self.gain, F.normalize(k, dim=-1), 1.0
+        return replace(s, q=F.normalize(s.q, dim=-1) * self.gain, k=F.normalize(s.k, dim=-1), scale=1.0)

@@ -8,19 +8,19 @@ every query. Also Elliptical-QUEST, the combination the QUEST paper reports: (q 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn.functional as F
 
-from lm.model.attention.base import Attention, register
+from lm.model.attention.base import Attention, Scores, register
 from lm.model.attention.elliptical import EllipticalAttention, EllipticalOptions
 
 
 @register("quest")
 class QuestAttention(Attention):
-    def score_transform(self, q, k, v, prev):
-        return q, F.normalize(k, dim=-1), 1.0
+    def score_transform(self, s: Scores, v, ctx, prev) -> Scores:
+        # The position term (relative setting) keeps the standard 1/sqrt(D): QUEST changes the content term.
+        return replace(s, k=F.normalize(s.k, dim=-1), scale=1.0)
 
 
 @dataclass
@@ -32,9 +32,8 @@ class EllipticalQuestOptions(EllipticalOptions):
 class EllipticalQuestAttention(EllipticalAttention):
     Options = EllipticalQuestOptions
 
-    def key_transform(self, k):
-        return F.normalize(k, dim=-1)
-
-    def content_scale(self, stretched: bool) -> float:
-        # Layer 0 (no previous values) is plain QUEST, so it keeps QUEST's scale too.
-        return 1.0 / math.sqrt(self.d_head) if self.opts.scale == "sqrt" else 1.0
+    def score_transform(self, s: Scores, v, ctx, prev) -> Scores:
+        # QUEST keys and QUEST's (lack of) temperature first, so layer 0 (no previous values, no
+        # stretch) is plain QUEST; then Elliptical stretches the query.
+        s = replace(s, k=F.normalize(s.k, dim=-1), scale=s.scale if self.opts.scale == "sqrt" else 1.0)
+        return super().score_transform(s, v, ctx, prev)
