@@ -6,15 +6,30 @@ Quick use::
     res = corrupt_file("data/wikitext-103/wiki.test.tokens", "word_swap", rate=0.015, seed=0)
     res.path, res.manifest["effective_rate"]
 
-See :mod:`corruptions.words` (what a word is), :mod:`corruptions.word_swap` (the recipe and its RNG
-use), :mod:`corruptions.char_swap`, :mod:`corruptions.manifest` (files, cache, manifest fields) and
+See :mod:`corruptions.words` (what a word is), :mod:`corruptions.word_swap` (the recipe, the
+``textattack`` / ``exact`` sampling and the RNG use), :mod:`corruptions.char_swap`,
+:mod:`corruptions.recipes` (the registry, a whole text), :mod:`corruptions.manifest` (files, cache,
+manifest fields), :mod:`corruptions.spec` (``word_swap:0.015:exact`` strings) and
 :mod:`corruptions.cli` (``lm corrupt``).
+
+Layering: this package imports from ``lm`` only its leaf modules ``lm.errors`` and ``lm.utils``
+(atomic writes); ``lm`` imports it (``lm evaluate``, ``lm corrupt``), never the other way round.
 """
 
 from corruptions.char_swap import char_swap_line
-from corruptions.cli import corrupt, parse_spec, parse_specs
-from corruptions.manifest import RECIPES, CorruptionResult, corrupt_file, corrupt_text
-from corruptions.word_swap import ConfigError, Swap, n_swaps_for_line, word_swap_line
+from corruptions.cli import corrupt
+from corruptions.manifest import CorruptionResult, corrupt_file
+from corruptions.recipes import RECIPES, corrupt_text
+from corruptions.spec import CorruptionSpec, parse_spec, parse_specs
+from corruptions.word_swap import (
+    DEFAULT_SAMPLING,
+    SAMPLINGS,
+    ConfigError,
+    Swap,
+    expected_swaps,
+    n_swaps_for_line,
+    word_swap_line,
+)
 from corruptions.words import (
     STOPWORDS,
     Word,
@@ -26,10 +41,13 @@ from corruptions.words import (
 )
 
 __all__ = [
+    "DEFAULT_SAMPLING",
     "RECIPES",
+    "SAMPLINGS",
     "STOPWORDS",
     "ConfigError",
     "CorruptionResult",
+    "CorruptionSpec",
     "Swap",
     "Word",
     "char_swap_line",
@@ -37,6 +55,7 @@ __all__ = [
     "corrupt_file",
     "corrupt_text",
     "enwik8_protected_spans",
+    "expected_swaps",
     "find_words",
     "markup_spans",
     "n_swaps_for_line",

@@ -1,7 +1,9 @@
 """Character-level contamination: the same words are chosen, each gets one random character edit.
 
-Words are chosen exactly as in :mod:`corruptions.word_swap` (same count formula, same stopword rule,
-same single ``rng.sample`` call per line). Then, for each chosen word in increasing position order:
+Words are chosen exactly as in :mod:`corruptions.word_swap` (same count formula and ``sampling``, same
+stopword rule, same ``rng.sample`` call per line). Under ``textattack`` sampling this models the count
+of TextAttack's ``fast_augment`` pool draw only: a character-level TextAttack chain (without
+``RepeatModification``) may also edit the same word twice, which is not reproduced. Then, for each chosen word in increasing position order:
 
 1. ``op = rng.choice(ops)`` with ``ops = ("delete", "insert", "substitute")``, or
    ``("insert", "substitute")`` for a one-character word (deleting it would empty its token);
@@ -22,11 +24,13 @@ import string
 from collections.abc import Sequence
 
 from corruptions.word_swap import (
+    DEFAULT_SAMPLING,
     LineResult,
     Swap,
     apply_edits,
     choose_words,
     validate_rate,
+    validate_sampling,
 )
 from corruptions.words import STOPWORDS, Word
 
@@ -56,9 +60,10 @@ def char_swap_line_detailed(
     stopwords: frozenset[str] | set[str] = STOPWORDS,
     protected: Sequence[tuple[int, int]] = (),
     replacement: str | None = None,
+    sampling: str = DEFAULT_SAMPLING,
 ) -> LineResult:
     """:func:`char_swap_line` plus the line's word and eligible-word counts."""
-    words, eligible, chosen = choose_words(line, rate, rng, stopwords, protected)
+    words, eligible, chosen = choose_words(line, rate, rng, stopwords, protected, sampling=sampling)
     edits: list[tuple[Word, str]] = [(w, edit_word(w.text, rng)) for w in chosen]
     swaps = [Swap(w.index, w.start, w.text, new) for w, new in edits]
     return LineResult(apply_edits(line, edits), swaps, len(words), len(eligible))
@@ -71,8 +76,9 @@ def char_swap_line(
     stopwords: frozenset[str] | set[str] = STOPWORDS,
     protected: Sequence[tuple[int, int]] = (),
     replacement: str | None = None,
+    sampling: str = DEFAULT_SAMPLING,
 ) -> tuple[str, list[Swap]]:
-    """Apply one random character edit to each of ``max(int(rate * words), 1)`` non-stopword words.
+    """Apply one random character edit to each of about ``max(int(rate * words), 1)`` non-stopword words.
 
     Args:
         line: one line of text, without its newline.
@@ -81,9 +87,12 @@ def char_swap_line(
         stopwords: words never edited (exact, case-sensitive match).
         protected: sorted, disjoint character spans (XML markup, EnWik8 page metadata) left untouched.
         replacement: ignored; accepted so that both recipes share one call signature.
+        sampling: ``textattack`` or ``exact``, how many words are edited (see :mod:`corruptions.word_swap`).
 
     Returns:
         ``(new_line, swaps)`` with one :class:`Swap` ``(word_index, start, original, new)`` per word.
     """
-    result = char_swap_line_detailed(line, validate_rate(rate), rng, stopwords, protected)
+    result = char_swap_line_detailed(
+        line, validate_rate(rate), rng, stopwords, protected, sampling=validate_sampling(sampling)
+    )
     return result.line, result.swaps

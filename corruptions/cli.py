@@ -3,62 +3,19 @@
 ``corrupt`` is written for jsonargparse: plain type hints, defaults, and an ``Args:`` docstring.
 :func:`corrupt_cli` is ``lm corrupt``: the clean split(s) positionally (``lm corrupt wiki.test.tokens
 --rate 0.015``) or with ``--src`` (a path or a list ``[a, b]``), every other argument as ``--name``.
-Spec strings such as ``word_swap:0.015,char_swap:0.025`` (for evaluation configs) are parsed
-by :func:`parse_spec` / :func:`parse_specs`.
+Spec strings such as ``word_swap:0.015,char_swap:0.025:exact`` (for evaluation configs) are parsed
+by :mod:`corruptions.spec`, which ``lm evaluate`` imports without this command line.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from corruptions.manifest import RECIPES, corrupt_file, get_recipe, resolve_format
-from corruptions.word_swap import ConfigError, validate_rate
+from corruptions.spec import DEFAULT_RATE
+from corruptions.word_swap import DEFAULT_SAMPLING, ConfigError, validate_rate, validate_sampling
 
-__all__ = ["RECIPES", "DEFAULT_RATE", "corrupt", "corrupt_cli", "parse_spec", "parse_specs"]
-
-DEFAULT_RATE = 0.015
-
-
-def parse_spec(spec: str) -> tuple[str, float]:
-    """``"word_swap:0.015"`` → ``("word_swap", 0.015)``; a bare ``"word_swap"`` uses rate 0.015.
-
-    A trailing ``%`` is read as a percentage (``word_swap:1.5%`` is 0.015).
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(
-            f"Corruption spec {spec!r} is empty; write it as 'recipe:rate', e.g. 'word_swap:0.015'."
-        )
-    name, sep, rate_text = spec.strip().partition(":")
-    name = name.strip()
-    get_recipe(name)  # unknown recipe → ConfigError with the closest name
-    if not sep:
-        return name, DEFAULT_RATE
-    rate_text = rate_text.strip()
-    scale = 1.0
-    if rate_text.endswith("%"):
-        rate_text, scale = rate_text[:-1].strip(), 0.01
-    try:
-        rate = float(rate_text) * scale
-    except ValueError:
-        raise ConfigError(
-            f"Corruption spec '{spec}' has rate '{rate_text}', which is not a number; "
-            "write e.g. 'word_swap:0.015'."
-        ) from None
-    if not math.isfinite(rate):
-        raise ConfigError(f"Corruption spec '{spec}' has a non-finite rate; use a fraction in [0, 1].")
-    return name, validate_rate(rate)
-
-
-def parse_specs(specs: str | list[str]) -> list[tuple[str, float]]:
-    """``"word_swap:0.015,char_swap:0.015"`` (or a list of such strings) → list of ``(recipe, rate)``."""
-    items = specs if isinstance(specs, list) else str(specs).split(",")
-    parts = [p for item in items for p in str(item).split(",")]
-    if not any(p.strip() for p in parts):
-        raise ConfigError(
-            f"No corruption given in {specs!r}; write e.g. 'word_swap:0.015,char_swap:0.015'."
-        )
-    return [parse_spec(p) for p in parts if p.strip()]
+__all__ = ["RECIPES", "DEFAULT_RATE", "corrupt", "corrupt_cli"]
 
 
 def corrupt(
@@ -69,11 +26,13 @@ def corrupt(
     replacement: str = "AAA",
     out_dir: str = ".cache/corruptions",
     format: str = "auto",
+    sampling: str = DEFAULT_SAMPLING,
 ) -> list[dict[str, Any]]:
     """Write word-swap (or char-swap) contaminated copies of clean splits, with manifests.
 
-    Each line gets max(int(rate * words_in_line), 1) corrupted non-stopword words (none if it has no
-    eligible word); results are cached under out_dir by content, recipe, rate, seed and replacement.
+    Each line targets n = max(int(rate * words_in_line), 1) non-stopword words (none if it has no
+    eligible word); the sampling decides how many it gets. Results are cached under out_dir by
+    content, recipe, rate, seed, replacement and sampling.
 
     Args:
         src: clean split file(s) to corrupt, e.g. data/wikitext-103/wiki.test.tokens.
@@ -85,12 +44,16 @@ def corrupt(
         out_dir: cache directory for the corrupted splits and manifests.
         format: wikitext, enwik8 (only the <text> bodies are corrupted; markup and page metadata are
             left untouched) or auto (enwik8 if the file name starts with enwik8).
+        sampling: textattack (the paper's TextAttack fast_augment draw: with E >= n eligible words a
+            line gets n - 1 swaps with probability 1/(E - n + 2), else n; E swaps when E < n) or
+            exact (exactly min(n, E) swaps per line).
 
     Returns:
         One manifest per file (without the per-swap list), each with "path", "manifest_path" and "cached".
     """
     get_recipe(recipe)
     validate_rate(rate)
+    validate_sampling(sampling)
     sources = [src] if isinstance(src, str) else list(src)
     if not sources:
         raise ConfigError("No source file given; pass at least one clean split, e.g. wiki.test.tokens.")
@@ -104,10 +67,11 @@ def corrupt(
             out_dir=out_dir,
             replacement=replacement,
             format=resolve_format(format, path),
+            sampling=sampling,
         )
         m = result.manifest
         print(
-            f"{result.path}: {m['n_swaps']} swaps / {m['n_words']} words, "
+            f"{result.path}: {m['n_swaps']} swaps / {m['n_words']} words ({m['sampling']} sampling), "
             f"effective rate {m['effective_rate']:.4f}, swapped lines {m['swapped_line_fraction']:.4f}, "
             f"token change rate {m['token_change_rate']:.4f} "
             f"(<unk> swaps {m['unk_swap_fraction']:.3f})"

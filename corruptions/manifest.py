@@ -4,12 +4,12 @@
 byte sequence round-trips exactly), corrupts it line by line with one ``random.Random(seed)``, and
 writes the result and a JSON manifest to::
 
-    <out_dir>/<source name>.<recipe>-r<rate>-s<seed>-<hash12>/<source name>
-    <out_dir>/<source name>.<recipe>-r<rate>-s<seed>-<hash12>/manifest.json
+    <out_dir>/<source name>.<recipe>-<sampling>-r<rate>-s<seed>-<hash12>/<source name>
+    <out_dir>/<source name>.<recipe>-<sampling>-r<rate>-s<seed>-<hash12>/manifest.json
 
 ``hash12`` is the start of the sha256 of the cache key: the source's sha256, recipe, rate, seed,
-replacement (``None`` for ``char_swap``), format and the format's algorithm version
-(:data:`ALGORITHMS`). A later call with the same key reuses the files when the manifest's key matches
+replacement (``None`` for ``char_swap``), format, sampling (``textattack`` or ``exact``, see
+:mod:`corruptions.word_swap`) and the format's algorithm version (:data:`ALGORITHMS`). A later call with the same key reuses the files when the manifest's key matches
 and the output's sha256 equals the one recorded (``cached=True``); anything else (a missing, edited or
 truncated file, a manifest from another version) is rebuilt. Every write goes to a temporary file in
 the destination folder and is moved into place with ``os.replace``, the output first and the manifest
@@ -17,13 +17,17 @@ last. The clean source is only ever read.
 
 Manifest fields (all counts are over the whole file):
 
-* ``recipe``, ``rate``, ``seed``, ``replacement``, ``format``, ``algorithm``, ``key``, ``key_hash``;
+* ``recipe``, ``rate``, ``seed``, ``replacement``, ``format``, ``sampling``, ``algorithm``, ``key``,
+  ``key_hash``;
 * ``source_path``, ``source_sha256``, ``source_bytes``, ``output_file``, ``output_sha256``, ``output_bytes``;
 * ``n_lines`` (``\\n``-separated lines), ``n_nonempty_lines`` (lines with a whitespace token),
   ``n_lines_with_eligible`` (lines with at least one non-stopword word), ``n_lines_swapped``;
 * ``n_words`` (all words, stopwords included; for ``enwik8`` only the words inside ``<text>`` bodies,
   outside tags and entities), ``n_eligible_words``,
   ``n_swaps``, ``effective_rate`` = ``n_swaps / n_words``;
+* ``n_swaps_expected``: the mean of ``n_swaps`` over seeds under the file's sampling (a sum of
+  per-line expectations); ``n_lines_eligible_clean``: lines with an eligible word left unchanged (only
+  ``textattack`` leaves any), ``n_lines_eligible_clean_expected`` its mean over seeds;
 * ``swapped_line_fraction`` = ``n_lines_swapped / n_lines``,
   ``swapped_nonempty_line_fraction`` = ``n_lines_swapped / n_nonempty_lines``;
 * ``n_tokens`` (whitespace tokens, ``line.split()``), ``n_tokens_changed``, ``token_change_rate``;
@@ -42,25 +46,24 @@ import hashlib
 import json
 import numbers
 import os
-import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corruptions.char_swap import char_swap_line_detailed
+from corruptions.recipes import FORMATS, RECIPES, Recipe, corrupt_text, get_recipe, resolve_format
 from corruptions.word_swap import (
     DEFAULT_REPLACEMENT,
+    DEFAULT_SAMPLING,
     ConfigError,
-    LineResult,
     validate_rate,
     validate_replacement,
-    word_swap_line_detailed,
+    validate_sampling,
 )
-from corruptions.words import STOPWORDS, enwik8_protected_spans, line_spans
+from corruptions.words import STOPWORDS
 
-# corruptions/ ships in the same distribution as lm/: share its errors and atomic writes.
-from lm.errors import DataError, unknown
+# corruptions/ ships in the same distribution as lm/ and uses only its leaf modules (errors, atomic
+# writes); nothing else from lm/ may be imported here (tests/test_corruptions.py checks the layering).
+from lm.errors import DataError
 from lm.utils import atomic_write_bytes
 
 
@@ -90,55 +93,10 @@ __all__ = [
 # so its cache paths (recorded in results/) stay the same.
 ALGORITHM = "corruptions-v1"
 ALGORITHMS = {"wikitext": ALGORITHM, "enwik8": "corruptions-v2"}
-FORMATS = ("wikitext", "enwik8")
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
 DEFAULT_OUT_DIR = Path(".cache") / "corruptions"
 SWAP_FIELDS = ["line", "word", "start", "original", "new"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A registered corruption: its per-line function and whether it uses ``replacement``."""
-
-    name: str
-    line_fn: Callable[..., LineResult]
-    uses_replacement: bool
-    description: str
-
-
-RECIPES: dict[str, Recipe] = {
-    "word_swap": Recipe(
-        "word_swap",
-        word_swap_line_detailed,
-        True,
-        "replace max(int(rate*words),1) random non-stopword words per line with a literal (AAA)",
-    ),
-    "char_swap": Recipe(
-        "char_swap",
-        char_swap_line_detailed,
-        False,
-        "one random character deletion/insertion/substitution in each chosen word",
-    ),
-}
-
-
-def get_recipe(name: str) -> Recipe:
-    """The registered recipe ``name``, or a :class:`ConfigError` that suggests the closest name."""
-    try:
-        return RECIPES[name]
-    except (KeyError, TypeError):
-        raise unknown("corruption recipe", name, RECIPES) from None
-
-
-def resolve_format(format: str, src: str | os.PathLike[str] | None = None) -> str:
-    """``wikitext`` or ``enwik8``; ``auto`` means ``enwik8`` when the file name starts with ``enwik8``."""
-    if format == "auto":
-        name = Path(src).name if src is not None else ""
-        return "enwik8" if name.lower().startswith("enwik8") else "wikitext"
-    if format not in FORMATS:
-        raise unknown("corruption format", format, (*FORMATS, "auto"))
-    return format
 
 
 @dataclass
@@ -185,117 +143,21 @@ def atomic_write_json(path: str | os.PathLike[str], obj: dict[str, Any]) -> None
 
 
 # --------------------------------------------------------------------------------------------------
-# corruption of a whole text
-
-
-def _ratio(a: int, b: int) -> float:
-    return a / b if b else 0.0
-
-
-def corrupt_text(
-    text: str,
-    recipe: str = "word_swap",
-    rate: float = 0.015,
-    seed: int = 0,
-    replacement: str = DEFAULT_REPLACEMENT,
-    format: str = "wikitext",
-    stopwords: frozenset[str] | set[str] = STOPWORDS,
-) -> tuple[str, dict[str, Any], list[list[Any]]]:
-    """Corrupt every line of ``text``; return ``(new_text, stats, swaps)``.
-
-    One ``random.Random(seed)`` serves the whole text and lines are visited in order, so the result
-    depends only on ``(text, recipe, rate, seed, replacement, format)``. In ``enwik8`` format the
-    protected spans are found over the whole text first (XML tags and entity references, which may span
-    lines, and everything outside the ``<text>`` bodies; see
-    :func:`~corruptions.words.enwik8_protected_spans`) and excluded from the words of every line they
-    touch, so only article text is corrupted. ``stats`` holds the count fields of the manifest;
-    ``swaps`` is one ``[line, word, start, original, new]`` per swap.
-    """
-    spec = get_recipe(recipe)
-    rate = validate_rate(rate)
-    format = resolve_format(format)
-    if spec.uses_replacement:
-        replacement = validate_replacement(replacement, markup=format == "enwik8")
-    rng = random.Random(seed)
-    markup = enwik8_protected_spans(text) if format == "enwik8" else []
-    mi = 0  # first markup span that may still overlap the current line
-
-    pieces: list[str] = []
-    swaps: list[list[Any]] = []
-    n_lines = n_nonempty = n_with_eligible = n_swapped_lines = 0
-    n_words = n_eligible = n_swaps = 0
-    n_tokens = n_changed = n_changed_excl_unk = unk_swaps = 0
-    pos = 0
-    for li, (start, end) in enumerate(line_spans(text)):
-        line = text[start:end]
-        protected: list[tuple[int, int]] = []
-        if markup:
-            while mi < len(markup) and markup[mi][1] <= start:
-                mi += 1
-            j = mi
-            while j < len(markup) and markup[j][0] < end:
-                s, e = markup[j]
-                protected.append((max(s, start) - start, min(e, end) - start))
-                j += 1
-        res = spec.line_fn(line, rate, rng, stopwords=stopwords, protected=protected, replacement=replacement)
-        tokens = line.split()
-        n_lines += 1
-        n_nonempty += bool(tokens)
-        n_tokens += len(tokens)
-        n_words += res.n_words
-        n_eligible += res.n_eligible
-        n_with_eligible += res.n_eligible > 0
-        if res.swaps:
-            n_swapped_lines += 1
-            n_swaps += len(res.swaps)
-            for sw in res.swaps:
-                swaps.append([li, sw.word_index, sw.start, sw.original, sw.new])
-                end_char = sw.start + len(sw.original)
-                before, after = line[sw.start - 1 : sw.start], line[end_char : end_char + 1]
-                unk_swaps += sw.original == "unk" and before == "<" and after == ">"
-            new_tokens = res.line.split()
-            if len(new_tokens) != len(tokens):  # cannot happen: edits never touch whitespace
-                raise AssertionError(f"line {li}: token count changed from {len(tokens)} to {len(new_tokens)}")
-            for old, new in zip(tokens, new_tokens, strict=True):
-                if old != new:
-                    n_changed += 1
-                    n_changed_excl_unk += old != "<unk>"
-        pieces.append(text[pos:start])
-        pieces.append(res.line)
-        pos = end
-    pieces.append(text[pos:])
-
-    stats = {
-        "n_lines": n_lines,
-        "n_nonempty_lines": n_nonempty,
-        "n_lines_with_eligible": n_with_eligible,
-        "n_lines_swapped": n_swapped_lines,
-        "n_words": n_words,
-        "n_eligible_words": n_eligible,
-        "n_swaps": n_swaps,
-        "effective_rate": _ratio(n_swaps, n_words),
-        "swapped_line_fraction": _ratio(n_swapped_lines, n_lines),
-        "swapped_nonempty_line_fraction": _ratio(n_swapped_lines, n_nonempty),
-        "n_tokens": n_tokens,
-        "n_tokens_changed": n_changed,
-        "token_change_rate": _ratio(n_changed, n_tokens),
-        "unk_swaps": unk_swaps,
-        "unk_swap_fraction": _ratio(unk_swaps, n_swaps),
-        "n_tokens_changed_excl_unk": n_changed_excl_unk,
-        "token_change_rate_excl_unk": _ratio(n_changed_excl_unk, n_tokens),
-    }
-    return "".join(pieces), stats, swaps
-
-
-# --------------------------------------------------------------------------------------------------
 # the cache
 
 
 def cache_key(
-    source_sha256: str, recipe: str, rate: float, seed: int, replacement: str | None, format: str
+    source_sha256: str,
+    recipe: str,
+    rate: float,
+    seed: int,
+    replacement: str | None,
+    format: str,
+    sampling: str = DEFAULT_SAMPLING,
 ) -> dict[str, Any]:
     """Everything the corrupted bytes depend on."""
     return {
+        "sampling": sampling,
         "algorithm": ALGORITHMS.get(format, ALGORITHM),
         "source_sha256": source_sha256,
         "recipe": recipe,
@@ -313,7 +175,7 @@ def _key_hash(key: dict[str, Any]) -> str:
 def cache_paths(src: str | os.PathLike[str], key: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """``(output file, manifest)`` for ``key`` under ``out_dir``."""
     name = Path(src).name
-    folder = f"{name}.{key['recipe']}-r{key['rate']:g}-s{key['seed']}-{_key_hash(key)[:12]}"
+    folder = f"{name}.{key['recipe']}-{key['sampling']}-r{key['rate']:g}-s{key['seed']}-{_key_hash(key)[:12]}"
     d = Path(out_dir) / folder
     return d / name, d / "manifest.json"
 
@@ -352,6 +214,7 @@ def corrupt_file(
     replacement: str = DEFAULT_REPLACEMENT,
     format: str = "wikitext",
     stopwords: frozenset[str] | set[str] = STOPWORDS,
+    sampling: str = DEFAULT_SAMPLING,
 ) -> CorruptionResult:
     """Corrupt the split ``src`` (or reuse the cached copy) and return where it and its manifest lie.
 
@@ -366,9 +229,14 @@ def corrupt_file(
             (by file name).
         stopwords: words never corrupted; the default is NLTK's English list. A non-default list is
             not part of the cache key, so give such runs their own ``out_dir``.
+        sampling: how many of a line's ``n = max(int(rate * words), 1)`` target words are corrupted:
+            ``textattack`` (default, the paper's TextAttack ``fast_augment`` draw: ``n - 1`` with
+            probability ``1 / (E - n + 2)`` when ``E >= n`` eligible words, else ``n``; ``E`` when
+            ``E < n``) or ``exact`` (``min(n, E)``). Part of the cache key and the manifest.
     """
     spec = get_recipe(recipe)
     rate = validate_rate(rate)
+    sampling = validate_sampling(sampling)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ConfigError(f"Corruption seed {seed!r} must be an integer, e.g. 0.")
     seed = int(seed)
@@ -380,7 +248,7 @@ def corrupt_file(
         raise DataError(f"Cannot corrupt '{src_path}': no such file; pass the path of a clean split.")
     data = src_path.read_bytes()
     source_sha = sha256_bytes(data)
-    key = cache_key(source_sha, recipe, rate, seed, replacement if spec.uses_replacement else None, format)
+    key = cache_key(source_sha, recipe, rate, seed, replacement if spec.uses_replacement else None, format, sampling)
     out_path, manifest_path = cache_paths(src_path, key, out_dir if out_dir is not None else DEFAULT_OUT_DIR)
 
     if _same_file(out_path, src_path):
@@ -398,7 +266,7 @@ def corrupt_file(
         return CorruptionResult(out_path, manifest_path, manifest, cached=True)
 
     text = data.decode(ENCODING, ERRORS)
-    new_text, stats, swaps = corrupt_text(text, recipe, rate, seed, replacement, format, stopwords)
+    new_text, stats, swaps = corrupt_text(text, recipe, rate, seed, replacement, format, stopwords, sampling)
     out_bytes = new_text.encode(ENCODING, ERRORS)
     manifest = {
         "recipe": recipe,
@@ -406,6 +274,7 @@ def corrupt_file(
         "seed": seed,
         "replacement": key["replacement"],
         "format": format,
+        "sampling": sampling,
         "algorithm": key["algorithm"],
         "key": key,
         "key_hash": _key_hash(key),

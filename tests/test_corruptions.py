@@ -151,30 +151,30 @@ def test_stopword_list():
 def test_count_formula_handmade_lines():
     rng = random.Random(0)
     line200 = " " + " ".join(f"w{i}" for i in range(200)) + " "
-    new, swaps = word_swap_line(line200, 0.015, rng)
+    new, swaps = word_swap_line(line200, 0.015, rng, sampling="exact")
     assert len(swaps) == 3 == n_swaps_for_line(200, 200, 0.015)
     assert new.split().count("AAA") == 3
 
     line10 = " " + " ".join(f"w{i}" for i in range(10)) + " "
-    assert len(word_swap_line(line10, 0.015, rng)[1]) == 1
+    assert len(word_swap_line(line10, 0.015, rng, sampling="exact")[1]) == 1
 
     only_stop = " the of and a , is it @-@ . "
     state = rng.getstate()
-    assert word_swap_line(only_stop, 0.015, rng) == (only_stop, [])
+    assert word_swap_line(only_stop, 0.015, rng, sampling="exact") == (only_stop, [])
     assert rng.getstate() == state  # lines without an eligible word do not consume randomness
 
-    assert word_swap_line(" @-@ @,@ . , ", 0.5, rng) == (" @-@ @,@ . , ", [])
+    assert word_swap_line(" @-@ @,@ . , ", 0.5, rng, sampling="exact") == (" @-@ @,@ . , ", [])
 
     # the count uses all words (stopwords included) but is capped by the eligible ones
     mixed = " " + " ".join(["the"] * 98 + ["cat", "dog"]) + " "
-    new, swaps = word_swap_line(mixed, 0.5, rng)
+    new, swaps = word_swap_line(mixed, 0.5, rng, sampling="exact")
     assert len(swaps) == 2 and {s.original for s in swaps} == {"cat", "dog"}
     assert new.split() == ["the"] * 98 + ["AAA", "AAA"]
     # a word that already equals the replacement is not eligible (a no-op swap, as in TextAttack)
-    new, swaps = word_swap_line(" AAA cat AAA ", 1.0, rng)
+    new, swaps = word_swap_line(" AAA cat AAA ", 1.0, rng, sampling="exact")
     assert new == " AAA AAA AAA " and [s.original for s in swaps] == ["cat"]
-    assert word_swap_line(" AAA ", 0.5, rng) == (" AAA ", [])
-    assert char_swap_line(" AAA ", 0.5, rng)[0] != " AAA "
+    assert word_swap_line(" AAA ", 0.5, rng, sampling="exact") == (" AAA ", [])
+    assert char_swap_line(" AAA ", 0.5, rng, sampling="exact")[0] != " AAA "
     # 100 words at 0.015 → int(1.5) = 1, 300 words → 4
     assert n_swaps_for_line(100, 50, 0.015) == 1
     assert n_swaps_for_line(300, 50, 0.015) == 4
@@ -183,17 +183,17 @@ def test_count_formula_handmade_lines():
 
 def test_stopwords_are_exact_match():
     rng = random.Random(0)
-    new, swaps = word_swap_line(" The the THE ", 1.0, rng)
+    new, swaps = word_swap_line(" The the THE ", 1.0, rng, sampling="exact")
     assert new == " AAA the AAA "
     assert [s.original for s in swaps] == ["The", "THE"]
 
 
 def test_unk_and_dotted_tokens_keep_their_shape():
-    new, swaps = word_swap_line(" <unk> ", 0.015, random.Random(0))
+    new, swaps = word_swap_line(" <unk> ", 0.015, random.Random(0), sampling="exact")
     assert new == " <AAA> " and swaps[0].original == "unk" and swaps[0].start == 2
     seen = set()
     for seed in range(20):
-        new, swaps = word_swap_line(" U.S. ", 0.5, random.Random(seed))
+        new, swaps = word_swap_line(" U.S. ", 0.5, random.Random(seed), sampling="exact")
         assert len(swaps) == 1
         seen.add(new)
     assert seen == {" AAA.S. ", " U.AAA. "}
@@ -205,7 +205,7 @@ def test_swap_records_and_invariants_on_generated_text():
     for line in text.split("\n"):
         words = ref_words(line)
         eligible = [w for w, _ in words if w not in REF_STOPWORDS and w != "AAA"]
-        new, swaps = word_swap_line(line, 0.015, rng)
+        new, swaps = word_swap_line(line, 0.015, rng, sampling="exact")
         # count formula, no stopword, positions in the clean line
         assert len(swaps) == ref_count(len(words), len(eligible), 0.015)
         assert len({s.word_index for s in swaps}) == len(swaps)
@@ -252,7 +252,7 @@ def test_char_swap_edits_one_character_inside_the_word():
     for line in text.split("\n"):
         words = ref_words(line)
         eligible = [w for w, _ in words if w not in REF_STOPWORDS]
-        new, swaps = char_swap_line(line, 0.05, rng)
+        new, swaps = char_swap_line(line, 0.05, rng, sampling="exact")
         assert len(swaps) == ref_count(len(words), len(eligible), 0.05)
         expected = line
         for s in sorted(swaps, key=lambda s: -s.start):
@@ -264,7 +264,7 @@ def test_char_swap_edits_one_character_inside_the_word():
         assert new == expected
         assert len(new.split()) == len(line.split())
     assert kinds == {"delete", "insert", "substitute"}
-    assert char_swap_line(" a ", 1.0, random.Random(0))[0].strip() != ""  # never deletes a 1-char word
+    assert char_swap_line(" a ", 1.0, random.Random(0), sampling="exact")[0].strip() != ""  # never deletes a 1-char word
 
 
 @pytest.mark.parametrize("bad", [-0.01, 1.5, float("nan"), float("inf"), "0.1", True, None])
@@ -283,7 +283,7 @@ def test_rate_outside_range_raises(bad, tmp_path):
 def test_rate_zero_is_identity_and_rate_one_swaps_every_eligible_word():
     line = " The cat sat on the <unk> mat . "
     assert word_swap_line(line, 0.0, random.Random(0)) == (line, [])
-    new, swaps = word_swap_line(line, 1.0, random.Random(0))
+    new, swaps = word_swap_line(line, 1.0, random.Random(0), sampling="exact")
     assert new == " AAA AAA AAA on the <AAA> AAA . " and len(swaps) == 5
 
 
@@ -318,7 +318,7 @@ def test_same_seed_same_output_and_manifest(wt_src, tmp_path, recipe):
 
 
 def test_manifest_counts_match_independent_recount(wt_src, tmp_path):
-    res = corrupt_file(wt_src, "word_swap", 0.025, seed=0, out_dir=tmp_path / "o")
+    res = corrupt_file(wt_src, "word_swap", 0.025, seed=0, out_dir=tmp_path / "o", sampling="exact")
     m = res.manifest
     clean = wt_src.read_text(encoding="utf-8").split("\n")[:-1]
     dirty = res.path.read_text(encoding="utf-8").split("\n")[:-1]
@@ -388,7 +388,7 @@ def test_default_out_dir_is_cwd_cache(wt_src, tmp_path, monkeypatch):
     res = corrupt_file(wt_src)
     assert res.path.resolve().is_relative_to((work / ".cache" / "corruptions").resolve())
     assert res.path.name == wt_src.name
-    assert re.fullmatch(r"wiki\.valid\.tokens\.word_swap-r0\.015-s0-[0-9a-f]{12}", res.path.parent.name)
+    assert re.fullmatch(r"wiki\.valid\.tokens\.word_swap-textattack-r0\.015-s0-[0-9a-f]{12}", res.path.parent.name)
 
 
 def test_missing_source_and_bad_recipe(tmp_path):
@@ -467,7 +467,7 @@ def test_enwik8_round_trip_and_cut_tags(tmp_path):
     zero = corrupt_file(src, rate=0.0, out_dir=tmp_path / "o", format="auto")
     assert zero.manifest["format"] == "enwik8"
     assert zero.path.read_bytes() == data  # arbitrary bytes round-trip exactly
-    full = corrupt_file(src, rate=1.0, out_dir=tmp_path / "o", format="auto")
+    full = corrupt_file(src, rate=1.0, out_dir=tmp_path / "o", format="auto", sampling="exact")
     assert full.path.read_bytes() == data
     assert full.manifest["n_words"] == 0 and full.manifest["n_swaps"] == 0
     # cut inside the opening <text ...> tag and again inside a tag of an unclosed body: the tag tail
@@ -477,7 +477,7 @@ def test_enwik8_round_trip_and_cut_tags(tmp_path):
             b'  <text xml:space="preserve">more words \xff open body <tit')
     src2 = tmp_path / "enwik8.cut"
     src2.write_bytes(data)
-    full = corrupt_file(src2, rate=1.0, out_dir=tmp_path / "o", format="auto")
+    full = corrupt_file(src2, rate=1.0, out_dir=tmp_path / "o", format="auto", sampling="exact")
     assert full.path.read_bytes() == (
         b've">AAA AAA \xff AAA here</text>\n  <title>Cut start</title>\n'
         b'  <text xml:space="preserve">more AAA \xff AAA AAA <tit'
@@ -579,7 +579,7 @@ def test_enwik8_only_text_bodies_are_corrupted(tmp_path, snippet):
     assert body_lines == (pages_body if snippet is ENWIK8_PAGES else {0, 1} | {i + 4 for i in pages_body})
 
     # rate 1: exactly the non-stopword body words become AAA, everything else is byte-identical
-    full = corrupt_file(src, "word_swap", 1.0, seed=0, out_dir=tmp_path / "o", format="enwik8")
+    full = corrupt_file(src, "word_swap", 1.0, seed=0, out_dir=tmp_path / "o", format="enwik8", sampling="exact")
     expected = []
     for line, words in zip(lines, line_words, strict=True):
         for w, st in reversed(words):
@@ -591,7 +591,7 @@ def test_enwik8_only_text_bodies_are_corrupted(tmp_path, snippet):
     assert full.manifest["algorithm"] == full.manifest["key"]["algorithm"] == "corruptions-v2"
 
     for recipe in sorted(RECIPES):
-        res = corrupt_file(src, recipe, 0.3, seed=3, out_dir=tmp_path / "o", format="enwik8")
+        res = corrupt_file(src, recipe, 0.3, seed=3, out_dir=tmp_path / "o", format="enwik8", sampling="exact")
         out = res.path.read_text(encoding="utf-8").split("\n")
         assert len(out) == len(lines)
         for i, (old, new) in enumerate(zip(lines, out, strict=True)):
@@ -641,15 +641,28 @@ def test_wikitext_format_leaves_unk_swappable_and_enwik8_protects_it():
 
 
 def test_parse_spec():
-    assert parse_spec("word_swap:0.015") == ("word_swap", 0.015)
-    assert parse_spec(" char_swap : 2.5% ") == ("char_swap", pytest.approx(0.025))
-    assert parse_spec("word_swap") == ("word_swap", 0.015)
-    assert parse_specs("word_swap:0.015,char_swap:0.015") == [("word_swap", 0.015), ("char_swap", 0.015)]
-    assert parse_specs(["word_swap:0.01", "char_swap:0.02"]) == [("word_swap", 0.01), ("char_swap", 0.02)]
+    assert parse_spec("word_swap:0.015") == ("word_swap", 0.015, "textattack")
+    assert parse_spec("word_swap:0.015").label == "word_swap:0.015"
+    assert parse_spec("word_swap:0.015:exact") == ("word_swap", 0.015, "exact")
+    assert parse_spec("word_swap:0.015:exact").label == "word_swap:0.015:exact"
+    assert parse_spec(" word_swap : 1.5% : textattack ") == ("word_swap", pytest.approx(0.015), "textattack")
+    assert parse_spec(" char_swap : 2.5% ") == ("char_swap", pytest.approx(0.025), "textattack")
+    assert parse_spec("char_swap:0.02:exact").kwargs() == {"recipe": "char_swap", "rate": 0.02, "sampling": "exact"}
+    assert parse_spec("word_swap") == ("word_swap", 0.015, "textattack")
+    assert parse_specs("word_swap:0.015,char_swap:0.015") == [
+        ("word_swap", 0.015, "textattack"), ("char_swap", 0.015, "textattack")]
+    assert parse_specs(["word_swap:0.01:exact", "char_swap:0.02"]) == [
+        ("word_swap", 0.01, "exact"), ("char_swap", 0.02, "textattack")]
     with pytest.raises(ConfigError, match="Did you mean 'word_swap'"):
         parse_spec("wordswap:0.015")
     with pytest.raises(ConfigError, match="not a number"):
         parse_spec("word_swap:abc")
+    with pytest.raises(ConfigError, match="sampling goes third"):
+        parse_spec("word_swap:exact")
+    with pytest.raises(ConfigError, match="sampling 'exactly'.*textattack, exact"):
+        parse_spec("word_swap:0.015:exactly")
+    with pytest.raises(ConfigError, match="at most 3"):
+        parse_spec("word_swap:0.015:exact:x")
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         parse_spec("word_swap:1.5")
     with pytest.raises(ConfigError):
@@ -701,21 +714,24 @@ def _data_dir() -> Path | None:
 REAL = [("wikitext-103", "wiki.test.tokens"), ("wikitext-2", "wiki.test.tokens")]
 
 
+@pytest.mark.parametrize("sampling", ["exact", "textattack"])
 @pytest.mark.parametrize("rate", [0.015, 0.025])
 @pytest.mark.parametrize("corpus,name", REAL)
-def test_real_wikitext_rates(corpus, name, rate, tmp_path):
+def test_real_wikitext_rates(corpus, name, rate, sampling, tmp_path):
     root = _data_dir()
     src = root / corpus / name if root else None
     if src is None or not src.is_file():
         pytest.skip(f"{corpus}/{name} not found (set LM_DATA_DIR)")
     before = sha(src)
-    res = corrupt_file(src, "word_swap", rate, seed=0, out_dir=tmp_path)
+    res = corrupt_file(src, "word_swap", rate, seed=0, out_dir=tmp_path, sampling=sampling)
     m = res.manifest
+    assert m["sampling"] == m["key"]["sampling"] == sampling
 
     clean = src.read_text(encoding="utf-8").split("\n")[:-1]
     dirty = res.path.read_text(encoding="utf-8").split("\n")[:-1]
     assert len(clean) == len(dirty)
-    words = swaps = swapped_lines = tokens = changed = changed_unk = 0
+    words = swaps = swapped_lines = tokens = changed = changed_unk = short_lines = 0
+    expected = clean_expected = 0.0
     swapped_by_line: dict[int, list] = {}
     for rec in m["swaps"]:
         swapped_by_line.setdefault(rec[0], []).append(rec)
@@ -724,11 +740,24 @@ def test_real_wikitext_rates(corpus, name, rate, tmp_path):
         ws = ref_words(c)
         elig = [w for w, _ in ws if w not in REF_STOPWORDS and w != "AAA"]  # AAA→AAA is no swap
         k = ref_count(len(ws), len(elig), rate)
-        words += len(ws)
-        swaps += k
-        swapped_lines += k > 0
+        n = max(int(rate * len(ws)), 1)
         recs = swapped_by_line.get(i, [])
-        assert len(recs) == k  # every line with an eligible word has its formula count of swaps
+        if sampling == "exact":
+            assert len(recs) == k  # every line with an eligible word has its formula count of swaps
+        elif elig and len(elig) >= n:  # the TextAttack pool: n, or the n - 1 the chain stood on
+            assert len(recs) in (n, n - 1)
+            short_lines += len(recs) == n - 1
+            expected += n - 1 / (len(elig) - n + 2)
+            clean_expected += 1 / (len(elig) + 1) if n == 1 else 0.0
+        else:  # E < n: the chain runs out of eligible words
+            assert len(recs) == len(elig)
+        if sampling == "exact":
+            expected += k
+        elif elig and len(elig) < n:
+            expected += len(elig)
+        words += len(ws)
+        swaps += len(recs)
+        swapped_lines += bool(recs)
         ct, dt = c.split(), d.split()
         assert len(ct) == len(dt)
         tokens += len(ct)
@@ -743,15 +772,21 @@ def test_real_wikitext_rates(corpus, name, rate, tmp_path):
             unk_hits += ct[_token_index(c, r[2])] == "<unk>"
 
     assert m["n_swaps"] == swaps
+    assert m["n_swaps_expected"] == pytest.approx(expected, rel=1e-12)
+    assert m["n_lines_eligible_clean_expected"] == pytest.approx(clean_expected, rel=1e-12, abs=1e-12)
+    assert m["n_lines_eligible_clean"] == m["n_lines_with_eligible"] - swapped_lines
+    if sampling == "textattack":  # the realised count lies within 5 sigma of its expectation
+        assert short_lines > 0 and abs(swaps - expected) < 5 * math.sqrt(short_lines + 1)
     assert m["effective_rate"] == pytest.approx(swaps / words, rel=1e-12)
     assert m["swapped_line_fraction"] == pytest.approx(swapped_lines / len(clean), rel=1e-12)
     assert m["unk_swaps"] == unk_hits
     assert m["token_change_rate"] == pytest.approx(changed / tokens, rel=1e-12)
     assert m["n_tokens_changed_excl_unk"] == changed - changed_unk
-    assert m["effective_rate"] >= rate  # the per-line minimum of one swap only adds
+    if sampling == "exact":
+        assert m["effective_rate"] >= rate  # the per-line minimum of one swap only adds
     assert sha(src) == before
     print(
-        f"\n{corpus}/{name} word_swap@{rate}: effective word rate {m['effective_rate']:.5f} "
+        f"\n{corpus}/{name} word_swap@{rate} ({sampling}): effective word rate {m['effective_rate']:.5f} "
         f"({m['n_swaps']}/{m['n_words']}), swapped-line fraction {m['swapped_line_fraction']:.5f} "
         f"(of non-empty lines {m['swapped_nonempty_line_fraction']:.5f}), unk swaps {m['unk_swaps']} "
         f"({m['unk_swap_fraction']:.4f} of swaps), token change rate {m['token_change_rate']:.5f}, "

@@ -70,7 +70,9 @@ def evaluate(
     Args:
         ckpts: checkpoint files written by ``lm fit``, comma-separated or a list (their vocabulary
             travels inside the checkpoint).
-        corruptions: comma-separated ``recipe:rate`` specs, e.g. ``word_swap:0.015,char_swap:0.015``;
+        corruptions: comma-separated ``recipe:rate[:sampling]`` specs, e.g.
+            ``word_swap:0.015,char_swap:0.015``; the sampling is ``textattack`` (default, the paper's
+            TextAttack draw) or ``exact`` (``word_swap:0.015:exact``, min(n, eligible) swaps per line);
             an empty string evaluates the clean split only.
         split: ``test`` or ``valid``.
         corpus: corpus name; default: the one each checkpoint was trained on.
@@ -89,8 +91,8 @@ def evaluate(
     """
     import lightning as L
 
-    from corruptions.cli import parse_specs
     from corruptions.manifest import corrupt_file
+    from corruptions.spec import parse_specs
     from lm.data.datamodule import LMDataModule
 
     if isinstance(ckpts, str):
@@ -119,10 +121,10 @@ def evaluate(
             clean_dm = LMDataModule(**dm_kwargs)
             source = clean_dm.split_file(split)
             variants = [("clean", None, None)]
-            for recipe, rate in specs:
-                res = corrupt_file(source, recipe=recipe, rate=rate, seed=seed,
+            for spec in specs:
+                res = corrupt_file(source, **spec.kwargs(), seed=seed,
                                    format="enwik8" if vocab.unit == "byte" else "wikitext")
-                variants.append((f"{recipe}:{rate:g}", res.path, res.manifest))
+                variants.append((spec.label, res.path, res.manifest))
             row = {"checkpoint": ckpt_path, "name": name, "attention": hp.get("attention"), "ffn": hp.get("ffn"),
                    "unit": vocab.unit, "results": {}}
             for label, path, manifest in variants:
@@ -138,7 +140,7 @@ def evaluate(
                 r = dict(model.last_result)
                 if manifest is not None:
                     r["corruption"] = {k: manifest.get(k) for k in (
-                        "recipe", "rate", "seed", "replacement", "effective_rate", "swapped_line_fraction",
+                        "recipe", "rate", "seed", "replacement", "sampling", "effective_rate", "swapped_line_fraction",
                         "token_change_rate", "unk_swaps", "n_swaps", "source_sha256", "output_sha256")}
                     r["corrupted_file"] = str(Path(path).resolve())
                 row["results"][label] = r
