@@ -136,8 +136,25 @@ def fails(capsys, argv: list[str], *needles: str) -> str:
     (["--rate", "0.015"], ("No source file given", "lm corrupt")),
     (["{src}", "--bogus", "0.1"], ("unrecognized arguments", "--bogus")),
     (["{src}", "--rat", "0.1"], ("unrecognized arguments", "--rat")),  # no silent prefix match
+    (["{src}", "--sampling", "paper"], ("paper", "textattack", "exact")),
 ])
 def test_bad_input_is_one_message_exit_2(src, tmp_path, capsys, argv, needles):
     argv = [a.format(src=src, data=src.parent) for a in argv]
     fails(capsys, ["corrupt", *argv], *needles)
     assert not (tmp_path / ".cache").exists()  # nothing written
+
+
+def test_sampling_option(src, tmp_path, capsys):
+    # default: the paper's TextAttack draw; --sampling exact: min(n, eligible) words on every eligible line
+    assert main(["corrupt", str(src), "--rate", "0.015", "--out_dir", str(tmp_path / "t")]) == 0
+    assert main(["corrupt", str(src), "--rate", "0.015", "--sampling", "exact", "--out_dir", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out
+    assert "(textattack sampling)" in printed and "(exact sampling)" in printed
+    (mt,) = [json.loads(p.read_text()) for p in (tmp_path / "t").glob("*/manifest.json")]
+    (me,) = [json.loads(p.read_text()) for p in (tmp_path / "e").glob("*/manifest.json")]
+    assert (mt["sampling"], me["sampling"]) == ("textattack", "exact")
+    assert me["n_lines_swapped"] == me["n_lines_with_eligible"] and me["n_lines_eligible_clean"] == 0
+    assert mt["n_lines_swapped"] + mt["n_lines_eligible_clean"] == mt["n_lines_with_eligible"]
+    assert mt["n_swaps"] <= me["n_swaps"]
+    ref = corrupt_file(src, "word_swap", 0.015, seed=0, out_dir=tmp_path / "ref", sampling="exact")
+    assert ref.path.read_bytes() == next((tmp_path / "e").glob("*/wiki.test.tokens")).read_bytes()

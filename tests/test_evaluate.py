@@ -124,3 +124,18 @@ def test_corrupted_file_is_the_one_of_the_manifest(evaluated):
     b = (tmp / path).read_text().split()
     assert len(a) == len(b) and manifest["n_tokens"] == len(a)
     assert sum(x != y and y == "AAA" for x, y in zip(a, b)) == sum(x != y for x, y in zip(a, b)) == manifest["n_swaps"]
+
+
+def test_spec_selects_the_sampling(evaluated):
+    # `word_swap:0.05` is the default (textattack) sampling; `word_swap:0.05:exact` the other one, with
+    # its own column, cache entry and manifest
+    tmp = evaluated["tmp"]
+    assert main(["evaluate", "--ckpts", str(evaluated["ckpt"]), "--corruptions", f"{SPEC}:exact",
+                 "--out", str(tmp / "ev-exact")]) == 0
+    report = json.loads((tmp / "ev-exact" / "results.json").read_text())
+    assert list(report["rows"][0]["results"]) == ["clean", f"{SPEC}:exact"]
+    exact = report["rows"][0]["results"][f"{SPEC}:exact"]
+    default = evaluated["report"]["rows"][0]["results"][SPEC]
+    assert (exact["corruption"]["sampling"], default["corruption"]["sampling"]) == ("exact", "textattack")
+    assert exact["corrupted_file"] != default["corrupted_file"]
+    assert exact["corruption"]["n_swaps"] >= default["corruption"]["n_swaps"]
