@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from corruptions.manifest import RECIPES, corrupt_file, get_recipe, resolve_format
+from corruptions.manifest import corrupt_file
+from corruptions.recipes import RECIPES, get_recipe, resolve_format
 from corruptions.spec import DEFAULT_RATE
 from corruptions.word_swap import DEFAULT_SAMPLING, ConfigError, validate_rate, validate_sampling
 
