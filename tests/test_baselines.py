@@ -126,26 +126,67 @@ def spkde_ref_weights(kv, sigma, beta, n_steps):
     return w
 
 
-def kde_attention(qi, kv, vv, w, sigma):
-    a = w * gauss(unit(qi), kv, sigma)
-    return (a[:, None] * vv).sum(0) / a.sum()
+def kde_attention(qi, kv, vv, w, sigma, w_num=None):
+    """Σ_j w_num_j κ(q̂, k̂_j) v_j / Σ_j w_j κ(q̂, k̂_j); w_num = w gives rows on the simplex."""
+    kern = gauss(unit(qi), kv, sigma)
+    w_num = w if w_num is None else w_num
+    return ((w_num * kern)[:, None] * vv).sum(0) / (w * kern).sum()
+
+
+def joint(kv, vv):
+    """The reference's joint vectors [k̂_j; v_j] (its ``torch.cat((k, v), -1)``)."""
+    return torch.cat([kv, vv], -1)
 
 
 def ref_rkde(m, h, q, k, v, i, vis):
     sigma = m.log_bandwidth.detach()[h].exp()
     kv = unit(k[vis])
     w = rkde_ref_weights(kv, sigma, m.opts.n_iters, m.opts.threshold)
-    return kde_attention(q[i], kv, v[vis], w, sigma)
+    w_num = rkde_ref_weights(joint(kv, v[vis]), sigma, m.opts.n_iters, m.opts.threshold) \
+        if m.opts.weighting == "joint" else None
+    return kde_attention(q[i], kv, v[vis], w, sigma, w_num)
 
 
 def ref_spkde(m, h, q, k, v, i, vis):
     sigma = m.log_bandwidth.detach()[h].exp()
     kv = unit(k[vis])
     w = spkde_ref_weights(kv, sigma, m.opts.beta, m.opts.n_steps)
-    return kde_attention(q[i], kv, v[vis], w, sigma)
+    w_num = spkde_ref_weights(joint(kv, v[vis]), sigma, m.opts.beta, m.opts.n_steps) \
+        if m.opts.weighting == "joint" else None
+    return kde_attention(q[i], kv, v[vis], w, sigma, w_num)
+
+
+def mom_block_scores(qs, ks, member, i, M, score):
+    """Per block: Σ (or mean) over queries i' <= i and visible block keys of log κ = −‖q − k̂‖²/√D;
+    None for a block with no key visible to query i."""
+    out = []
+    for blk in member:
+        terms = [-((qs[a] - unit(ks[j])) ** 2).sum().item() / math.sqrt(D)
+                 for a in range(i + 1) for j in range(M + a + 1) if blk[j]]
+        if not any(blk[j] for j in range(M + i + 1)):
+            out.append(None)
+        else:
+            out.append(sum(terms) / (len(terms) if score == "mean" else 1))
+    return out
+
+
+def mom_attend(qi, ks, vs, keys):
+    """softmax over the chosen keys of −‖q − k̂‖²/√D (the reference's Gaussian kernel on unit keys)."""
+    s = torch.stack([-((qi - unit(ks[j])) ** 2).sum() / math.sqrt(D) for j in keys])
+    return (torch.softmax(s, 0)[:, None] * vs[keys]).sum(0)
 
 
 def ref_mom(m, h, q, k, v, i, vis):
+    if m.opts.mode == "random":
+        member = m.partition(k.size(0), "cpu").tolist()  # the draw is an input; eval draws are seeded
+        scores = mom_block_scores(q, k, member, i, len(vis) - i - 1, m.opts.block_score)
+        ranked = sorted((sc, b) for b, sc in enumerate(scores) if sc is not None)
+        b = ranked[len(ranked) // 2][1]  # the reference's argsort(likelihood)[K // 2]
+        return mom_attend(q[i], k, v, [j for j in vis if member[b][j]])
+    return ref_mom_contiguous(m, h, q, k, v, i, vis)
+
+
+def ref_mom_contiguous(m, h, q, k, v, i, vis):
     n = len(vis)
     K = min(m.opts.n_blocks, n)
     blocks = [[vis[r] for r in range(n) if r * K // n == b] for b in range(K)]
@@ -165,9 +206,18 @@ OPTIONS = {  # non-default settings exercise more of each formula
     "mgk": {},
     "fourier": {"chunk_size": 2},  # several chunks
     "rkde": {"n_iters": 3},
-    "spkde": {"n_steps": 6, "beta": 2.0},
-    "mom": {"n_blocks": 3},
+    "spkde": {"n_steps": 6},
+    "mom": {},
 }
+# each variant's default (with OPTIONS) plus the options that keep the earlier defaults reachable
+CASES = [(name, OPTIONS[name]) for name in VARIANTS] + [
+    ("rkde", {}),  # the reference's single IRLS step
+    ("rkde", {"n_iters": 3, "weighting": "keys"}),
+    ("spkde", {"n_steps": 6, "beta": 2.0, "weighting": "keys"}),
+    ("mom", {"partition": "subsample", "block_score": "sum", "n_blocks": 4}),
+    ("mom", {"mode": "contiguous", "n_blocks": 3}),
+]
+CASE_IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o in CASES]
 
 
 def randomise(m):
@@ -183,10 +233,10 @@ def randomise(m):
             m.log_bandwidth.copy_(torch.tensor([math.log(0.4), math.log(0.7)]))
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("T,S", [(7, 7), (5, 9)], ids=["no-memory", "memory"])
-def test_matches_naive_loop(name, T, S):
-    m = make(name, **OPTIONS[name])
+def test_matches_naive_loop(name, options, T, S):
+    m = make(name, **options)
     randomise(m)
     q, k, v = inputs(name, T, S)
     with torch.no_grad():
@@ -202,11 +252,12 @@ def test_matches_naive_loop(name, T, S):
                                            msg=lambda s: f"{name} b={b} h={h} i={i}: {s}")
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_weights_path_agrees(name):
-    """need_weights=True returns rows on the simplex, zero on hidden keys, and the same output."""
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_weights_path_agrees(name, options):
+    """need_weights=True returns the same output and its weights: zero on hidden keys, rows on the
+    simplex except for RKDE/SPKDE's joint weighting (numerator and denominator weights differ)."""
     T, S = 5, 8
-    m = make(name)
+    m = make(name, **options)
     q, k, v = inputs(name, T, S, seed=3)
     ctx = ctx_for(T, S)
     with torch.no_grad():
@@ -215,14 +266,19 @@ def test_weights_path_agrees(name):
         out_w, w = m.attend(q, k, v, ctx, None)
     assert none is None and w.shape == (2, H, T, S)
     torch.testing.assert_close(out_w, out)
-    torch.testing.assert_close(w.sum(-1), torch.ones(2, H, T, dtype=w.dtype))
+    if getattr(m.opts, "weighting", "keys") == "keys":
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, H, T, dtype=w.dtype))
+    else:
+        assert (w.sum(-1) - 1).abs().amax() > 1e-3  # a real ratio of two densities, not a softmax
     assert (w >= 0).all() and (w[..., ~causal(T, S, "cpu")] == 0).all()
     torch.testing.assert_close(w @ v, out)
 
 
 @pytest.mark.parametrize("name,options", [
     ("performer", {"chunk_size": 2}), ("mgk", {}), ("fourier", {"chunk_size": 2}), ("mom", {}),
+    ("mom", {"mode": "contiguous"}),
     ("rkde", {"detach_weights": False, "threshold": 0.3}), ("spkde", {"detach_weights": False, "n_steps": 3}),
+    ("rkde", {"detach_weights": False, "threshold": 0.3, "weighting": "keys"}),
 ])
 def test_gradients(name, options):
     """Analytic gradients (incl. FourierFormer's hand-written backward) match finite differences."""
@@ -239,10 +295,10 @@ def tiny_model(name: str, **options) -> TransformerLM:
     return TransformerLM(cfg, 50)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_causal_in_decoder(name):
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_causal_in_decoder(name, options):
     torch.manual_seed(0)
-    model = tiny_model(name, **OPTIONS[name]).eval()
+    model = tiny_model(name, **options).eval()
     x = torch.randint(0, 50, (2, 20))
     i = 9
     y = x.clone()
@@ -253,11 +309,11 @@ def test_causal_in_decoder(name):
     assert (hx[:, i + 1:] - hy[:, i + 1:]).abs().amax() > 1e-3  # the perturbation did reach later positions
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_causal_with_memory(name):
+@pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+def test_causal_with_memory(name, options):
     """Keys/values after query i's position (memory + segment <= i) do not change its output."""
     T, S, i = 6, 10, 2
-    m = make(name, **OPTIONS[name])
+    m = make(name, **options)
     q, k, v = inputs(name, T, S, seed=5)
     k2, v2 = k.clone(), v.clone()
     later = S - T + i + 1
@@ -378,8 +434,9 @@ def test_spkde_weights_on_simplex_and_drop_outliers():
         torch.testing.assert_close(p[r, :n], simplex_bisect(u[r, :n]))
 
 
-def test_mom_picks_median_block():
-    m = build_attention("mom", d_model=16, n_head=1, d_head=2, options={"n_blocks": 3}).double()
+def test_mom_contiguous_picks_median_block():
+    """mode: contiguous (the earlier default), hand-computed."""
+    m = build_attention("mom", d_model=16, n_head=1, d_head=2, options={"mode": "contiguous", "n_blocks": 3}).double()
     x = torch.tensor([3.0, 3.0, -3.0, -3.0, 0.0, 1.0], dtype=torch.float64)  # scores q·k/√2 = x
     q = torch.tensor([1.0, 0.0], dtype=torch.float64).expand(1, 1, 6, 2)
     k = torch.stack([x * math.sqrt(2), torch.zeros(6, dtype=torch.float64)], -1)[None, None]

@@ -37,6 +37,10 @@ def boolean(variant: str, name: str, value) -> None:
     require(isinstance(value, bool), variant, f"option {name} must be true or false, got {value!r}.")
 
 
+def one_of(variant: str, name: str, value, choices: tuple[str, ...]) -> None:
+    require(value in choices, variant, f"option {name} must be one of {', '.join(choices)}; got {value!r}.")
+
+
 def masked_log(w: Tensor, allowed: Tensor) -> Tensor:
     """``log w`` where allowed, ``-inf`` elsewhere: key weights as an additive softmax bias.
 

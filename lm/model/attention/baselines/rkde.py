@@ -17,8 +17,19 @@ one [T,S]x[S,S] matmul per step: no [T, S, S] tensor). Then
 
     out_i = Σ_j w_ij k(q̂_i, k̂_j) v_j / Σ_j w_ij k(q̂_i, k̂_j) = softmax_j(q̂_iᵀk̂_j / σ² + log w_ij) v
 
--- the −1/σ² of the kernel is a per-row constant -- which is one fused SDPA call with log w as the
-float mask. n_iters = 0 is plain key-normalised Gaussian-kernel attention (uniform w).
+-- the −1/σ² of the kernel is a per-row constant. n_iters = 0 is plain key-normalised Gaussian-kernel
+attention (uniform w). The default n_iters = 1 is the reference's num_iter.
+
+Numerator and denominator weights (``weighting``). The reference code (``aaronhan223/robust_transformer``,
+``RobustAttention``/``RBFMultiHeadAttn``) solves the weights twice: once on the joint vectors
+x_j = [k̂_j; v_j] (kernel exp(−‖x_j − x_l‖²/2σ²) = k(k̂_j, k̂_l)·exp(−‖v_j − v_l‖²/2σ²)) for the numerator,
+once on the keys alone for the denominator -- the Nadaraya–Watson ratio of a robust joint density
+to a robust marginal one:
+
+    out_i = Σ_j w^kv_ij k(q̂_i, k̂_j) v_j / Σ_j w^k_ij k(q̂_i, k̂_j)          (weighting: joint, default)
+
+whose weights on the keys need not sum to 1. ``weighting: keys`` uses w^k in both (rows on the
+simplex, one fused SDPA call): the project's earlier default.
 
 c: a fixed number, or (default) per query the median residual under uniform weights (Kim & Scott's
 choice), kept fixed over the iterations, without gradient, and floored at 1e-4 (a lone key has
@@ -39,21 +50,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.model.attention.base import Attention, AttnContext, LayerState, register
-from lm.model.attention.baselines.common import (at_least_float32, boolean, masked_log, positive_float,
+from lm.model.attention.baselines.common import (at_least_float32, boolean, masked_log, one_of, positive_float,
                                                  positive_int, visible)
 
 
 @dataclass
 class RKDEOptions:
     """
-    n_iters: IRLS reweighting steps (0 = plain key-normalised Gaussian-kernel attention).
+    n_iters: IRLS reweighting steps (0 = plain key-normalised Gaussian-kernel attention; 1 = the reference).
+    weighting: joint (numerator weights from [k̂; v], denominator from k̂: the reference) | keys (k̂ for both).
     threshold: Huber threshold c on the RKHS residual (in [0, 2] for unit vectors); null = per-query
         median residual under uniform weights.
     bandwidth: σ at init (per head); learn_bandwidth: learn it.
     detach_weights: compute the key weights without gradient.
     """
 
-    n_iters: int = 2
+    n_iters: int = 1
+    weighting: str = "joint"
     threshold: float | None = None
     bandwidth: float = 0.3
     learn_bandwidth: bool = True
@@ -61,6 +74,7 @@ class RKDEOptions:
 
     def __post_init__(self):
         positive_int("rkde", "n_iters", self.n_iters, minimum=0)
+        one_of("rkde", "weighting", self.weighting, ("joint", "keys"))
         if self.threshold is not None:
             positive_float("rkde", "threshold", self.threshold)
         positive_float("rkde", "bandwidth", self.bandwidth)
@@ -90,17 +104,26 @@ class KernelDensityAttention(Attention):
         q_hat, k_hat = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         inv_var = self.inv_var().to(q.dtype)
         allowed = visible(ctx, T, S, q.device)
+        joint = self.opts.weighting == "joint"
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.opts.detach_weights):
             kf = at_least_float32(k_hat)  # the weights are solved in float32 even under autocast
-            gram = torch.exp((kf @ kf.transpose(-1, -2) - 1) * self.inv_var().to(kf.dtype))  # k(k_j, k_l)
+            iv = self.inv_var().to(kf.dtype)
+            gram = torch.exp((kf @ kf.transpose(-1, -2) - 1) * iv)  # k(k_j, k_l)
             w = self.key_weights(kf, gram, allowed)
-        bias = masked_log(w, allowed).to(q.dtype)
+            if joint:  # k([k̂_j; v_j], [k̂_l; v_l]) = k(k̂_j, k̂_l) · exp(−‖v_j − v_l‖²/2σ²)
+                vf = at_least_float32(v)
+                vv = (vf * vf).sum(-1)
+                d2 = (vv[..., :, None] + vv[..., None, :] - 2 * vf @ vf.transpose(-1, -2)).clamp_min(0.0)
+                w_kv = self.key_weights(kf, gram * torch.exp(-0.5 * d2 * iv), allowed)
         p = self.dropatt if self.training else 0.0
-        if not ctx.need_weights:
+        if not joint and not ctx.need_weights:
+            bias = masked_log(w, allowed).to(q.dtype)
             out = F.scaled_dot_product_attention(q_hat * inv_var, k_hat, v, attn_mask=bias, dropout_p=p, scale=1.0)
             return out, None
-        a = torch.softmax(at_least_float32((q_hat * inv_var) @ k_hat.transpose(-1, -2) + bias), dim=-1).to(v.dtype)
-        return (F.dropout(a, p) if p > 0 else a) @ v, a
+        logits = at_least_float32((q_hat * inv_var) @ k_hat.transpose(-1, -2))
+        den = torch.logsumexp(logits + masked_log(w, allowed), dim=-1, keepdim=True)  # log Σ_j w^k_ij k_ij
+        a = torch.exp(logits + masked_log(w_kv if joint else w, allowed) - den).to(v.dtype)
+        return (F.dropout(a, p) if p > 0 else a) @ v, (a if ctx.need_weights else None)
 
 
 def uniform_weights(allowed: Tensor, dtype) -> Tensor:

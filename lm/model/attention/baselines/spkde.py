@@ -17,7 +17,11 @@ The scaled target lies outside the hull; the projection keeps keys in dense regi
 with the sort-based Euclidean projection onto the simplex (Duchi et al. 2008) restricted to each
 query's visible keys. A fixed step count keeps it a plain tensor program: no solver, no CPU round
 trip, causal because every sum runs over visible keys only. Attention then uses the weights exactly
-like RKDE: out_i = Σ_j w_ij k(q̂_i, k̂_j) v_j / Σ_j w_ij k(q̂_i, k̂_j) on L2-normalised q and k.
+like RKDE, by default with joint [k̂; v] weights in the numerator and key weights in the denominator
+(``weighting: joint``, the reference's ``SPKDEAttention``), or key weights in both (``weighting: keys``).
+
+β: the reference sets β = 1/(1 − ε) from an outlier fraction ε = 0.05 (β ≈ 1.0526); give either
+``outlier_fraction`` or ``beta`` (not both). The project's earlier default was β = 1.5.
 """
 
 from __future__ import annotations
@@ -28,28 +32,39 @@ import torch
 from torch import Tensor
 
 from lm.model.attention.base import register
-from lm.model.attention.baselines.common import boolean, positive_float, positive_int, require
+from lm.model.attention.baselines.common import boolean, one_of, positive_float, positive_int, require
 from lm.model.attention.baselines.rkde import KernelDensityAttention, uniform_weights
 
 
 @dataclass
 class SPKDEOptions:
     """
-    beta: scale β > 1 of the KDE before projection (β = 1/(1 − ε) for an outlier fraction ε).
+    beta: scale β > 1 of the KDE before projection; null = 1/(1 − outlier_fraction).
+    outlier_fraction: ε in (0, 1); null = 0.05 (the reference) unless beta is given.
     n_steps: projected-gradient steps per forward.
-    bandwidth, learn_bandwidth, detach_weights: as for rkde.
+    weighting, bandwidth, learn_bandwidth, detach_weights: as for rkde.
     """
 
-    beta: float = 1.5
+    beta: float | None = None
+    outlier_fraction: float | None = None
     n_steps: int = 10
+    weighting: str = "joint"
     bandwidth: float = 0.3
     learn_bandwidth: bool = True
     detach_weights: bool = True
 
     def __post_init__(self):
+        require(self.beta is None or self.outlier_fraction is None, "spkde",
+                "give option beta or option outlier_fraction (beta = 1/(1 - outlier_fraction)), not both.")
+        if self.beta is None:
+            eps = 0.05 if self.outlier_fraction is None else self.outlier_fraction
+            require(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1, "spkde",
+                    f"option outlier_fraction must be a number in (0, 1), got {eps!r}.")
+            self.beta = 1.0 / (1.0 - eps)
         positive_float("spkde", "beta", self.beta)
         require(self.beta > 1, "spkde", f"option beta must be > 1 (SPKDE scales the KDE up), got {self.beta}.")
         positive_int("spkde", "n_steps", self.n_steps, minimum=0)
+        one_of("spkde", "weighting", self.weighting, ("joint", "keys"))
         positive_float("spkde", "bandwidth", self.bandwidth)
         boolean("spkde", "learn_bandwidth", self.learn_bandwidth)
         boolean("spkde", "detach_weights", self.detach_weights)
