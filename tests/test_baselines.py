@@ -126,9 +126,9 @@ def spkde_ref_weights(kv, sigma, beta, n_steps):
     return w
 
 
-def kde_attention(qi, kv, vv, w, sigma, w_num=None):
-    """Σ_j w_num_j κ(q̂, k̂_j) v_j / Σ_j w_j κ(q̂, k̂_j); w_num = w gives rows on the simplex."""
-    kern = gauss(unit(qi), kv, sigma)
+def kde_attention(m, qi, kv, vv, w, sigma, w_num=None):
+    """Σ_j w_num_j κ(q, k̂_j) v_j / Σ_j w_j κ(q, k̂_j) (q̂ with normalize_query); w_num = w: rows on the simplex."""
+    kern = gauss(unit(qi) if m.opts.normalize_query else qi, kv, sigma)
     w_num = w if w_num is None else w_num
     return ((w_num * kern)[:, None] * vv).sum(0) / (w * kern).sum()
 
@@ -144,7 +144,7 @@ def ref_rkde(m, h, q, k, v, i, vis):
     w = rkde_ref_weights(kv, sigma, m.opts.n_iters, m.opts.threshold)
     w_num = rkde_ref_weights(joint(kv, v[vis]), sigma, m.opts.n_iters, m.opts.threshold) \
         if m.opts.weighting == "joint" else None
-    return kde_attention(q[i], kv, v[vis], w, sigma, w_num)
+    return kde_attention(m, q[i], kv, v[vis], w, sigma, w_num)
 
 
 def ref_spkde(m, h, q, k, v, i, vis):
@@ -153,7 +153,7 @@ def ref_spkde(m, h, q, k, v, i, vis):
     w = spkde_ref_weights(kv, sigma, m.opts.beta, m.opts.n_steps)
     w_num = spkde_ref_weights(joint(kv, v[vis]), sigma, m.opts.beta, m.opts.n_steps) \
         if m.opts.weighting == "joint" else None
-    return kde_attention(q[i], kv, v[vis], w, sigma, w_num)
+    return kde_attention(m, q[i], kv, v[vis], w, sigma, w_num)
 
 
 def mom_block_scores(qs, ks, member, i, M, score):
@@ -212,8 +212,8 @@ OPTIONS = {  # non-default settings exercise more of each formula
 # each variant's default (with OPTIONS) plus the options that keep the earlier defaults reachable
 CASES = [(name, OPTIONS[name]) for name in VARIANTS] + [
     ("rkde", {}),  # the reference's single IRLS step
-    ("rkde", {"n_iters": 3, "weighting": "keys"}),
-    ("spkde", {"n_steps": 6, "beta": 2.0, "weighting": "keys"}),
+    ("rkde", {"n_iters": 3, "weighting": "keys", "normalize_query": True, "bandwidth": 0.3, "learn_bandwidth": True}),
+    ("spkde", {"n_steps": 6, "beta": 2.0, "weighting": "keys", "normalize_query": True, "bandwidth": 0.3}),
     ("mom", {"partition": "subsample", "block_score": "sum", "n_blocks": 4}),
     ("mom", {"mode": "contiguous", "n_blocks": 3}),
 ]
@@ -381,14 +381,17 @@ def test_performer_redraw_schedule():
 
 
 # ---------------------------------------------------------------- RKDE / SPKDE / MoM
-def test_rkde_zero_iters_is_gaussian_kernel_attention():
+@pytest.mark.parametrize("normalize_query", [False, True])
+def test_rkde_zero_iters_is_gaussian_kernel_attention(normalize_query):
     T = 7
-    m = make("rkde", n_iters=0)
+    m = make("rkde", n_iters=0, normalize_query=normalize_query)
     q, k, v = inputs("rkde", T, T, seed=2)
     sigma = m.log_bandwidth.detach().exp()[None, :, None, None]
+    if not normalize_query:  # the reference's exp(−‖q − k̂‖²/√D)
+        torch.testing.assert_close(2 * sigma**2, torch.full_like(sigma, math.sqrt(D)))
     with torch.no_grad():
         out, _ = m.attend(q, k, v, AttnContext(), None)
-    d2 = ((unit(q)[:, :, :, None] - unit(k)[:, :, None]) ** 2).sum(-1)
+    d2 = (((unit(q) if normalize_query else q)[:, :, :, None] - unit(k)[:, :, None]) ** 2).sum(-1)
     a = torch.exp(-d2 / (2 * sigma**2)) * causal(T, T, "cpu")
     torch.testing.assert_close(out, (a / a.sum(-1, keepdim=True)) @ v)
 
@@ -451,6 +454,93 @@ def test_mom_contiguous_picks_median_block():
     torch.testing.assert_close(out[0, 0, 3], torch.tensor([0, 0, 0, 1.0, 0, 0], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("S,K", [(10, 3), (2, 3), (9, 9)])
+def test_mom_disjoint_partition(S, K):
+    """Disjoint random blocks: every key position in exactly one block, sizes within one of each other."""
+    m = make("mom", n_blocks=K)
+    member = m.partition(S, "cpu")
+    assert member.shape == (min(K, S), S) and (member.sum(0) == 1).all()
+    sizes = member.sum(1)
+    assert int(sizes.max() - sizes.min()) <= 1
+
+
+def test_mom_subsample_partition():
+    """partition: subsample (the stored reference's divide_batch): K subsets of ⌊(1 − ε)·S⌋ keys each."""
+    m = make("mom", partition="subsample", n_blocks=5, outlier_fraction=0.2)
+    member = m.partition(40, "cpu")
+    assert member.shape == (5, 40) and (member.sum(1) == 32).all()
+    assert (member.sum(0) > 1).any()  # blocks overlap
+
+
+def test_mom_eval_deterministic_training_redraws():
+    """Eval draws the blocks from a seed (same output on every call, whatever ran before); training
+    draws fresh blocks per forward from the run's generator (seeded runs repeat)."""
+    T = 24
+    m = make("mom")
+    q, k, v = inputs("mom", T, T, seed=4)
+    with torch.no_grad():
+        first = m.attend(q, k, v, AttnContext(), None)[0]
+        m.train()
+        torch.manual_seed(1)
+        draws = [m.partition(T, "cpu") for _ in range(3)]
+        trained = [m.attend(q, k, v, AttnContext(), None)[0] for _ in range(3)]
+        torch.manual_seed(1)
+        again = [m.partition(T, "cpu") for _ in range(3)]
+        m.eval()
+        second = m.attend(q, k, v, AttnContext(), None)[0]
+    assert torch.equal(first, second)
+    assert not torch.equal(draws[0], draws[1]) and all(torch.equal(a, b) for a, b in zip(draws, again))
+    assert not torch.equal(trained[0], trained[1])
+    other = make("mom", seed=7)  # another eval seed, another (fixed) draw
+    assert not torch.equal(other.partition(T, "cpu"), m.partition(T, "cpu"))
+    assert torch.equal(other.partition(T, "cpu"), other.partition(T, "cpu"))
+
+
+def test_mom_choose_batch():
+    """choose: batch sums each block's score over the batch and the heads: one block per query for all."""
+    T, S = 5, 8
+    m = make("mom", choose="batch", block_score="sum")
+    q, k, v = inputs("mom", T, S, seed=6)
+    with torch.no_grad():
+        out, w = m.attend(q, k, v, AttnContext(mask=causal(T, S, "cpu"), mem_len=S - T, need_weights=True), None)
+    member = m.partition(S, "cpu").tolist()
+    M = S - T
+    for i in range(T):
+        per_bh = [mom_block_scores(q[b, h], k[b, h], member, i, M, "sum") for b in range(2) for h in range(H)]
+        scores = [None if s is None else sum(p[bi] for p in per_bh) for bi, s in enumerate(per_bh[0])]
+        ranked = sorted((sc, bi) for bi, sc in enumerate(scores) if sc is not None)
+        blk = ranked[len(ranked) // 2][1]
+        keys = [j for j in range(M + i + 1) if member[blk][j]]
+        for b in range(2):
+            for h in range(H):
+                torch.testing.assert_close(out[b, h, i], mom_attend(q[b, h, i], k[b, h], v[b, h], keys))
+                assert set(torch.nonzero(w[b, h, i]).flatten().tolist()) == set(keys)
+
+
+def test_spkde_beta_from_outlier_fraction():
+    assert make("spkde").opts.beta == pytest.approx(1 / 0.95)  # the reference's outlier_fraction = 0.05
+    assert make("spkde", outlier_fraction=0.2).opts.beta == pytest.approx(1.25)
+    assert make("spkde", beta=1.5).opts.beta == 1.5  # the earlier default, still reachable
+    with pytest.raises(ConfigError, match="not both"):
+        make("spkde", beta=1.5, outlier_fraction=0.1)
+
+
+@pytest.mark.parametrize("name", ["rkde", "spkde"])
+def test_joint_weighting_equals_keys_when_values_coincide(name):
+    """With every value equal the joint kernel is the key kernel: both weightings give the same output;
+    with distinct values they differ (the joint weights do read the values)."""
+    T = 7
+    q, k, v = inputs(name, T, T, seed=8)
+    same = v[:, :, :1].expand_as(v).clone()
+    outs = {}
+    for weighting in ("joint", "keys"):
+        m = make(name, weighting=weighting, n_iters=2) if name == "rkde" else make(name, weighting=weighting)
+        with torch.no_grad():
+            outs[weighting] = (m.attend(q, k, same, AttnContext(), None)[0], m.attend(q, k, v, AttnContext(), None)[0])
+    torch.testing.assert_close(outs["joint"][0], outs["keys"][0])
+    assert (outs["joint"][1] - outs["keys"][1]).abs().amax() > 1e-3
+
+
 # ---------------------------------------------------------------- options, construction, training
 @pytest.mark.parametrize("mem_len", [8, 0])
 @pytest.mark.parametrize("name", VARIANTS)
@@ -481,6 +571,14 @@ def test_relative_positions_rejected_at_construction(name, mem_len):
     ("spkde", {"beta": 1.0}, "> 1"),
     ("mom", {"n_blocks": 0}, ">= 1"),
     ("mom", {"n_blocks": "4"}, "integer"),
+    ("mom", {"mode": "median"}, "one of random, contiguous"),
+    ("mom", {"partition": "blocks"}, "one of disjoint, subsample"),
+    ("mom", {"outlier_fraction": 1.0}, r"\[0, 1\)"),
+    ("mom", {"mode": "contiguous", "choose": "batch"}, "belong to mode: random"),
+    ("rkde", {"weighting": "both"}, "one of joint, keys"),
+    ("rkde", {"bandwidth": 0.0}, "> 0"),
+    ("spkde", {"outlier_fraction": 1.0}, r"\(0, 1\)"),
+    ("spkde", {"beta": 2.0, "outlier_fraction": 0.1}, "not both"),
 ])
 def test_options_validated(name, bad, match):
     with pytest.raises(ConfigError, match=match):

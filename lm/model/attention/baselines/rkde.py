@@ -1,41 +1,40 @@
 """Transformer-RKDE (Han et al., NeurIPS 2023): attention with a robust kernel density estimate.
 
-Attention as Nadaraya–Watson regression with a Gaussian kernel on L2-normalised queries and keys,
+Attention as Nadaraya–Watson regression with a Gaussian kernel on L2-normalised keys k̂,
 
-    k(x, y) = exp(−‖x − y‖² / 2σ²) = exp((x̂ᵀŷ − 1) / σ²)       (‖x̂‖ = ‖ŷ‖ = 1)
+    k(x, y) = exp(−‖x − y‖² / 2σ²),     k(k̂_j, k̂_l) = exp((k̂_jᵀk̂_l − 1) / σ²)
 
 where the plain KDE gives every visible key the same weight. The robust KDE (Kim & Scott 2012) instead
 weights the keys so that outlying keys count less: with φ the kernel's feature map, IRLS on the Huber
-loss of the RKHS residuals r_j = ‖φ(k_j) − Σ_l w_l φ(k_l)‖,
+loss of the RKHS residuals r_j = ‖φ(x_j) − Σ_l w_l φ(x_l)‖,
 
-    r_j² = k(k_j, k_j) − 2 Σ_l w_l k(k_j, k_l) + Σ_{l,l'} w_l w_l' k(k_l, k_l')
+    r_j² = k(x_j, x_j) − 2 Σ_l w_l k(x_j, x_l) + Σ_{l,l'} w_l w_l' k(x_l, x_l')
     w_j  ← u_j / Σ_l u_l,   u_j = ψ(r_j)/r_j = min(1, c / r_j)                    (Huber, threshold c)
 
-starting from uniform w, for ``n_iters`` steps. Causality: the sums run over the keys query i may see
-(memory + segment keys ≤ i), so every query has its own weight vector w_i· (a [T, S] matrix per head,
-one [T,S]x[S,S] matmul per step: no [T, S, S] tensor). Then
-
-    out_i = Σ_j w_ij k(q̂_i, k̂_j) v_j / Σ_j w_ij k(q̂_i, k̂_j) = softmax_j(q̂_iᵀk̂_j / σ² + log w_ij) v
-
--- the −1/σ² of the kernel is a per-row constant. n_iters = 0 is plain key-normalised Gaussian-kernel
-attention (uniform w). The default n_iters = 1 is the reference's num_iter.
+starting from uniform w, for ``n_iters`` steps (default 1, the reference's num_iter). Causality: the
+sums run over the keys query i may see (memory + segment keys ≤ i), so every query has its own weight
+vector w_i· (a [T, S] matrix per head, one [T,S]x[S,S] matmul per step: no [T, S, S] tensor).
 
 Numerator and denominator weights (``weighting``). The reference code (``aaronhan223/robust_transformer``,
-``RobustAttention``/``RBFMultiHeadAttn``) solves the weights twice: once on the joint vectors
-x_j = [k̂_j; v_j] (kernel exp(−‖x_j − x_l‖²/2σ²) = k(k̂_j, k̂_l)·exp(−‖v_j − v_l‖²/2σ²)) for the numerator,
-once on the keys alone for the denominator -- the Nadaraya–Watson ratio of a robust joint density
-to a robust marginal one:
+``RobustAttention``/``RBFMultiHeadAttn``) solves the weights twice: on the joint vectors
+x_j = [k̂_j; v_j] (k(x_j, x_l) = k(k̂_j, k̂_l)·exp(−‖v_j − v_l‖²/2σ²)) for the numerator and on the keys
+x_j = k̂_j for the denominator -- the ratio of a robust joint density to a robust marginal one:
 
-    out_i = Σ_j w^kv_ij k(q̂_i, k̂_j) v_j / Σ_j w^k_ij k(q̂_i, k̂_j)          (weighting: joint, default)
+    out_i = Σ_j w^kv_ij k(q_i, k̂_j) v_j / Σ_j w^k_ij k(q_i, k̂_j)            (weighting: joint, default)
 
-whose weights on the keys need not sum to 1. ``weighting: keys`` uses w^k in both (rows on the
-simplex, one fused SDPA call): the project's earlier default.
+whose weights on the keys need not sum to 1. ``weighting: keys`` uses w^k in both: rows on the
+simplex, softmax_j(q_iᵀk̂_j/σ² + log w_ij) (the per-row ‖q_i‖² and ‖k̂_j‖² = 1 terms cancel), one fused
+SDPA call -- the project's earlier default. n_iters = 0 is plain kernel attention (uniform w).
+
+Kernel (``normalize_query``, ``bandwidth``). The reference keeps the query raw and uses
+exp(−‖q − k̂‖²/√D), i.e. σ² = √D/2, fixed: the defaults (normalize_query false, bandwidth null,
+learn_bandwidth false). The project's earlier kernel normalised the query too and learned σ per head
+from 0.3 (normalize_query: true, bandwidth: 0.3, learn_bandwidth: true): with unit vectors 1/σ² is then
+the softmax temperature (σ = 0.3 gives ≈ 11, similar to QKNorm's learned gain at short lengths).
 
 c: a fixed number, or (default) per query the median residual under uniform weights (Kim & Scott's
 choice), kept fixed over the iterations, without gradient, and floored at 1e-4 (a lone key has
-residual 0).
-σ: per head, learned in log space, initialised at ``bandwidth``. With unit vectors 1/σ² acts as the
-softmax temperature (σ = 0.3 gives ≈ 11, similar to QKNorm's learned gain at short lengths).
+residual 0). docs/baselines.md explains why the residual and the threshold are not the reference's.
 The weights are computed without gradient by default (treated as data weights for the regression).
 Relative positions are not supported (Table 1 uses absolute positions).
 """
@@ -61,15 +60,18 @@ class RKDEOptions:
     weighting: joint (numerator weights from [k̂; v], denominator from k̂: the reference) | keys (k̂ for both).
     threshold: Huber threshold c on the RKHS residual (in [0, 2] for unit vectors); null = per-query
         median residual under uniform weights.
-    bandwidth: σ at init (per head); learn_bandwidth: learn it.
+    normalize_query: L2-normalise the query too (the reference: false).
+    bandwidth: σ (at init, per head); null = sqrt(√D/2), the reference's exp(−‖q − k̂‖²/√D).
+    learn_bandwidth: learn σ (the reference: fixed).
     detach_weights: compute the key weights without gradient.
     """
 
     n_iters: int = 1
     weighting: str = "joint"
     threshold: float | None = None
-    bandwidth: float = 0.3
-    learn_bandwidth: bool = True
+    normalize_query: bool = False
+    bandwidth: float | None = None
+    learn_bandwidth: bool = False
     detach_weights: bool = True
 
     def __post_init__(self):
@@ -77,9 +79,16 @@ class RKDEOptions:
         one_of("rkde", "weighting", self.weighting, ("joint", "keys"))
         if self.threshold is not None:
             positive_float("rkde", "threshold", self.threshold)
-        positive_float("rkde", "bandwidth", self.bandwidth)
-        boolean("rkde", "learn_bandwidth", self.learn_bandwidth)
-        boolean("rkde", "detach_weights", self.detach_weights)
+        kernel_options("rkde", self)
+
+
+def kernel_options(variant: str, o) -> None:
+    """Validation of the kernel options RKDE and SPKDE share."""
+    boolean(variant, "normalize_query", o.normalize_query)
+    if o.bandwidth is not None:
+        positive_float(variant, "bandwidth", o.bandwidth)
+    boolean(variant, "learn_bandwidth", o.learn_bandwidth)
+    boolean(variant, "detach_weights", o.detach_weights)
 
 
 class KernelDensityAttention(Attention):
@@ -89,7 +98,8 @@ class KernelDensityAttention(Attention):
 
     def __init__(self, d_model: int, n_head: int, d_head: int, *args, **kwargs):
         super().__init__(d_model, n_head, d_head, *args, **kwargs)
-        self.log_bandwidth = nn.Parameter(torch.full((n_head,), math.log(self.opts.bandwidth)),
+        sigma = self.opts.bandwidth or math.sqrt(math.sqrt(d_head) / 2)  # 2σ² = √D: exp(−‖q − k̂‖²/√D)
+        self.log_bandwidth = nn.Parameter(torch.full((n_head,), math.log(sigma)),
                                           requires_grad=self.opts.learn_bandwidth)
 
     def inv_var(self) -> Tensor:
@@ -101,7 +111,8 @@ class KernelDensityAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, prev: LayerState | None):
         T, S = q.size(-2), k.size(-2)
-        q_hat, k_hat = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q_hat = F.normalize(q, dim=-1) if self.opts.normalize_query else q
+        k_hat = F.normalize(k, dim=-1)
         inv_var = self.inv_var().to(q.dtype)
         allowed = visible(ctx, T, S, q.device)
         joint = self.opts.weighting == "joint"

@@ -17,7 +17,7 @@ The scaled target lies outside the hull; the projection keeps keys in dense regi
 with the sort-based Euclidean projection onto the simplex (Duchi et al. 2008) restricted to each
 query's visible keys. A fixed step count keeps it a plain tensor program: no solver, no CPU round
 trip, causal because every sum runs over visible keys only. Attention then uses the weights exactly
-like RKDE, by default with joint [k̂; v] weights in the numerator and key weights in the denominator
+like RKDE (same kernel options), by default with joint [k̂; v] weights in the numerator and key weights in the denominator
 (``weighting: joint``, the reference's ``SPKDEAttention``), or key weights in both (``weighting: keys``).
 
 β: the reference sets β = 1/(1 − ε) from an outlier fraction ε = 0.05 (β ≈ 1.0526); give either
@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from lm.model.attention.base import register
-from lm.model.attention.baselines.common import boolean, one_of, positive_float, positive_int, require
-from lm.model.attention.baselines.rkde import KernelDensityAttention, uniform_weights
+from lm.model.attention.baselines.common import one_of, positive_float, positive_int, require
+from lm.model.attention.baselines.rkde import KernelDensityAttention, kernel_options, uniform_weights
 
 
 @dataclass
@@ -42,15 +42,16 @@ class SPKDEOptions:
     beta: scale β > 1 of the KDE before projection; null = 1/(1 − outlier_fraction).
     outlier_fraction: ε in (0, 1); null = 0.05 (the reference) unless beta is given.
     n_steps: projected-gradient steps per forward.
-    weighting, bandwidth, learn_bandwidth, detach_weights: as for rkde.
+    weighting, normalize_query, bandwidth, learn_bandwidth, detach_weights: as for rkde.
     """
 
     beta: float | None = None
     outlier_fraction: float | None = None
     n_steps: int = 10
     weighting: str = "joint"
-    bandwidth: float = 0.3
-    learn_bandwidth: bool = True
+    normalize_query: bool = False
+    bandwidth: float | None = None
+    learn_bandwidth: bool = False
     detach_weights: bool = True
 
     def __post_init__(self):
@@ -65,9 +66,7 @@ class SPKDEOptions:
         require(self.beta > 1, "spkde", f"option beta must be > 1 (SPKDE scales the KDE up), got {self.beta}.")
         positive_int("spkde", "n_steps", self.n_steps, minimum=0)
         one_of("spkde", "weighting", self.weighting, ("joint", "keys"))
-        positive_float("spkde", "bandwidth", self.bandwidth)
-        boolean("spkde", "learn_bandwidth", self.learn_bandwidth)
-        boolean("spkde", "detach_weights", self.detach_weights)
+        kernel_options("spkde", self)
 
 
 def project_simplex(u: Tensor, allowed: Tensor) -> Tensor:
