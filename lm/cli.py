@@ -15,14 +15,13 @@ class (checked before LightningCLI reads it). Anything else is a bug and keeps i
 
 from __future__ import annotations
 
-import inspect
-import pickle
 import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from lm.errors import CheckpointError, LMError
+from lm import checkpoint
+from lm.errors import LMError
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 # `--ckpt_path` values Lightning resolves itself (not file names).
@@ -43,51 +42,10 @@ def check_ckpt_path(path: str | None, model_class: type | None = None) -> None:
     file raises a raw OSError/RuntimeError/UnpicklingError deep inside ``LightningCLI``."""
     if path is None or str(path) in SPECIAL_CKPT_PATHS or str(path).startswith("registry") or "://" in str(path):
         return
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(
-            f"--ckpt_path {path}: no such file. Pass a .ckpt written by `lm fit` (e.g. runs/<name>/checkpoints/"
-            f"last.ckpt), or `--ckpt_path last` to resume the run in --trainer.default_root_dir."
-        )
-    try:
-        try:  # mmap: only the pickled structure is read, not the tensor data
-            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "_use_new_zipfile_serialization" not in str(e):  # a legacy (non-zip) file cannot be mmapped
-                raise
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        gist = (str(e).strip().splitlines() or [""])[0][:200]
-        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
-            # (LightningCLI itself reads the file's hyper-parameters with weights_only=True, whatever
-            # --weights_only says, so there is no switch to offer.)
-            raise CheckpointError(
-                f"Checkpoint {path} holds pickled Python objects, not only tensors and plain containers, so it "
-                f"cannot be loaded safely (torch.load weights_only). `lm` reads the checkpoints written by `lm fit` "
-                f"and `lm finetune fit`; re-save this one as a plain state (tensors, numbers, strings, dicts)."
-            ) from None
-        raise CheckpointError(
-            f"Cannot read checkpoint {path} ({type(e).__name__}: {gist}). The file is truncated (an interrupted "
-            f"copy or download) or not a checkpoint; use another one, e.g. last.ckpt or the best-by-validation "
-            f"file in the same checkpoints folder."
-        ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (it holds no state_dict). Pass a .ckpt written "
-                              f"by `lm fit` or `lm finetune fit`.")
-    hparams = ckpt.get("hyper_parameters") or {}
-    if model_class is not None and hparams:
-        params = inspect.signature(model_class.__init__).parameters
-        takes_any = any(q.kind is inspect.Parameter.VAR_KEYWORD for q in params.values())
-        foreign = [] if takes_any else sorted(k for k in hparams if not str(k).startswith("_") and k not in params)
-        if foreign:
-            raise CheckpointError(
-                f"{path} was written by another kind of model than {model_class.__name__} (its hyper-parameters "
-                f"{', '.join(foreign[:4])} are not {model_class.__name__}'s). A language-model checkpoint (from "
-                f"`lm fit`) goes to `lm fit/validate/test --ckpt_path` or `lm finetune fit --model.pretrained`; an "
-                f"SST-2 classifier checkpoint (from `lm finetune fit`) goes to `lm finetune validate --ckpt_path`."
-            )
+    ckpt = checkpoint.read(path, given_as="--ckpt_path", hint=f"Pass {checkpoint.LM_FIT_CKPT}, or `--ckpt_path "
+                           f"last` to resume the run in --trainer.default_root_dir.")
+    if model_class is not None:
+        checkpoint.check_model_class(ckpt, path, model_class)
 
 
 class CheckedCkptPathMixin:
@@ -152,6 +110,50 @@ def lm_cli(args=None, run: bool = True) -> LMCLI:
     )
 
 
+class FinetuneCLI(CheckedCkptPathMixin, LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The model chooses the vocabulary source; the data module builds it; its size goes back.
+        parser.link_arguments("model.pretrained", "data.pretrained")
+        parser.link_arguments("model.vocab", "data.vocab")
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+
+def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI:
+    """``lm finetune fit|validate``: SST-2 classification from a pretrained checkpoint (REFERENCE §7).
+
+        lm finetune fit --config configs/sst2/finetune.yaml --model.pretrained runs/<lm run>/checkpoints/last.ckpt
+        lm finetune validate --config runs/<sst2 run>/config.yaml --ckpt_path runs/<sst2 run>/checkpoints/last.ckpt
+
+    The model decides where the vocabulary comes from (``model.pretrained`` and ``model.vocab`` are linked
+    into the data module, which reads the checkpoint's vocabulary or counts a fresh one); the data then
+    hands its vocabulary size back. Checkpoints go to ``<default_root_dir>/checkpoints``: the best by dev
+    loss (the paper's selection) and ``last.ckpt``; the dev result JSON to ``<default_root_dir>/results``.
+    """
+    from lm.data.sst2 import SST2DataModule
+    from lm.tasks.callbacks import RunCheckpoint, RunDirConfig
+    from lm.tasks.classifier import SequenceClassifier
+
+    return FinetuneCLI(
+        SequenceClassifier,
+        SST2DataModule,
+        subclass_mode_model=False,
+        subclass_mode_data=False,
+        trainer_defaults={
+            # Best checkpoint by dev loss (the paper) plus last.ckpt, in <default_root_dir>/checkpoints.
+            "callbacks": [RunCheckpoint(monitor="val/loss", mode="min", save_last=True, save_top_k=1)],
+            "default_root_dir": "runs/sst2",
+            "max_epochs": 5,
+            "use_distributed_sampler": False,  # the data module's batch sampler shards itself
+        },
+        seed_everything_default=1111,
+        save_config_callback=RunDirConfig,
+        parser_kwargs={k: v for k, v in parser_kwargs().items() if k != "test"},  # fit and validate only
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        run=run,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -166,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate_cli(argv[1:])
         elif cmd == "finetune":
-            from lm.tasks.finetune_cli import finetune_cli
-
             finetune_cli(argv[1:])
         elif cmd == "analyze":
             from lm.analysis.cli import analyze_cli

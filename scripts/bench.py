@@ -32,7 +32,7 @@ paper's WikiText-103 small) shapes, fp32 and bf16-mixed, it measures in one invo
   and elementwise FLOPs not counted) x steps/s, over the best sustained ``torch.matmul`` GFLOP/s of
   this CPU in the step's matmul dtype (fp32 or bf16), measured in the same worker process right before.
 - **sliding-window evaluation** (REFERENCE §6, stride 1): the framework's batched evaluator
-  (``lm.eval.protocols`` sliding windows through ``Trainer.validate``) against a naive loop, one
+  (``lm.data.protocols`` sliding windows through ``Trainer.validate``) against a naive loop, one
   window per scored token at batch 1 (the paper's protocol); the total NLL must agree (asserted).
 
 On a GPU (``--device cuda``; ``auto``, the default, picks it when one is visible) everything above runs
@@ -357,7 +357,7 @@ def data_cycle(data, n) -> Batches:
 def sliding_eval(n_tokens: int, window: int, batch: int, seed: int = 1111, shape_name: str = "tiny",
                  device: torch.device = torch.device("cpu")) -> dict:
     """Total NLL and wall time of stride-1 sliding evaluation, batched (framework) vs naive (batch 1)."""
-    from lm.eval.protocols import eval_batches
+    from lm.data.protocols import eval_batches
 
     warnings.filterwarnings("ignore")
     shape = dict(ba.SHAPES[shape_name], tgt_len=window, batch=batch)

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
+from lm import checkpoint
 
 
 def _json(path: Path) -> dict:
@@ -35,7 +35,7 @@ def main() -> None:
         ckpt_path = run / "checkpoints" / "last.ckpt"
         step, tokens_per_step = None, None
         if ckpt_path.is_file():
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            ck = checkpoint.read(ckpt_path)
             step = ck.get("global_step")
             d = ck.get("lm_data", {})
             tokens_per_step = (d.get("batch_size") or 0) * (d.get("tgt_len") or 0)

@@ -170,7 +170,7 @@ def make_module(name, opts, relative, seed=0):
 
 def make_ctx(T_, M, relative, same_length=False, mem_len=0, clamp_len=-1, need_weights=False):
     S = M + T_
-    ctx = AttnContext(mask=attention_mask(T_, M, "cpu", same_length, mem_len), need_weights=need_weights, mem_len=M)
+    ctx = AttnContext(mask=attention_mask(T_, M, "cpu", same_length, mem_len), need_weights=need_weights)
     if relative:
         ctx.rel_pos = sinusoid(relative_positions(S, clamp_len, "cpu"), D_MODEL)
     return ctx

@@ -50,7 +50,7 @@ def inputs(name: str, T: int, S: int, seed: int = 0, scale: float = 0.7):
 
 
 def ctx_for(T: int, S: int) -> AttnContext:
-    return AttnContext() if S == T else AttnContext(mask=causal(T, S, "cpu"), mem_len=S - T)
+    return AttnContext() if S == T else AttnContext(mask=causal(T, S, "cpu"))
 
 
 # ---------------------------------------------------------------- naive references (float64 loops)
@@ -588,7 +588,7 @@ def test_options_validated(name, bad, match):
 def test_all_registered():
     assert set(VARIANTS) <= set(ATTENTION)
     for name in VARIANTS:
-        assert ATTENTION[name].supports_memory and not ATTENTION[name].supports_relative
+        assert not ATTENTION[name].supports_relative
 
 
 @pytest.mark.parametrize("name", VARIANTS)

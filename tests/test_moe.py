@@ -549,7 +549,7 @@ def test_moe_ffn_composes_with_attention_variant(variant, pos):
     else:
         attn = AttentionConfig(name=variant)
     relative = pos == "relative"
-    mem_len = 4 if relative and ATTENTION[variant].supports_memory else 0
+    mem_len = 4 if relative else 0
     cfg = ModelConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.0, pos=pos, mem_len=mem_len,
                       adaptive=False, attention=attn,
                       ffn=FFNConfig(name="switch", n_experts=4, top_k=2, capacity_factor=1.25))

@@ -132,7 +132,7 @@ def test_bf16_mixed_moe_step(name):
 def test_bf16_mixed_evaluation_close_to_fp32(tmp_path):
     model = make_model("elliptical")
     tokens = batches(1, seed=3)[0]["input"].reshape(-1)
-    from lm.eval.protocols import eval_batches
+    from lm.data.protocols import eval_batches
 
     results = {}
     for precision in ("32-true", "bf16-mixed"):

@@ -10,11 +10,21 @@ import torch
 
 from lm.config import EvalConfig
 from lm.errors import ConfigError, DataError
-from lm.eval.protocols import describe, eval_batches
+from lm.data.protocols import eval_batches
 
 SIZES = [2, 3, 17, 100, 101]
 WINDOWS = [1, 4, 7]
 BATCHES = [1, 3, 10]
+
+
+def described(cfg: EvalConfig, train_tgt_len: int, mem_len: int = 0) -> dict:
+    """The protocol as every result records it (``LanguageModel.protocol_description``)."""
+    from lm.tasks.lm_module import LanguageModel
+
+    arch = dict(n_layer=1, d_model=8, n_head=1, d_head=8, d_inner=8, adaptive=False, cutoffs=[])
+    pos = "relative" if mem_len else "absolute"
+    return LanguageModel(vocab_size=10, tgt_len=train_tgt_len, pos=pos, mem_len=mem_len, eval=cfg,
+                         **arch).protocol_description()
 
 
 def scored(batches) -> list[int]:
@@ -69,7 +79,7 @@ def test_first_flags_and_shapes():
 def test_eval_tgt_len_overrides_training_length():
     b = next(iter(eval_batches(torch.arange(50), EvalConfig(tgt_len=5), train_tgt_len=8)))
     assert b["input"].shape[1] == 5
-    assert describe(EvalConfig(), 8)["window"] == 8
+    assert described(EvalConfig(), 8)["window"] == 8
 
 
 @pytest.mark.parametrize("n,T,B", [(100, 4, 3), (101, 7, 10), (17, 4, 1), (40, 3, 4)])
@@ -97,9 +107,9 @@ def test_sliding_context(n, T, S):
             assert b["input"][i, : t + 1].tolist() == list(range(target - t - 1, target))
             if target > T:  # outside the first window
                 assert t >= T - S
-    d = describe(cfg, T)
-    assert d == {"protocol": "sliding", "window": T, "stride": S, "memory": 0, "clamp_len": None,
-                 "batch": 4, "min_context": T - S}
+    d = described(cfg, T)
+    assert d == {"protocol": "sliding", "window": T, "stride": S, "mem_len": 0, "clamp_len": -1,
+                 "batch_size": 4, "normalised_by": "token"}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -128,11 +138,11 @@ def test_memory_result_independent_of_world_size():
 
 
 def test_describe_and_errors():
-    assert describe(EvalConfig(protocol="memory", mem_len=640, clamp_len=400), 64, mem_len=150) == {
-        "protocol": "memory", "window": 64, "stride": 64, "memory": 640, "clamp_len": 400, "batch": 10,
-        "min_context": 0}
-    assert describe(EvalConfig(protocol="memory"), 64, mem_len=150)["memory"] == 150
-    assert describe(EvalConfig(), 64)["memory"] == 0
+    assert described(EvalConfig(protocol="memory", mem_len=640, clamp_len=400), 64, mem_len=150) == {
+        "protocol": "memory", "window": 64, "stride": 64, "mem_len": 640, "clamp_len": 400, "batch_size": 10,
+        "normalised_by": "token"}
+    assert described(EvalConfig(protocol="memory"), 64, mem_len=150)["mem_len"] == 150
+    assert described(EvalConfig(), 64)["mem_len"] == 0
     with pytest.raises(ConfigError, match="stride"):
         eval_batches(torch.arange(10), EvalConfig(protocol="sliding", stride=9), train_tgt_len=4)
     with pytest.raises(DataError, match="at least 2 tokens"):

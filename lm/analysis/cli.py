@@ -88,17 +88,18 @@ def analyze(
         passage_len: length of that passage.
         out: output folder (default: ``<run dir>/analysis``).
     """
-    from lm.data.datamodule import LMDataModule
-    from lm.eval.evaluate import load_checkpoint
-
-    model, vocab, ckpt_dict = load_checkpoint(ckpt)
     import tempfile
 
-    tok = Path(tempfile.mkdtemp(prefix="lm-analyze-")) / "tokenizer.json"
-    vocab.save(tok)
+    from lm.data.datamodule import LMDataModule
+    from lm.tasks.pretrained import load_language_model
+
+    model, vocab, ckpt_dict = load_language_model(ckpt)
     corpus = ckpt_dict.get("lm_data", {}).get("corpus", "wikitext-2")
-    dm = LMDataModule(corpus=corpus, root=root, tokenizer=str(tok))
-    tokens = dm.tokens(split)
+    # The data module reads the checkpoint's vocabulary from a file: a scratch copy, removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="lm-analyze-") as scratch:
+        tok = Path(scratch) / "tokenizer.json"
+        vocab.save(tok)
+        tokens = LMDataModule(corpus=corpus, root=root, tokenizer=str(tok)).tokens(split)
     result = analyze_model(model, tokens, seq_len, n_sequences)
     result.update({"checkpoint": ckpt, "split": split, "corpus": corpus})
     p = Path(ckpt).resolve()

@@ -18,7 +18,7 @@ from lm.data.corpora import CORPORA, SOURCES, SPLITS, CorpusFiles, decode_utf8, 
 from lm.data.streams import OrderedStreams
 from lm.data.tokenizer import Vocab
 from lm.errors import ConfigError, DataError, unknown
-from lm.eval.protocols import EvalBatches, eval_batches
+from lm.data.protocols import EvalBatches, eval_batches
 from lm.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -1,20 +1,9 @@
 """GLUE SST-2 for sequence classification (REFERENCE §7).
 
-Files: ``<root>/glue/SST-2/{train,dev}.tsv`` with the header ``sentence<TAB>label`` (GLUE release);
-the roots are searched like the language-modelling corpora (``data.root``, $LM_DATA_DIR, ./data,
-../shared/data next to the working directory and next to the checkout). ``source: hub`` writes the
-Hugging Face ``glue/sst2`` copy to local TSV files first (offline: a DataError, never a traceback).
-
-Vocabulary (``vocab``):
-
-- ``reuse`` (default): the pretraining vocabulary stored in the checkpoint, so the embeddings transfer.
-  SST-2 is lower-cased and PTB-tokenised, WikiText is cased and writes ``don 't`` / ``well @-@ made``;
-  a word absent from the vocabulary is mapped to WikiText's spelling (``normalize``), then tried
-  lower-cased, Capitalised and UPPER-cased before it becomes ``<unk>``. The unknown-word rate is logged and goes
-  into the result JSON. Byte-level checkpoints read the sentence as UTF-8 bytes.
-- ``fresh`` (the paper's code): a new lower-cased word vocabulary counted on SST-2 train
-  (``<pad>``, ``<eos>``, ``<unk>``, then words by decreasing frequency); the blocks transfer, the
-  embedding is new.
+Files (``lm.data.sst2_files``): GLUE's ``<root>/glue/SST-2/{train,dev}.tsv``, or the Hugging Face hub copy.
+Vocabulary (``vocab``, ``lm.data.sst2_vocab``): ``reuse`` (default) the pretraining vocabulary stored in
+the checkpoint, so the embeddings transfer; ``fresh`` (the paper's code) a new lower-cased vocabulary
+counted on SST-2 train. The unknown-word rate is logged and goes into the result JSON.
 
 Padding and batching (``batching``):
 
@@ -33,8 +22,6 @@ Batches are ``{"input": LongTensor[B, T], "n_pad": LongTensor[B], "label": LongT
 from __future__ import annotations
 
 import hashlib
-import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,246 +31,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lm.data.corpora import resolve_roots
-from lm.data.tokenizer import EOS, UNK, Vocab
-from lm.errors import CheckpointError, ConfigError, DataError, unknown
-from lm.utils import atomic_write_text
+from lm.data.sst2_files import SOURCES, SPLITS, find_sst2, read_tsv
+from lm.data.sst2_vocab import SST2Encoder, checkpoint_vocab, fresh_vocab
+from lm.data.tokenizer import Vocab
+from lm.errors import ConfigError, unknown
 
-PAD = "<pad>"
-SPLITS = ("train", "dev")
 VOCAB_MODES = ("reuse", "fresh")
 BATCHING = ("length", "pad")
-SOURCES = ("local", "hub")
-HOW_TO_GET = ("download SST-2.zip with the GLUE download script (or from https://dl.fbaipublicfiles.com/glue/"
-              "data/SST-2.zip) and unzip it so that <root>/glue/SST-2/train.tsv and dev.tsv exist")
-BYTE_PAD = 10  # '\n': what precedes a line in a byte stream
-
-
-# ----- files ----------------------------------------------------------------------------------------
-def find_sst2(root: str | None = None, source: str = "local", cache_dir: str = ".cache") -> dict[str, Path]:
-    """Paths of the train and dev TSVs (each split searched independently over the roots)."""
-    if source not in SOURCES:
-        raise unknown("data.source", source, SOURCES)
-    roots = [materialise_hub(cache_dir)] if source == "hub" else resolve_roots(root)
-    out, looked = {}, []
-    for split in SPLITS:
-        tried = [r / "glue" / "SST-2" / f"{split}.tsv" for r in roots]
-        looked += tried
-        found = next((p for p in tried if p.is_file()), None)
-        if found is None:
-            places = "\n  ".join(str(p) for p in tried)
-            raise DataError(f"The SST-2 {split} split was not found. Looked in:\n  {places}\nTo get it: "
-                            f"{HOW_TO_GET}; then set data.root (or LM_DATA_DIR) to that root, or use "
-                            f"data.source: hub when the Hugging Face hub is reachable.")
-        out[split] = found
-    return out
-
-
-def read_tsv(path: str | Path) -> tuple[list[str], list[int]]:
-    """Sentences and 0/1 labels of a GLUE SST-2 TSV; any malformed row is a DataError with its line."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise DataError(f"Cannot read {path}: {e.strerror}.") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8 (byte offset {e.start}). Re-download the GLUE SST-2 "
-                        f"files; they are UTF-8 text.") from None
-    lines = text.replace("\r\n", "\n").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not lines:
-        raise DataError(f"{path} is empty. Re-download the GLUE SST-2 files.")
-    if lines[0].strip().split("\t") != ["sentence", "label"]:
-        raise DataError(f"{path}, line 1: expected the header 'sentence<TAB>label', found {lines[0][:80]!r}. "
-                        f"Use the GLUE train.tsv/dev.tsv (test.tsv has no labels).")
-    sentences, labels = [], []
-    for n, line in enumerate(lines[1:], start=2):
-        parts = line.split("\t")
-        if len(parts) != 2:
-            raise DataError(f"{path}, line {n}: expected 2 tab-separated columns (sentence, label), found "
-                            f"{len(parts)}: {line[:80]!r}. Fix or delete that line (a sentence must not contain "
-                            f"a tab), or re-download the GLUE SST-2 files.")
-        sentence, label = parts[0].strip(), parts[1].strip()
-        if label not in ("0", "1"):
-            raise DataError(f"{path}, line {n}: the label must be 0 or 1, found {label[:20]!r}. Fix that line "
-                            f"or re-download the GLUE SST-2 files.")
-        if not sentence:
-            raise DataError(f"{path}, line {n}: the sentence is empty. Fix or delete that line.")
-        sentences.append(sentence)
-        labels.append(int(label))
-    if not sentences:
-        raise DataError(f"{path} has a header but no rows. Re-download the GLUE SST-2 files.")
-    return sentences, labels
-
-
-def materialise_hub(cache_dir: str) -> Path:
-    """Write the hub's ``glue/sst2`` train/validation splits as GLUE TSVs under ``<cache_dir>/hub``."""
-    root = Path(cache_dir).expanduser().resolve() / "hub"
-    for split, hub_split in (("train", "train"), ("dev", "validation")):
-        target = root / "glue" / "SST-2" / f"{split}.tsv"
-        if target.is_file():
-            continue
-        try:
-            import datasets
-
-            ds = datasets.load_dataset("glue", "sst2", split=hub_split)
-            rows = [(str(s).replace("\t", " ").strip(), int(y)) for s, y in zip(ds["sentence"], ds["label"])]
-        except Exception as e:  # offline, auth, API changes: all the same to the user
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise DataError(f"Could not load SST-2 (glue/sst2, split {hub_split}) from the Hugging Face hub: "
-                            f"{type(e).__name__}: {first}. The hub is unreachable offline; use data.source: "
-                            f"local and {HOW_TO_GET}.") from None
-        atomic_write_text(target, "sentence\tlabel\n" + "".join(f"{s} \t{y}\n" for s, y in rows))
-    return root
-
-
-# ----- vocabulary -------------------------------------------------------------------------------------
-def checkpoint_vocab(path: str) -> Vocab:
-    """The pretraining vocabulary stored in a ``lm fit`` checkpoint (key ``lm_vocab``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist. Pass the .ckpt written by `lm fit` "
-                              f"(e.g. runs/<name>/checkpoints/last.ckpt) as model.pretrained.")
-    try:
-        try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"Cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}. The file is "
-                              f"truncated or not a checkpoint; use another (e.g. last.ckpt).") from None
-    state = ckpt.get("lm_vocab") if isinstance(ckpt, dict) else None
-    if not state:
-        raise CheckpointError(f"Checkpoint {path} holds no vocabulary (lm_vocab); it was not written by `lm fit`. "
-                              f"Use a language-model checkpoint, or data.vocab: fresh.")
-    return Vocab.from_state(state)
-
-
-def fresh_vocab(sentences: list[str], min_freq: int = 1) -> Vocab:
-    """The paper's vocabulary: lower-cased words of SST-2 train, most frequent first (ties: first seen)."""
-    counter: Counter[str] = Counter()
-    for s in sentences:
-        counter.update(s.lower().split())
-    words = [w for w, c in counter.most_common() if c >= min_freq and w not in (PAD, EOS, UNK)]
-    return Vocab.from_words([PAD, EOS, UNK] + words)
-
-
-_NUMBER = re.compile(r"^\d[\d,.]*\d$")
-
-
-def wikitext_spelling(words: list[str]) -> list[str]:
-    """SST-2 (PTB) tokens in WikiText-103's spelling: ``do n't`` -> ``don 't``, ``\u0060\u0060``/``''`` -> ``"``,
-    ``-lrb-`` -> ``(``, ``well-made`` -> ``well @-@ made``, ``1,000`` -> ``1 @,@ 000``. Applied only to
-    words the pretraining vocabulary lacks (see ``SST2Encoder``)."""
-    out: list[str] = []
-    for w in words:
-        if w == "n't" and out:
-            prev = out.pop()
-            out += [{"ca": "can", "wo": "won", "sha": "shan"}.get(prev, prev + "n"), "'t"]
-        elif w in ("``", "''"):
-            out.append('"')
-        elif w == "`":
-            out.append("'")
-        elif w in ("-lrb-", "-lsb-", "-lcb-"):
-            out.append("(")
-        elif w in ("-rrb-", "-rsb-", "-rcb-"):
-            out.append(")")
-        elif _NUMBER.match(w):
-            out += re.sub(r"([,.])", r" @\1@ ", w).split()
-        elif "-" in w.strip("-") and len(w) > 2:
-            parts = w.split("-")
-            out += [x for p in parts[:-1] for x in (p, "@-@") if x] + ([parts[-1]] if parts[-1] else [])
-        else:
-            out.append(w)
-    return out
-
-
-class SST2Encoder:
-    """Sentence -> ids under one vocabulary mode, counting unknown words and fallbacks."""
-
-    def __init__(self, vocab: Vocab, mode: str, add_eos: bool = True, normalize: bool = True):
-        self.vocab, self.mode, self.add_eos, self.normalize = vocab, mode, add_eos, normalize
-        self.byte = vocab.unit == "byte"
-        self._cache: dict[str, tuple[int, str]] = {}  # word -> (id, how: exact|case|unk)
-        if self.byte:
-            self.pad_id, self.eos_id = BYTE_PAD, BYTE_PAD
-        else:
-            pad = vocab.token_to_id(PAD)
-            # A reused LM vocabulary has no <pad>: use <eos> (what precedes a line in the LM's stream).
-            self.pad_id = pad if pad is not None else vocab.eos_id
-            self.eos_id = vocab.eos_id
-
-    def _lookup(self, w: str) -> tuple[int, str]:
-        hit = self._cache.get(w)
-        if hit is None:
-            tok = self.vocab.token_to_id
-            i = tok(w)
-            if i is not None:
-                hit = (i, "exact")
-            elif self.mode == "reuse":
-                i = tok(w.lower())
-                if i is None:
-                    i = tok(w[:1].upper() + w[1:].lower())
-                if i is None:
-                    i = tok(w.upper())  # tv -> TV, usa -> USA
-                hit = (i, "case") if i is not None else (self.vocab.unk_id, "unk")
-            else:
-                hit = (self.vocab.unk_id, "unk")
-            self._cache[w] = hit
-        return hit
-
-    def encode(self, sentences: list[str]) -> tuple[list[list[int]], dict[str, Any]]:
-        stats = Counter()
-        out: list[list[int]] = []
-        for s in sentences:
-            if self.byte:
-                ids = list(s.encode("utf-8"))
-                if self.add_eos:
-                    ids.append(self.eos_id)
-                out.append(ids)
-                continue
-            words = s.lower().split() if self.mode == "fresh" else s.split()
-            if self.mode == "reuse" and self.normalize:
-                words = self._normalise(words, stats)
-            ids = []
-            for w in words:
-                i, how = self._lookup(w)
-                ids.append(i)
-                stats[how] += 1
-            stats["words_in"] += len(s.split())
-            if self.add_eos:
-                ids.append(self.eos_id)
-            out.append(ids)
-        n = sum(stats[k] for k in ("exact", "case", "unk"))
-        info = {"sentences": len(sentences), "words": n, "unk": stats["unk"],
-                "unk_rate": stats["unk"] / n if n else 0.0, "case_fallback": stats["case"],
-                "respelled": stats["respelled"]}
-        return out, info
-
-    def _normalise(self, words: list[str], stats: Counter) -> list[str]:
-        # Only words the vocabulary lacks in every casing are re-spelled (and "n't" with its host word),
-        # and only when every re-spelled piece is known.
-        def known(w: str) -> bool:
-            return self._lookup(w)[1] != "unk"
-
-        if "n't" not in words and all(known(w) for w in words):
-            return words
-        out: list[str] = []
-        j = 0
-        while j < len(words):
-            w = words[j]
-            group = [w, "n't"] if j + 1 < len(words) and words[j + 1] == "n't" and w != "n't" else [w]
-            if len(group) == 2 or not known(w):
-                new = wikitext_spelling(group)
-                if new != group and all(known(x) for x in new):
-                    stats["respelled"] += 1
-                    out += new
-                    j += len(group)
-                    continue
-            out.append(w)
-            j += 1
-        return out
 
 
 # ----- batching ---------------------------------------------------------------------------------------

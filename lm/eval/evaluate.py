@@ -12,39 +12,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from lm.config import EvalConfig
-from lm.errors import CheckpointError, ConfigError
+from lm.errors import ConfigError
+from lm.tasks.pretrained import load_language_model
 from lm.utils import atomic_write_text
-
-
-def load_checkpoint(path: str):
-    """A ``LanguageModel`` and the vocabulary stored in its checkpoint (self-contained checkpoints)."""
-    from lm.data.tokenizer import Vocab
-    from lm.tasks.lm_module import LanguageModel
-
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist. Pass the .ckpt written by `lm fit` "
-                              f"(e.g. runs/<name>/checkpoints/last.ckpt).")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated / not a checkpoint
-        raise CheckpointError(f"Cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:200]}. The file is "
-                              f"truncated or not a checkpoint; use another (e.g. last.ckpt or a best-* file).") from None
-    vocab_state = ckpt.get("lm_vocab")
-    if not vocab_state:
-        raise CheckpointError(f"Checkpoint {path} holds no vocabulary (lm_vocab); it was not written by `lm fit`.")
-    vocab = Vocab.from_state(vocab_state)
-    hp = dict(ckpt.get("hyper_parameters", {}))
-    hp.pop("_instantiator", None)
-    hp.pop("_class_path", None)
-    model = LanguageModel(**hp)
-    model.on_load_checkpoint(ckpt)
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, vocab, ckpt
 
 
 def evaluate(
@@ -108,14 +79,12 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="lm-eval-", ignore_cleanup_errors=True) as scratch:
         tmp = Path(scratch)
         for ckpt_path in ckpts:
-            model, vocab, ckpt = load_checkpoint(ckpt_path)
+            name = _run_name(ckpt_path)
+            model, vocab, ckpt = load_language_model(ckpt_path, eval=ecfg, results_dir=str(tmp / name))
             hp = ckpt.get("hyper_parameters", {})
             data_hp = ckpt.get("lm_data", {})
-            name = _run_name(ckpt_path)
             tok_path = tmp / f"{name}-tokenizer.json"
             vocab.save(tok_path)
-            model.eval_cfg = ecfg
-            model.results_dir = str(tmp / name)
             dm_kwargs = dict(corpus=corpus or data_hp.get("corpus", "wikitext-2"), root=root, tokenizer=str(tok_path),
                              tgt_len=hp.get("tgt_len", 128), batch_size=1, eval=ecfg)
             clean_dm = LMDataModule(**dm_kwargs)

@@ -58,7 +58,8 @@ class DenseFFN(nn.Module):
         # Same interface as MoEFFN, so the model can sum aux losses without isinstance checks.
         self.aux_loss = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # token_mask: MoEFFN's interface; a per-token FFN computes the same for real tokens either way.
         return self.net(x)
 
 
@@ -93,13 +94,12 @@ class MoEFFN(nn.Module):
     After every forward: ``self.aux_loss`` (float32 scalar, balance + z, weighted) and ``self.stats``
     (detached: ``balance_loss``, ``z_loss``, ``expert_load [E]`` = f_e above, ``dropped_fraction``).
 
-    Padding: a host that knows which positions are padding sets ``token_mask`` (bool, the input's
-    leading shape, e.g. ``[B, T]``; False = pad) for the duration of its forward. Pad positions are
-    then not routed at all: they take no expert capacity, count in neither the aux losses nor the
-    stats, and get a zero FFN output. The real tokens are routed exactly as if the pads were absent,
-    so with capacity limits their outputs no longer depend on HOW MUCH padding the batch has (they
-    still depend on the other real tokens of the batch, as capacity is shared). ``None`` (default):
-    every position is a token. ``SequenceClassifier``'s masked forward sets it.
+    Padding: ``forward(x, token_mask)`` with ``token_mask`` (bool, the input's leading shape, e.g.
+    ``[B, T]``; False = pad; the decoder passes its ``key_mask``). Pad positions are then not routed at
+    all: they take no expert capacity, count in neither the aux losses nor the stats, and get a zero FFN
+    output. The real tokens are routed exactly as if the pads were absent, so with capacity limits their
+    outputs no longer depend on HOW MUCH padding the batch has (they still depend on the other real
+    tokens of the batch, as capacity is shared). ``None`` (default): every position is a token.
     """
 
     def __init__(
@@ -149,7 +149,6 @@ class MoEFFN(nn.Module):
 
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
-        self.token_mask: torch.Tensor | None = None  # see "Padding" above; set by the host, never saved
 
     def reset_parameters(self) -> None:
         # Each expert is initialised exactly like an nn.Linear pair (uniform +-1/sqrt(fan_in) for weight
@@ -194,14 +193,14 @@ class MoEFFN(nn.Module):
         return int(math.ceil(cf * n_tokens * self.top_k / self.n_experts))
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # [N, D]
-        if self.token_mask is None:
+        if token_mask is None:
             return self._moe(h).reshape(shape)
-        keep = self.token_mask.reshape(-1)
+        keep = token_mask.reshape(-1)
         if keep.numel() != h.shape[0]:
-            raise ValueError(f"MoEFFN.token_mask has shape {tuple(self.token_mask.shape)}, which does not match "
+            raise ValueError(f"MoEFFN token_mask has shape {tuple(token_mask.shape)}, which does not match "
                              f"the input's leading shape {tuple(shape[:-1])}")
         idx = keep.nonzero().squeeze(1)  # real tokens, in order: their priority order is unchanged
         y = self._moe(h.index_select(0, idx))

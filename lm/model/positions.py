@@ -51,3 +51,16 @@ def attention_mask(qlen: int, mlen: int, device, same_length: bool = False, mem_
         shift = qlen - mask_len if mask_len > 0 else qlen
         blocked = blocked | torch.tril(ones, diagonal=-shift)
     return ~blocked
+
+
+def padding_mask(mask: Tensor | None, key_mask: Tensor, qlen: int) -> Tensor:
+    """``mask`` (``[T, S]`` or None = causal without memory) with padding keys blocked: bool ``[B, 1, T, S]``.
+
+    ``key_mask [B, S]`` is False at padding. A query still attends its own position, so the row of a pad
+    query is never empty (its output is unused, but an all -inf row would be NaN).
+    """
+    klen = key_mask.size(1)
+    q = torch.arange(klen - qlen, klen, device=key_mask.device)[:, None]  # each query's key index
+    k = torch.arange(klen, device=key_mask.device)[None, :]
+    allowed = k <= q if mask is None else mask
+    return (allowed[None] & (key_mask[:, None, :] | (k == q)[None]))[:, None]

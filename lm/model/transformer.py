@@ -17,11 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from lm.config import ModelConfig
-from lm.errors import ConfigError
 from lm.model.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
 from lm.model.attention import AttnContext, LayerState, build_attention
 from lm.model.moe import DenseFFN, MoEFFN
-from lm.model.positions import attention_mask, relative_positions, sinusoid
+from lm.model.positions import attention_mask, padding_mask, relative_positions, sinusoid
 
 
 class Block(nn.Module):
@@ -33,14 +32,16 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: Tensor, mem: Tensor | None, ctx: AttnContext, prev: LayerState | None):
+    def forward(self, h: Tensor, mem: Tensor | None, ctx: AttnContext, prev: LayerState | None,
+                token_mask: Tensor | None = None):
+        """``token_mask`` (bool ``[B, T]``, False = padding) goes to the FFN: MoE layers do not route pads."""
         if self.pre_norm:
             a, state = self.attn(self.norm1(h), None if mem is None else self.norm1(mem), ctx, prev)
             h = h + self.drop(a)
-            return h + self.ffn(self.norm2(h)), state
+            return h + self.ffn(self.norm2(h), token_mask), state
         a, state = self.attn(h, mem, ctx, prev)
         h = self.norm1(h + self.drop(a))
-        return self.norm2(h + self.ffn(h)), state
+        return self.norm2(h + self.ffn(h, token_mask)), state
 
 
 @dataclass
@@ -53,7 +54,10 @@ class ModelOutput:
 
 
 class TransformerLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    """The decoder. ``lm_head=False`` leaves out the adaptive softmax (``head`` is None): a host that
+    reads the hidden states only (the SST-2 classifier) carries no LM-softmax parameters."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, lm_head: bool = True):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         d, relative = cfg.d_model, cfg.pos == "relative"
@@ -69,13 +73,14 @@ class TransformerLM(nn.Module):
             options = cfg.attention.options if name == cfg.attention.name else {}
             attn = build_attention(name, d_model=d, n_head=cfg.n_head, d_head=cfg.d_head, dropatt=cfg.dropatt,
                                    layer_idx=i, relative=relative, options=options)
-            if cfg.mem_len > 0 and not attn.supports_memory:
-                raise ConfigError(f"attention '{name}' (layer {i}) does not support segment memory; "
-                                  f"set model.mem_len: 0 or use another variant.")
             blocks.append(Block(attn, self._ffn(cfg, i in moe_layers), d, cfg.dropout, cfg.norm == "pre"))
         self.layers = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(d) if cfg.norm == "pre" else nn.Identity()
         self.apply(self._init)
+        if not lm_head:
+            # Dropped only now: the head's initialisation draws random numbers (and, tied, re-initialises the
+            # embedding through the shared weights), so leaving it out earlier would change what a seed gives.
+            self.head = None
 
     @staticmethod
     def _ffn(cfg: ModelConfig, moe: bool) -> nn.Module:
@@ -100,31 +105,51 @@ class TransformerLM(nn.Module):
     # ------------------------------------------------------------------------------------------------
     def forward(self, tokens: Tensor, mems: list[Tensor] | None = None, mem_len: int | None = None,
                 clamp_len: int | None = None, need_weights: bool = False,
-                output_hidden_states: bool = False) -> ModelOutput:
+                output_hidden_states: bool = False, key_mask: Tensor | None = None) -> ModelOutput:
         """``tokens [B, T]`` -> final hidden states; ``mems`` from the previous segment (relative setting).
 
         ``mem_len``/``clamp_len`` default to the config's; evaluation may pass longer ones (XL protocol).
+        ``key_mask`` (bool ``[B, T]``, False = padding; memory positions count as real) makes padding
+        invisible to the real tokens: no query attends a pad key (a pad query attends only itself, so no
+        row is empty), absolute positions count real tokens only (left padding does not shift them),
+        per-sequence statistics such as Elliptical's m̂ leave pads out (``AttnContext.key_mask``) and MoE
+        layers do not route pads. For attention that honours ``AttnContext.mask`` with a dense or
+        dropless FFN, a padded row then equals the same row computed alone.
         """
         cfg = self.cfg
         mem_len = cfg.mem_len if mem_len is None else mem_len
         clamp_len = cfg.clamp_len if clamp_len is None else clamp_len
         B, T = tokens.shape
         mlen = mems[0].size(1) if mems else 0
+        if key_mask is not None and bool(key_mask.all()):
+            key_mask = None  # no padding: the plain path (SDPA's causal kernel, bit-identical results)
+        # Pads AFTER a row's last real token are never seen by a real query (attention is causal), so
+        # only pads in front of real tokens (the classifier's left padding) need a mask and shifted positions.
+        leading = key_mask is not None and bool((~key_mask[:, :-1] & key_mask[:, 1:]).any())
         h = self.embed(tokens)
-        ctx = AttnContext(need_weights=need_weights, mem_len=mlen)
+        mask = rel_pos = None
         if cfg.pos == "absolute":
-            h = h + sinusoid(torch.arange(T, device=tokens.device), cfg.d_model).to(h.dtype)
-        else:
-            ctx.mask = attention_mask(T, mlen, tokens.device, cfg.same_length, mem_len)
-            pos = relative_positions(T + mlen, clamp_len, tokens.device)
-            ctx.rel_pos = self.drop(sinusoid(pos, cfg.d_model).to(h.dtype))
+            if leading:  # position 0 is each row's first real token
+                pos = (key_mask.long().cumsum(1) - 1).clamp_min(0)
+                h = h + sinusoid(pos.reshape(-1), cfg.d_model).view(B, T, -1).to(h.dtype)
+            else:
+                h = h + sinusoid(torch.arange(T, device=tokens.device), cfg.d_model).to(h.dtype)
+        else:  # relative positions are shift-invariant: padding needs no change here
+            mask = attention_mask(T, mlen, tokens.device, cfg.same_length, mem_len)
+            rel_pos = self.drop(sinusoid(relative_positions(T + mlen, clamp_len, tokens.device), cfg.d_model).to(h.dtype))
+        keys = None
+        if key_mask is not None:
+            keys = key_mask if mlen == 0 else torch.cat([key_mask.new_ones(B, mlen), key_mask], dim=1)
+            if leading:
+                mask = padding_mask(mask, keys, T)
+        ctx = AttnContext(mask=mask, rel_pos=rel_pos, need_weights=need_weights, key_mask=keys)
         h = self.drop(h)
 
         inputs, attentions, states = [], [] if need_weights else None, [] if output_hidden_states else None
         prev = None
         for i, block in enumerate(self.layers):
             inputs.append(h)
-            h, prev = block(h, mems[i] if mems else None, ctx, prev)
+            h, prev = block(h, mems[i] if mems else None, ctx, prev, key_mask)
             if need_weights:
                 attentions.append(prev.weights)
             if output_hidden_states:

@@ -1,6 +1,7 @@
 """Sequence classification (SST-2) on top of a pretrained decoder (REFERENCE §7).
 
-The pretrained ``TransformerLM`` blocks are transferred; its LM softmax is dropped. The sentence is
+The pretrained ``TransformerLM`` blocks are transferred (``lm.tasks.pretrained``); the decoder is built
+without the LM softmax. The sentence is
 read at the FINAL position of the left-padded input (``pooling: last``: the causal decoder's last
 real token has seen the whole sentence) or averaged over the real tokens (``pooling: mean``), then
 the paper's head ``Linear - Tanh - Dropout - Linear``. Adam, lr 1e-4.
@@ -11,14 +12,14 @@ the amount of padding: the prediction would depend on what a sentence is batched
 
 - the data module's ``batching: length`` puts only same-length sentences in a batch, so there is no
   padding at all and the decoder runs unchanged (its own ``forward``);
-- with padding (``batching: pad``) and ``mask_padding: true``, the classifier runs the decoder's
-  blocks with a per-sentence mask: no query attends a pad key (a pad query attends only itself, so
-  its row is never empty), and absolute positions count from the first real token. Relative
-  positions are shift-invariant already. MoE layers do not route pad positions (``MoEFFN.token_mask``):
-  pads take no expert capacity and stay out of the load-balancing loss. The result equals the unpadded
-  computation for attention variants that honour ``AttnContext.mask`` (softmax, qknorm, QUEST, ...),
-  with dense or dropless MoE FFNs; Elliptical's per-sequence estimate of m̂ (segment mean, median or
-  causal prefix) is taken over the real tokens only (``AttnContext.key_mask``), so it is exact too.
+- with padding (``batching: pad``) and ``mask_padding: true``, the classifier passes the decoder a
+  key mask (``TransformerLM.forward(key_mask=...)``): no query attends a pad key (a pad query attends
+  only itself, so its row is never empty), and absolute positions count from the first real token.
+  Relative positions are shift-invariant already. MoE layers do not route pad positions: pads take no
+  expert capacity and stay out of the load-balancing loss. The result equals the unpadded computation
+  for attention variants that honour ``AttnContext.mask`` (softmax, qknorm, QUEST, ...), with dense or
+  dropless MoE FFNs; Elliptical's per-sequence estimate of m̂ (segment mean, median or causal prefix)
+  is taken over the real tokens only (``AttnContext.key_mask``), so it is exact too.
 
 MoE capacity. An MoE layer with a finite capacity factor keeps at most ``ceil(cf * n_tokens * k / E)``
 tokens per expert, counted over the whole batch, so which tokens are dropped (and hence a sentence's
@@ -32,7 +33,6 @@ first pad), which is what an unmasked implementation of the paper's protocol com
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -46,12 +46,10 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lm.config import ModelConfig
-from lm.errors import CheckpointError, ConfigError, unknown
-from lm.model.attention import AttnContext
+from lm.checkpoint import check_fits
+from lm.errors import ConfigError, unknown
 from lm.model.moe import MoEFFN
-from lm.model.positions import relative_positions, sinusoid
-from lm.model.transformer import TransformerLM
+from lm.tasks.pretrained import build_decoder
 from lm.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -119,15 +117,11 @@ class SequenceClassifier(L.LightningModule):
                 raise ConfigError(f"model.{name} must be in [0, 1), got {p}.")
         self.pretrained, self.vocab_mode, self.pooling, self.mask_padding = pretrained, vocab, pooling, mask_padding
         self.lr, self.weight_decay, self.warmup_steps, self.results_dir = lr, weight_decay, warmup_steps, results_dir
-        self.transfer: dict[str, Any] = {}
-        self.net = self._build_net(pretrained, vocab, load_weights, vocab_size, model)
-        if dropout is not None:
-            for m in self.net.modules():
-                if isinstance(m, nn.Dropout):
-                    m.p = dropout
+        self.net, self.transfer = build_decoder(pretrained, vocab, load_weights, vocab_size, model, dropout,
+                                                dropless_moe)
         if freeze_embeddings:
             self.net.embed.requires_grad_(False)
-        self._check_moe_capacity(dropless_moe)
+        self._warn_moe_capacity()
         d = self.net.cfg.d_model
         self.head = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Dropout(head_dropout), nn.Linear(d, n_classes))
         self.val_loss, self.val_acc = MeanMetric(), MulticlassAccuracy(n_classes, average="micro")
@@ -136,65 +130,10 @@ class SequenceClassifier(L.LightningModule):
         self.result_path: str | None = None
 
     # ----- building and transferring -----------------------------------------------------------------
-    def _build_net(self, pretrained, vocab, load_weights, vocab_size, model) -> TransformerLM:
-        if pretrained is None:
-            if vocab != "fresh":
-                raise ConfigError("model.pretrained is null (training from scratch), so there is no pretraining "
-                                  "vocabulary to reuse: set model.vocab: fresh, or pass model.pretrained.")
-            if vocab_size < 1:
-                raise ConfigError("model.vocab_size is unset: it comes from the data module (run through "
-                                  "`lm finetune`, or pass vocab_size=data.vocab_size).")
-            cfg = ModelConfig(**{"adaptive": False, "cutoffs": [], "mem_len": 0, **(model or {})})
-            self.transfer = {"pretrained": None, "transferred": [], "new": ["everything"]}
-            return self._strip(TransformerLM(cfg, vocab_size))
-        if model:
-            raise ConfigError("model.model (an architecture) is only used with model.pretrained: null; the "
-                              "architecture of a pretrained run comes from its checkpoint. Remove one of the two.")
-        from lm.eval.evaluate import load_checkpoint
-
-        lm, lm_vocab, _ = load_checkpoint(pretrained)
-        src = lm.net
-        if lm_vocab.size != src.vocab_size:
-            raise CheckpointError(
-                f"Checkpoint {pretrained}: its vocabulary (lm_vocab) has {lm_vocab.size} entries but its embedding "
-                f"has {src.vocab_size} rows, so the stored vocabulary is not the one it was trained with. Use "
-                f"model.vocab: fresh (a new SST-2 vocabulary; only the blocks transfer) or another checkpoint.")
-        cfg = src.cfg
-        if vocab == "reuse":
-            if vocab_size and vocab_size != lm_vocab.size:
-                raise CheckpointError(
-                    f"model.vocab: reuse, but the data's vocabulary has {vocab_size} entries and checkpoint "
-                    f"{pretrained} has {lm_vocab.size}: the data module did not read this checkpoint's vocabulary. "
-                    f"Run through `lm finetune` (which links model.pretrained to the data), or use vocab: fresh.")
-            vocab_size = lm_vocab.size
-        else:
-            if vocab_size < 1:
-                raise ConfigError("model.vocab_size is unset: with vocab: fresh it comes from the data module "
-                                  "(run through `lm finetune`, or pass vocab_size=data.vocab_size).")
-            # A new plain embedding table: adaptive clusters are a property of the pretraining vocabulary.
-            cfg = dataclasses.replace(cfg, adaptive=False, cutoffs=[], div_val=1, tie_weight=False)
-        cfg = dataclasses.replace(cfg, mem_len=0)
-        net = TransformerLM(cfg, vocab_size)
-        net.head = nn.Identity()  # the LM softmax is not used
-        src.head = nn.Identity()
-        new = ["embed"] if vocab == "fresh" else []
-        keys = [k for k in net.state_dict() if k.split(".")[0] not in new]
-        self.transfer = {"pretrained": pretrained, "load_weights": load_weights, "lm_vocab_sha256": lm_vocab.sha256,
-                         "lm_vocab_size": lm_vocab.size, "unit": lm_vocab.unit,
-                         "new": new if load_weights else sorted({k.split(".")[0] for k in net.state_dict()}),
-                         "transferred": sorted({k.split(".")[0] for k in keys}) if load_weights else []}
-        if load_weights:
-            transfer_weights(src.state_dict(), net, keys, pretrained)
-        return net
-
-    def _check_moe_capacity(self, dropless: bool) -> None:
-        """Make the MoE layers dropless, or warn that their capacity limits make predictions batch-dependent."""
-        moes = [(i, b.ffn) for i, b in enumerate(self.net.layers) if isinstance(b.ffn, MoEFFN)]
-        if dropless:
-            for _, m in moes:
-                m.capacity_factor = m.eval_capacity_factor = None
-            return
-        limited = [(i, m) for i, m in moes if m.capacity_factor is not None or m.eval_capacity_factor is not None]
+    def _warn_moe_capacity(self) -> None:
+        """Warn that finite MoE capacities make predictions batch-dependent (``dropless_moe`` removes them)."""
+        limited = [(i, b.ffn) for i, b in enumerate(self.net.layers) if isinstance(b.ffn, MoEFFN)
+                   and (b.ffn.capacity_factor is not None or b.ffn.eval_capacity_factor is not None)]
         if limited:
             i, m = limited[0]
             log.warning(
@@ -204,17 +143,13 @@ class SequenceClassifier(L.LightningModule):
                 "the other sentences of its batch. Set model.dropless_moe: true for batch-independent "
                 "predictions.", len(limited), i, m.capacity_factor, m.eval_capacity_factor)
 
-    @staticmethod
-    def _strip(net: TransformerLM) -> TransformerLM:
-        net.head = nn.Identity()
-        return net
-
     # ----- forward ---------------------------------------------------------------------------------
     def hidden(self, tokens: Tensor, n_pad: Tensor | None = None) -> Tensor:
         """Final hidden states ``[B, T, d]`` of left-padded ``tokens``; see the module docstring."""
-        if n_pad is None or not self.mask_padding or not bool((n_pad > 0).any()):
-            return self.net(tokens, None, mem_len=0).hidden
-        return masked_forward(self.net, tokens, n_pad)
+        key_mask = None
+        if n_pad is not None and self.mask_padding:
+            key_mask = torch.arange(tokens.size(1), device=tokens.device)[None, :] >= n_pad[:, None]
+        return self.net(tokens, mem_len=0, key_mask=key_mask).hidden
 
     def forward(self, tokens: Tensor, n_pad: Tensor | None = None) -> Tensor:
         """Class logits ``[B, n_classes]``."""
@@ -318,95 +253,19 @@ class SequenceClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint that does not fit, listing every mismatch (before Lightning's strict load)."""
-        problems = state_mismatches(checkpoint.get("state_dict", {}), self.state_dict())
         saved, mine = checkpoint.get("sst2_vocab"), self._data_vocab()
+        vocab = []
         if saved and mine and saved.get("sha256") != mine["sha256"]:
-            problems.insert(0, f"vocabulary: the checkpoint was finetuned with a {saved.get('mode')} "
-                               f"{saved.get('unit')} vocabulary of {saved.get('size')} entries (sha256 "
-                               f"{str(saved.get('sha256'))[:12]}), the data now gives a {mine['mode']} {mine['unit']} "
-                               f"vocabulary of {mine['size']} entries (sha256 {mine['sha256'][:12]})")
-        if problems:
-            raise CheckpointError(
-                "The checkpoint does not fit this classifier: " + "; ".join(problems) + ". It was finetuned "
-                "with another pretrained model, vocabulary mode or architecture; use the config.yaml saved in "
-                "its run directory (lm finetune validate --config <run>/config.yaml --ckpt_path <ckpt>).")
+            vocab = [f"vocabulary: the checkpoint was finetuned with a {saved.get('mode')} {saved.get('unit')} "
+                     f"vocabulary of {saved.get('size')} entries (sha256 {str(saved.get('sha256'))[:12]}), the data "
+                     f"now gives a {mine['mode']} {mine['unit']} vocabulary of {mine['size']} entries (sha256 "
+                     f"{mine['sha256'][:12]})"]
+        check_fits(
+            checkpoint.get("state_dict", {}), self.state_dict(), "The checkpoint does not fit this classifier",
+            "It was finetuned with another pretrained model, vocabulary mode or architecture; use the config.yaml "
+            "saved in its run directory (lm finetune validate --config <run>/config.yaml --ckpt_path <ckpt>).",
+            also=vocab)
         self.history = list(checkpoint.get("sst2_history") or [])
 
 
-# ----- helpers --------------------------------------------------------------------------------------
-def state_mismatches(src: dict[str, Tensor], dst: dict[str, Tensor], keys: list[str] | None = None,
-                     limit: int = 12) -> list[str]:
-    """Human-readable differences between a source state dict and the destination's (over ``keys``)."""
-    unexpected = [k for k in src if k not in dst] if keys is None else []  # only for a whole-model load
-    keys = list(dst) if keys is None else keys
-    missing = [k for k in keys if k not in src]
-    shape = [k for k in keys if k in src and tuple(src[k].shape) != tuple(dst[k].shape)]
-
-    def listing(names, fmt=str):
-        more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-        return ", ".join(fmt(k) for k in names[:limit]) + more
-
-    out = []
-    if missing:
-        out.append(f"{len(missing)} missing tensors ({listing(missing)})")
-    if shape:
-        def fmt(k):
-            return f"{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}"
-
-        out.append(f"{len(shape)} shape mismatches ({listing(shape, fmt)})")
-    if unexpected:
-        out.append(f"{len(unexpected)} unexpected tensors ({listing(unexpected)})")
-    return out
-
-
-def transfer_weights(src: dict[str, Tensor], net: nn.Module, keys: list[str], where: str) -> None:
-    """Copy ``keys`` from ``src`` into ``net``; any missing key or wrong shape is a CheckpointError listing all."""
-    dst = net.state_dict()
-    problems = state_mismatches(src, dst, keys)
-    if problems:
-        raise CheckpointError(
-            f"Checkpoint {where} does not fit the classifier's decoder: " + "; ".join(problems) + ". The "
-            f"checkpoint's tensors disagree with its own hyper-parameters (a modified or truncated checkpoint?); "
-            f"use another checkpoint, e.g. last.ckpt of a finished `lm fit` run.")
-    with torch.no_grad():
-        for k in keys:
-            dst[k].copy_(src[k])
-
-
-def masked_forward(net: TransformerLM, tokens: Tensor, n_pad: Tensor) -> Tensor:
-    """``TransformerLM.forward`` (no memory) with left padding made invisible.
-
-    Query ``i`` of row ``b`` attends keys ``n_pad[b] <= j <= i`` (a pad query only itself), absolute
-    positions start at 0 on the first real token, and MoE layers route only real tokens. Mirrors
-    ``TransformerLM.forward``; a test checks that both agree on unpadded input.
-    """
-    cfg = net.cfg
-    B, T = tokens.shape
-    dev = tokens.device
-    ar = torch.arange(T, device=dev)
-    real_key = ar[None, :] >= n_pad[:, None]  # [B, S]
-    allowed = (ar[None, :, None] >= ar[None, None, :]) & (real_key[:, None, :] | torch.eye(T, dtype=torch.bool,
-                                                                                        device=dev)[None])
-    # key_mask: per-sequence statistics (Elliptical's m̂) are taken over real tokens only.
-    ctx = AttnContext(mask=allowed[:, None], mem_len=0, key_mask=real_key)  # mask [B, 1, T, S] broadcasts over heads
-    h = net.embed(tokens)
-    if cfg.pos == "absolute":
-        pos = (ar[None, :] - n_pad[:, None]).clamp_min(0)
-        h = h + sinusoid(pos.reshape(-1), cfg.d_model).view(B, T, -1).to(h.dtype)
-    else:
-        ctx.rel_pos = net.drop(sinusoid(relative_positions(T, cfg.clamp_len, dev), cfg.d_model).to(h.dtype))
-    h = net.drop(h)
-    moes = [b.ffn for b in net.layers if isinstance(b.ffn, MoEFFN)]
-    for m in moes:
-        m.token_mask = real_key  # [B, T]: pads are not routed
-    try:
-        prev = None
-        for block in net.layers:
-            h, prev = block(h, None, ctx, prev)
-    finally:
-        for m in moes:
-            m.token_mask = None
-    return net.drop(net.final_norm(h))
-
-
-__all__ = ["SequenceClassifier", "masked_forward", "state_mismatches", "transfer_weights"]
+__all__ = ["SequenceClassifier"]

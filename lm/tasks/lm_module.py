@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torchmetrics.aggregation import MeanMetric
 
+from lm.checkpoint import check_fits
 from lm.config import AttentionConfig, EvalConfig, FFNConfig, ModelConfig, OptimConfig, coerce
 from lm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from lm.model.transformer import TransformerLM
@@ -194,7 +195,10 @@ class LanguageModel(L.LightningModule):
             self._eval_mems = None
         mem_len = (e.mem_len if e.mem_len is not None else self.cfg.mem_len) if memory else 0
         clamp_len = e.clamp_len if e.clamp_len is not None else self.cfg.clamp_len
-        out = self.net(batch["input"], self._eval_mems, mem_len=mem_len, clamp_len=clamp_len)
+        # key_mask: the padding at the end of the last segment/window stays out of per-sequence statistics
+        # (Elliptical's m̂) and MoE routing, as if the row ended there.
+        out = self.net(batch["input"], self._eval_mems, mem_len=mem_len, clamp_len=clamp_len,
+                       key_mask=batch.get("real"))
         self._eval_mems = out.mems
         mask = batch.get("mask")
         if mask is not None and not bool(mask.all()):
@@ -324,25 +328,9 @@ class LanguageModel(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
-        sd = checkpoint.get("state_dict", {})
-        mine = self.state_dict()
-        missing = sorted(set(mine) - set(sd))
-        unexpected = sorted(set(sd) - set(mine))
-        shape = [k for k in set(sd) & set(mine) if sd[k].shape != mine[k].shape]
-        if missing or unexpected or shape:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
-            if shape:
-                k = shape[0]
-                parts.append(f"{len(shape)} shape mismatches (e.g. {k}: checkpoint {tuple(sd[k].shape)} vs "
-                             f"model {tuple(mine[k].shape)})")
-            raise CheckpointError(
-                "The checkpoint does not fit this model: " + "; ".join(parts) + ". It was trained with another "
-                "architecture or vocabulary; use the config saved beside it (config.yaml in its run directory)."
-            )
+        check_fits(checkpoint.get("state_dict", {}), self.state_dict(), "The checkpoint does not fit this model",
+                   "It was trained with another architecture or vocabulary; use the config saved beside it "
+                   "(config.yaml in its run directory).")
 
 
 def _plain(value: Any) -> Any:

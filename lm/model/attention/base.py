@@ -50,10 +50,9 @@ def register(name: str):
 class AttnContext:
     """Built once per forward by the decoder and shared by all layers."""
 
-    mask: Tensor | None = None  # bool [T, S], True = may attend; None = plain causal, no memory
+    mask: Tensor | None = None  # bool [T, S] or [B, 1, T, S] (padding), True = may attend; None = causal, no memory
     rel_pos: Tensor | None = None  # [S, d_model] sinusoids of distances S-1..0 (relative setting)
     need_weights: bool = False  # math path, return attention maps (analysis)
-    mem_len: int = 0  # M, memory positions in front of the segment
     key_mask: Tensor | None = None  # bool [B, S], False = padding: left out of per-sequence statistics
 
 
@@ -98,7 +97,6 @@ class Attention(nn.Module):
 
     name: ClassVar[str] = "?"
     Options: ClassVar[type] = NoOptions
-    supports_memory: ClassVar[bool] = True
     supports_relative: ClassVar[bool] = True
 
     def __init__(

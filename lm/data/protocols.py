@@ -1,12 +1,13 @@
 """Evaluation batches for the three protocols of REFERENCE §6.
 
 Every batch is ``{"input": LongTensor[b, T], "target": LongTensor[b, T], "mask": BoolTensor[b, T],
-"first": bool}``; ``target[i, t]`` is the token after ``input[i, t]`` and only ``mask``-ed targets
-count. Over the union of all ranks every target index ``1..N-1`` of the token stream is scored
-exactly once (index 0 has no context and is never a target). Padding (token 0, mask False) only
-ever sits at the END of a row, so with causal attention no scored target sees it. A step must
-therefore report SUMS (NLL sum, number of scored targets), never per-batch means: a batch may score
-zero targets.
+"real": BoolTensor[b, T], "first": bool}``; ``target[i, t]`` is the token after ``input[i, t]`` and
+only ``mask``-ed targets count. Over the union of all ranks every target index ``1..N-1`` of the token
+stream is scored exactly once (index 0 has no context and is never a target). Padding (token 0,
+``real`` False) only ever sits at the END of a row, so with causal attention no scored target sees
+it; ``real`` is the decoder's key mask, which also keeps it out of per-sequence statistics
+(Elliptical's m̂) and MoE routing. A step must therefore report SUMS (NLL sum, number of scored
+targets), never per-batch means: a batch may score zero targets.
 
 - ``segments``: the stream cut into non-overlapping segments of T; the last one shorter -> padded.
   No context across segments: ``first`` is True on every batch.
@@ -47,16 +48,6 @@ def resolve(cfg: EvalConfig, train_tgt_len: int) -> tuple[int, int]:
     if not 1 <= S <= T:
         raise ConfigError(f"eval.stride must be in [1, tgt_len={T}], got {S}.")
     return T, S
-
-
-def describe(cfg: EvalConfig, train_tgt_len: int, mem_len: int | None = None) -> dict[str, Any]:
-    """The protocol as recorded beside every result. ``mem_len`` is the model's, used when
-    ``cfg.mem_len`` is None (memory protocol only; the other protocols carry no memory)."""
-    T, S = resolve(cfg, train_tgt_len)
-    memory = (cfg.mem_len if cfg.mem_len is not None else mem_len) if cfg.protocol == "memory" else 0
-    return {"protocol": cfg.protocol, "window": T, "stride": S, "memory": memory,
-            "clamp_len": cfg.clamp_len, "batch": cfg.batch_size,
-            "min_context": T - S if cfg.protocol == "sliding" else 0}
 
 
 class EvalBatches:
@@ -108,7 +99,7 @@ class EvalBatches:
         inp = torch.where(valid, self.tokens[idx.clamp(max=last)].long(), 0)
         tgt = torch.where(valid, self.tokens[(idx + 1).clamp(max=last)].long(), 0)
         mask = valid & (ar >= torch.as_tensor(score_from).long()[:, None])
-        return {"input": inp, "target": tgt, "mask": mask}
+        return {"input": inp, "target": tgt, "mask": mask, "real": valid}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         T, B = self.T, self.cfg.batch_size
