@@ -1,0 +1,103 @@
+"""The package's dependencies point one way (docs/architecture.md): every import in ``lm/`` and
+``corruptions/`` -- at module level or inside a function, both are dependencies -- goes to the same
+layer or a lower one. A backward import (the data layer importing evaluation code, a task importing
+the command line) fails here with the file, the line and the two layers."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Lowest first. A module belongs to the entry with the longest matching prefix.
+LAYERS = [
+    ("base", ["lm", "lm.errors", "lm.utils", "lm.checkpoint"]),  # used by everything, imports nothing of ours
+    # Attention variants are leaves of the model: the config validates variant names and options against
+    # their registry, so they sit below it (and import no config).
+    ("attention", ["lm.model.attention", "lm.model.positions"]),
+    ("config", ["lm.config"]),
+    ("model", ["lm.model"]),
+    ("data", ["lm.data"]),
+    ("tasks", ["lm.tasks"]),
+    ("corruptions", ["corruptions"]),  # text to text: may use only the base (errors, atomic writes)
+    ("eval", ["lm.eval"]),
+    ("analysis", ["lm.analysis"]),
+    ("cli", ["lm.cli", "lm.api", "lm.__main__"]),
+]
+# Layers a layer may NOT use although they are lower (side branches).
+FORBIDDEN = {"corruptions": {"attention", "config", "model", "data", "tasks"}}
+
+
+def layer_of(module: str) -> int | None:
+    best, best_len = None, -1
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best_len:
+                best, best_len = i, len(p)
+    return best
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, imported module) of every import of the project's own packages in ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolved against this module's package
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                name = f"{base}.{node.module}" if node.module else base
+            else:
+                name = node.module
+            # `from lm import checkpoint` imports the module lm.checkpoint, not (only) the package lm
+            out += [(node.lineno, f"{name}.{a.name}" if (ROOT / f"{name}.{a.name}".replace(".", "/")).with_suffix(
+                ".py").is_file() or (ROOT / f"{name}.{a.name}".replace(".", "/")).is_dir() else name)
+                    for a in node.names]
+    return sorted({(line, m) for line, m in out if m.split(".")[0] in ("lm", "corruptions")})
+
+
+def sources() -> list[Path]:
+    return sorted(p for pkg in ("lm", "corruptions") for p in (ROOT / pkg).rglob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    unplaced = [module_name(p) for p in sources() if layer_of(module_name(p)) is None]
+    assert not unplaced, f"place these modules in tests/test_layering.py LAYERS (and docs/architecture.md): {unplaced}"
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_down(path):
+    me = layer_of(module_name(path))
+    name = LAYERS[me][0]
+    bad = []
+    for line, module in imports(path):
+        target = layer_of(module)
+        if target is None:
+            continue  # reported by test_every_module_has_a_layer when it is a file of ours
+        if target > me or LAYERS[target][0] in FORBIDDEN.get(name, ()):
+            bad.append(f"{path.relative_to(ROOT)}:{line} imports {module} ({name} -> {LAYERS[target][0]})")
+    assert not bad, "backward imports (layers, lowest first: " + " < ".join(n for n, _ in LAYERS) + "):\n" + "\n".join(bad)
+
+
+def test_the_check_sees_a_backward_import(tmp_path, monkeypatch):
+    # The checker itself: a data module importing evaluation code, inside a function, and a task importing
+    # the command line through a relative import, are both found and both point up.
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    f = tmp_path / "lm" / "data" / "x.py"
+    f.parent.mkdir(parents=True)
+    f.write_text("import torch\n\n\ndef g():\n    from lm.eval.evaluate import evaluate\n    from .. import cli\n")
+    (tmp_path / "lm" / "cli.py").write_text("")
+    assert imports(f) == [(5, "lm.eval.evaluate"), (6, "lm.cli")]
+    assert all(layer_of(m) > layer_of(module_name(f)) for _, m in imports(f))
