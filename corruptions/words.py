@@ -192,18 +192,6 @@ def line_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def clip_spans(spans: Sequence[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    """The parts of sorted ``spans`` inside ``[start, end)``, shifted so that ``start`` becomes 0."""
-    out = []
-    for s, e in spans:
-        if e <= start:
-            continue
-        if s >= end:
-            break
-        out.append((max(s, start) - start, min(e, end) - start))
-    return out
-
-
 @lru_cache(maxsize=1)
 def load_stopwords() -> frozenset[str]:
     """NLTK's English stopword list (179 lowercase words), shipped as ``corruptions/stopwords.txt``."""
