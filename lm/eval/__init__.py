@@ -1,1 +1,1 @@
-"""Evaluation: protocols (REFERENCE §6) and evaluation drivers."""
+"""Evaluation drivers: ``lm evaluate`` (clean vs corrupted tables). The batch protocols are ``lm.data.protocols``."""
