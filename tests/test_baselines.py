@@ -502,7 +502,7 @@ def test_mom_choose_batch():
     m = make("mom", choose="batch", block_score="sum")
     q, k, v = inputs("mom", T, S, seed=6)
     with torch.no_grad():
-        out, w = m.attend(q, k, v, AttnContext(mask=causal(T, S, "cpu"), mem_len=S - T, need_weights=True), None)
+        out, w = m.attend(q, k, v, AttnContext(mask=causal(T, S, "cpu"), need_weights=True), None)
     member = m.partition(S, "cpu").tolist()
     M = S - T
     for i in range(T):
