@@ -18,7 +18,10 @@
 
 The test recomputes them with the current code and requires bit equality (``torch.equal``) on the
 machine that wrote the file (same torch version and CPU capability); on another machine, float
-summation order in the kernels may differ, so there it allows a relative 1e-5 (and says so).
+summation order in the kernels may differ, so there it allows a relative 1e-5.
+
+A change that is MEANT to move these numbers (a new default, a fixed bug) regenerates the file with
+the command above at its own commit and says so in its commit message; a refactor never does.
 """
 
 from __future__ import annotations
