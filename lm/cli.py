@@ -93,12 +93,13 @@ def lm_cli(args=None, run: bool = True) -> LMCLI:
     from lm.data.datamodule import LMDataModule
     from lm.tasks.callbacks import RunCheckpoint, RunDirConfig, TokenThroughput
     from lm.tasks.lm_module import LanguageModel
+    from lm.tasks.precision_check import PrecisionCheck
 
     return LMCLI(
         LanguageModel,
         LMDataModule,
         trainer_defaults={
-            "callbacks": [RunCheckpoint(), TokenThroughput()],
+            "callbacks": [RunCheckpoint(), TokenThroughput(), PrecisionCheck()],
             "use_distributed_sampler": False,  # ordered streams shard themselves per rank
         },
         seed_everything_default=1111,  # the paper's seed
@@ -132,6 +133,7 @@ def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI
     from lm.data.sst2 import SST2DataModule
     from lm.tasks.callbacks import RunCheckpoint, RunDirConfig
     from lm.tasks.classifier import SequenceClassifier
+    from lm.tasks.precision_check import PrecisionCheck
 
     return FinetuneCLI(
         SequenceClassifier,
@@ -140,7 +142,7 @@ def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI
         subclass_mode_data=False,
         trainer_defaults={
             # Best checkpoint by dev loss (the paper) plus last.ckpt, in <default_root_dir>/checkpoints.
-            "callbacks": [RunCheckpoint(monitor="val/loss", mode="min", save_last=True, save_top_k=1)],
+            "callbacks": [RunCheckpoint(monitor="val/loss", mode="min", save_last=True, save_top_k=1), PrecisionCheck()],
             "default_root_dir": "runs/sst2",
             "max_epochs": 5,
             "use_distributed_sampler": False,  # the data module's batch sampler shards itself

@@ -1,0 +1,49 @@
+"""bf16 on a CPU without bf16 matrix instructions: detected from /proc/cpuinfo, warned about at set-up."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+
+import lm.tasks.precision_check as pc
+from lm.utils import cpu_bf16_native
+
+X86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu vme sse sse2 avx avx2 fma {extra}\n\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes {extra}\n\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (X86.format(extra=""), False),                      # AVX2 only (this project's CI machine today)
+    (X86.format(extra="avx512f avx512bw"), False),      # AVX-512 without its BF16 extension
+    (X86.format(extra="avx512f avx512_bf16"), True),
+    (X86.format(extra="amx_tile amx_bf16"), True),
+    (ARM.format(extra=""), False),
+    (ARM.format(extra="bf16 i8mm"), True),
+    ("processor\t: 0\nmodel name\t: something\n", None),  # no flag line: cannot tell
+])
+def test_cpu_bf16_native_reads_the_flags(tmp_path, text, expected):
+    f = tmp_path / "cpuinfo"
+    f.write_text(text)
+    assert cpu_bf16_native(f) is expected
+
+
+def test_missing_cpuinfo_is_unknown(tmp_path):
+    assert cpu_bf16_native(tmp_path / "nope") is None
+
+
+@pytest.mark.parametrize("native, precision, warns", [
+    (False, "bf16-mixed", True), (True, "bf16-mixed", False), (None, "bf16-mixed", False), (False, "32-true", False),
+])
+def test_callback_warns_only_for_bf16_on_a_cpu_without_it(monkeypatch, tmp_path, native, precision, warns):
+    monkeypatch.setattr(pc, "cpu_bf16_native", lambda: native)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pc.PrecisionCheck().setup(trainer, L.LightningModule(), "fit")
+    hits = [w for w in caught if "bf16 matrix instructions" in str(w.message)]
+    assert len(hits) == (1 if warns else 0)
+    if warns:
+        assert "--trainer.precision 32-true" in str(hits[0].message)
