@@ -105,7 +105,7 @@ def step_wt103_pass(a) -> dict:
 
     import bench
     from lm.config import EvalConfig
-    from lm.eval.protocols import eval_batches
+    from lm.data.protocols import eval_batches
 
     warnings.filterwarnings("ignore")
     device = torch.device(a.device)
