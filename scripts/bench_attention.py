@@ -216,6 +216,19 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.5, device:
     if device.type == "cuda":
         n = max(n, 8192)  # a 2048^3 GEMM is too short to time on a GPU
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # A small product first sizes the measurement: where a dtype has no fast kernel (bf16 on a CPU without
+    # bf16 matrix instructions runs a scalar fallback at ~0.2 GFLOP/s), one 2048^3 product takes over a
+    # minute; there n shrinks until a product takes at most a quarter of ``seconds`` (never below 256).
+    m = 256
+    x = torch.randn(m, m, dtype=dtype, device=device)
+    torch.matmul(x, x)
+    sync()
+    t0 = time.perf_counter()
+    torch.matmul(x, x)
+    sync()
+    rate = 2 * m**3 / max(time.perf_counter() - t0, 1e-9)
+    while n > m and 2 * n**3 / rate > seconds / 4:
+        n //= 2
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     torch.matmul(a, b)
     sync()
