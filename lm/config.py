@@ -82,7 +82,8 @@ class FFNConfig:
     """Feed-forward layers: ``dense``, ``switch`` (top-1, every layer) or ``glam`` (top-2, every other).
 
     ``layers`` selects which layers are MoE (None: the variant's default). ``capacity_factor`` None
-    means dropless (no capacity limit).
+    means dropless (no capacity limit). ``router_bias``: the router is ``Linear(d_model, n_experts)``
+    with a bias (the MoE authors' ``nn.Linear`` gate) instead of without one (Switch's router).
     """
 
     name: str = "dense"
@@ -95,6 +96,7 @@ class FFNConfig:
     z_loss_weight: float = 1e-3
     jitter: float = 0.0
     d_expert: int | None = None
+    router_bias: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("ffn", self.name, ("dense", "switch", "glam"))
@@ -124,7 +126,14 @@ class FFNConfig:
 class ModelConfig:
     """The decoder. ``pos='absolute'`` is the Elliptical paper's WikiText-103 setting (sinusoidal
     absolute positions, no memory); ``pos='relative'`` is Transformer-XL proper (relative positional
-    attention with ``mem_len`` segment memory)."""
+    attention with ``mem_len`` segment memory).
+
+    ``abs_pos_order`` (absolute positions only): ``up`` (default) numbers a segment's tokens 0..T-1;
+    ``down`` numbers them T-1..0, so the last token is position 0, as the paper's code does (XL's
+    ``pos_seq = arange(klen-1, -1, -1)``). ``ln_init``: ``ones`` (default, PyTorch's LayerNorm weight 1)
+    or ``normal``: weights drawn from N(1, ``init_std``) as the paper's (XL's) ``weights_init`` does;
+    biases stay 0 either way.
+    """
 
     n_layer: int = 16
     d_model: int = 128
@@ -144,6 +153,8 @@ class ModelConfig:
     d_embed: int | None = None
     tie_weight: bool = True
     init_std: float = 0.02
+    ln_init: str = "ones"
+    abs_pos_order: str = "up"
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
 
@@ -155,6 +166,12 @@ class ModelConfig:
             self.ffn = FFNConfig(**self.ffn)
         _check_choice("model.pos", self.pos, ("absolute", "relative"))
         _check_choice("model.norm", self.norm, ("post", "pre"))
+        _check_choice("model.ln_init", self.ln_init, ("ones", "normal"))
+        _check_choice("model.abs_pos_order", self.abs_pos_order, ("up", "down"))
+        if self.abs_pos_order == "down" and self.pos != "absolute":
+            raise ConfigError("model.abs_pos_order 'down' numbers absolute positions; with model.pos: relative "
+                              "there are none (distances are counted by the attention). Remove "
+                              "model.abs_pos_order or set model.pos: absolute.")
         for name in ("n_layer", "d_model", "n_head", "d_head", "d_inner"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}.")
@@ -227,7 +244,14 @@ class EvalConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with linear warm-up then ``schedule`` (cosine to ``min_lr_ratio * lr``, as in the paper)."""
+    """Adam with linear warm-up then ``schedule`` (cosine to ``min_lr_ratio * lr``, as in the paper).
+
+    ``schedule_convention`` (exact formulas in ``lm/schedule.py``):
+    ``standard`` (default): update n (0-based) runs at (n + 1)/W during the W warm-up updates, then the
+    decay spans the remaining updates. ``xl``: the Elliptical paper's train.py (Transformer-XL's): the
+    first update runs at the full rate, update n at n/W while n < W, and the cosine is measured from
+    step 0 over all ``max_steps`` updates, warm-up included. The paper's WikiText-103 recipes use ``xl``.
+    """
 
     lr: float = 2.5e-4
     warmup_steps: int = 2000
@@ -236,9 +260,15 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    schedule_convention: str = "standard"
 
     def __post_init__(self) -> None:
         _check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _check_choice("optim.schedule_convention", self.schedule_convention, ("standard", "xl"))
+        if self.schedule_convention == "xl" and self.schedule == "linear":
+            raise ConfigError("optim.schedule_convention 'xl' (Transformer-XL's train.py) has cosine and constant "
+                              "schedules only; set optim.schedule: cosine or constant, or "
+                              "optim.schedule_convention: standard for a linear decay.")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}.")
         if self.warmup_steps < 0:

@@ -87,6 +87,8 @@ class MoEFFN(nn.Module):
               learns only from the aux losses, which is why it is not the k = 1 default.
             * ``"auto"`` (default): ``softmax_then_topk`` for k = 1, ``topk_then_softmax`` for k >= 2.
             Weights are never renormalised after capacity drops: a dropped assignment contributes zero.
+        router_bias: give the router Linear a bias (the MoE authors' gate is ``nn.Linear(d_model, E)``,
+            bias included; Switch's router has none).
 
     Expert weights are stacked into four Parameters ``w1 [E, d_model, d_expert]``, ``b1 [E, d_expert]``,
     ``w2 [E, d_expert, d_model]``, ``b2 [E, d_model]``.
@@ -115,6 +117,7 @@ class MoEFFN(nn.Module):
         z_loss_weight: float = 1e-3,
         jitter: float = 0.0,
         gate: str = "auto",
+        router_bias: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= n_experts:
@@ -139,7 +142,7 @@ class MoEFFN(nn.Module):
             gate = "softmax_then_topk" if top_k == 1 else "topk_then_softmax"
         self.resolved_gate = gate
 
-        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.router = nn.Linear(d_model, n_experts, bias=router_bias)
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.b1 = nn.Parameter(torch.empty(n_experts, d_expert))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
@@ -177,7 +180,8 @@ class MoEFFN(nn.Module):
             if self.training and self.jitter > 0:
                 # Multiplicative jitter (Switch): a little exploration for the router, training only.
                 r_in = r_in * torch.empty_like(r_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logits = F.linear(r_in, self.router.weight.float())
+            bias = self.router.bias
+            logits = F.linear(r_in, self.router.weight.float(), None if bias is None else bias.float())
             top_logits, top_idx = logits.topk(self.top_k, dim=-1)
             if self.resolved_gate == "topk_then_softmax":
                 weights = top_logits.softmax(dim=-1)
@@ -270,7 +274,7 @@ class MoEFFN(nn.Module):
             out = y.new_zeros(n_tok, shape[-1])
             out.index_add_(0, tok, y * w.to(y.dtype).unsqueeze(-1))
         else:
-            idle = w1.sum() + b1.sum() + w2.sum() + b2.sum() + self.router.weight.sum().to(dtype)
+            idle = w1.sum() + b1.sum() + w2.sum() + b2.sum() + sum(p.sum() for p in self.router.parameters()).to(dtype)
             out = h.new_zeros(n_tok, shape[-1]) + 0 * idle
 
         self.aux_loss = balance + z

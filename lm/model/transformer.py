@@ -88,7 +88,8 @@ class TransformerLM(nn.Module):
         if not moe:
             return DenseFFN(cfg.d_model, cfg.d_inner, cfg.dropout)
         return MoEFFN(cfg.d_model, f.d_expert or cfg.d_inner, cfg.dropout, f.n_experts, f.resolved_top_k,
-                      f.capacity_factor, f.eval_capacity_factor, f.balance_loss_weight, f.z_loss_weight, f.jitter)
+                      f.capacity_factor, f.eval_capacity_factor, f.balance_loss_weight, f.z_loss_weight, f.jitter,
+                      router_bias=f.router_bias)
 
     def _init(self, m: nn.Module) -> None:
         # Embedding/softmax tables initialise themselves (adaptive.py); here the blocks.
@@ -96,6 +97,9 @@ class TransformerLM(nn.Module):
             nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and self.cfg.ln_init == "normal":  # the paper's weights_init
+            nn.init.normal_(m.weight, 1.0, self.cfg.init_std)
+            nn.init.zeros_(m.bias)
         elif isinstance(m, MoEFFN):  # stacked expert weights: same init as the dense FFN's Linears
             for w in (m.w1, m.w2):
                 nn.init.normal_(w, 0.0, self.cfg.init_std)
@@ -129,7 +133,12 @@ class TransformerLM(nn.Module):
         h = self.embed(tokens)
         mask = rel_pos = None
         if cfg.pos == "absolute":
-            if leading:  # position 0 is each row's first real token
+            if cfg.abs_pos_order == "down" and key_mask is not None:  # the last REAL token is position 0
+                pos = (key_mask.flip(1).long().cumsum(1).flip(1) - 1).clamp_min(0)
+                h = h + sinusoid(pos.reshape(-1), cfg.d_model).view(B, T, -1).to(h.dtype)
+            elif cfg.abs_pos_order == "down":  # the paper's code numbers a segment T-1..0
+                h = h + sinusoid(torch.arange(T - 1, -1, -1, device=tokens.device), cfg.d_model).to(h.dtype)
+            elif leading:  # position 0 is each row's first real token
                 pos = (key_mask.long().cumsum(1) - 1).clamp_min(0)
                 h = h + sinusoid(pos.reshape(-1), cfg.d_model).view(B, T, -1).to(h.dtype)
             else:

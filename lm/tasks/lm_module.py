@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from lm.checkpoint import check_fits
 from lm.config import AttentionConfig, EvalConfig, FFNConfig, ModelConfig, OptimConfig, coerce
 from lm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from lm.model.transformer import TransformerLM
+from lm.schedule import lr_factor
 from lm.tasks.callbacks import logger_writes_now
 from lm.utils import atomic_write_text
 
@@ -65,6 +67,8 @@ class LanguageModel(L.LightningModule):
         d_embed: int | None = None,
         tie_weight: bool = True,
         init_std: float = 0.02,
+        ln_init: str = "ones",
+        abs_pos_order: str = "up",
         attention: AttentionConfig | None = None,
         ffn: FFNConfig | None = None,
         optim: OptimConfig | None = None,
@@ -280,17 +284,7 @@ class LanguageModel(L.LightningModule):
         opt = torch.optim.Adam(self.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                weight_decay=o.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-
-        def factor(step: int) -> float:
-            if o.warmup_steps and step < o.warmup_steps:
-                return (step + 1) / o.warmup_steps
-            if o.schedule == "constant":
-                return 1.0
-            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-            shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
-            return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, o=o, total=total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ----- checkpoints -----------------------------------------------------------------------------
