@@ -130,7 +130,7 @@ class ModelConfig:
 
     ``abs_pos_order`` (absolute positions only): ``up`` (default) numbers a segment's tokens 0..T-1;
     ``down`` numbers them T-1..0, so the last token is position 0, as the paper's code does (XL's
-    ``pos_seq = arange(klen-1, -1, -1)``). ``ln_init``: ``ones`` (default, PyTorch's LayerNorm weight 1)
+    ``pos_seq = arange(klen-1, -1, -1)``; under a key mask the last real token is 0). ``ln_init``: ``ones`` (default, PyTorch's LayerNorm weight 1)
     or ``normal``: weights drawn from N(1, ``init_std``) as the paper's (XL's) ``weights_init`` does;
     biases stay 0 either way.
     """
@@ -246,7 +246,7 @@ class EvalConfig:
 class OptimConfig:
     """Adam with linear warm-up then ``schedule`` (cosine to ``min_lr_ratio * lr``, as in the paper).
 
-    ``schedule_convention`` (exact formulas in ``lm/schedule.py``):
+    ``schedule_convention`` (exact formulas in ``lm/tasks/schedule.py``):
     ``standard`` (default): update n (0-based) runs at (n + 1)/W during the W warm-up updates, then the
     decay spans the remaining updates. ``xl``: the Elliptical paper's train.py (Transformer-XL's): the
     first update runs at the full rate, update n at n/W while n < W, and the cosine is measured from

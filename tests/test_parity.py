@@ -27,7 +27,7 @@ from lm.errors import ConfigError
 from lm.model.attention import AttnContext, LayerState, build_attention
 from lm.model.positions import attention_mask, relative_positions, sinusoid
 from lm.model.transformer import TransformerLM
-from lm.schedule import lr_factor
+from lm.tasks.schedule import lr_factor
 from lm.tasks.lm_module import LanguageModel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -170,6 +170,27 @@ def test_absolute_positions_count_down(order):
         torch.testing.assert_close(added[:, -1], torch.tensor([0.0] * 8 + [1.0] * 8).expand(2, d), atol=1e-6, rtol=0)
 
 
+def test_countdown_positions_ignore_padding():
+    """Under a key mask the last REAL token is position 0, whether the pads are in front or at the end."""
+    torch.manual_seed(0)
+    d = 16
+    cfg = ModelConfig(n_layer=1, d_model=d, n_head=2, d_head=8, d_inner=16, dropout=0.0, cutoffs=[10],
+                      abs_pos_order="down")
+    net = TransformerLM(cfg, 30).eval()
+    seen = {}
+    net.layers[0].register_forward_pre_hook(lambda mod, args: seen.update(h=args[0].detach()))
+    real = torch.randint(1, 30, (1, 4))
+    pad = torch.zeros(1, 2, dtype=torch.long)
+    rows = torch.cat([torch.cat([pad, real], 1), torch.cat([real, pad], 1)])  # left- and right-padded
+    key_mask = rows != 0
+    with torch.no_grad():
+        net(rows, key_mask=key_mask)
+        added = seen["h"] - net.embed(rows)
+    want = hand_sinusoid([3, 2, 1, 0], d)
+    torch.testing.assert_close(added[0, 2:], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(added[1, :4], want, atol=1e-5, rtol=0)
+
+
 def test_countdown_needs_absolute_positions():
     with pytest.raises(ConfigError, match="abs_pos_order"):
         ModelConfig(pos="relative", abs_pos_order="down")
@@ -194,7 +215,7 @@ def test_elliptical_stretched_position_term_vs_loops(stretch):
         mod.r_r_bias.normal_()
     q, k, v, v_prev = (torch.randn(Bn, H, n, D) for n in (T, S, S, S))
     ctx = AttnContext(mask=attention_mask(T, M, "cpu"), rel_pos=sinusoid(relative_positions(S, -1, "cpu"), dm),
-                      need_weights=True, mem_len=M)
+                      need_weights=True)
     _, weights = mod.attend(q, k, v, ctx, LayerState(values=v_prev))
 
     qd, kd, u, vb = q.double(), k.double(), mod.r_w_bias.double(), mod.r_r_bias.double()

@@ -19,7 +19,7 @@ from lm.checkpoint import check_fits
 from lm.config import AttentionConfig, EvalConfig, FFNConfig, ModelConfig, OptimConfig, coerce
 from lm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from lm.model.transformer import TransformerLM
-from lm.schedule import lr_factor
+from lm.tasks.schedule import lr_factor
 from lm.tasks.callbacks import logger_writes_now
 from lm.utils import atomic_write_text
 
