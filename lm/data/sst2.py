@@ -2,8 +2,9 @@
 
 Files (``lm.data.sst2_files``): GLUE's ``<root>/glue/SST-2/{train,dev}.tsv``, or the Hugging Face hub copy.
 Vocabulary (``vocab``, ``lm.data.sst2_vocab``): ``reuse`` (default) the pretraining vocabulary stored in
-the checkpoint, so the embeddings transfer; ``fresh`` (the paper's code) a new lower-cased vocabulary
-counted on SST-2 train. The unknown-word rate is logged and goes into the result JSON.
+the checkpoint, so the embeddings transfer; ``fresh`` a new lower-cased vocabulary counted on SST-2 train,
+or on train + dev as the paper's code (``vocab_count``). The unknown-word rate is logged and goes into
+the result JSON.
 
 Padding and batching (``batching``):
 
@@ -11,10 +12,14 @@ Padding and batching (``batching``):
   at all. The prediction for a sentence cannot depend on what it is batched with, for every attention
   variant (Elliptical's segment statistics included; an MoE layer with a finite capacity still shares
   its capacity across the sentences of a batch: use `model.dropless_moe: true` for batch-independent predictions).
-- ``pad``: random batches, LEFT-padded to the longest sentence (the paper's protocol), so the final
-  position is every sentence's real last token. Batches carry ``n_pad``; the classifier masks padding
-  keys and counts absolute positions from the first real token (``model.mask_padding``), which makes
-  padding invisible to softmax-family attention; see ``lm.tasks.classifier``.
+- ``pad``: batches LEFT-padded to the longest sentence (id 0 with a fresh vocabulary, as the paper's
+  code), so the final position is every sentence's real last token; random batches, or file order
+  (``shuffle: false``). Batches carry ``n_pad``; the classifier masks padding keys and counts absolute
+  positions from the first real token (``model.mask_padding``), which makes padding invisible to
+  softmax-family attention; see ``lm.tasks.classifier``.
+
+The paper's framing ``<CLS> words <S>`` (``cls_framing``), file order and the dropped last partial
+batch (``shuffle``, ``drop_last``) live in ``lm.data.sst2_protocol``; docs/sst2.md lists the protocol.
 
 Batches are ``{"input": LongTensor[B, T], "n_pad": LongTensor[B], "label": LongTensor[B]}``.
 """
@@ -32,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lm.data.sst2_files import SOURCES, SPLITS, find_sst2, read_tsv
+from lm.data.sst2_protocol import VOCAB_COUNTS, drop_partial
 from lm.data.sst2_vocab import SST2Encoder, checkpoint_vocab, fresh_vocab
 from lm.data.tokenizer import Vocab
 from lm.errors import ConfigError, unknown
@@ -44,15 +50,17 @@ BATCHING = ("length", "pad")
 class LengthBatches:
     """Batches of indices. ``length``: same-length sentences only (no padding); ``pad``: any lengths.
 
-    Shuffled per epoch with ``seed + epoch`` when ``shuffle`` (Lightning calls ``set_epoch``); each of
+    Shuffled per epoch with ``seed + epoch`` when ``shuffle`` (Lightning calls ``set_epoch``), else in
+    file order; ``drop_last`` leaves out a final batch smaller than ``batch_size`` (``pad`` mode). Each of
     ``world_size`` ranks takes every ``world_size``-th batch (the count is made divisible by repeating
     the first batches), so a sentence is still seen once per epoch per process group.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, mode: str, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
         self.lengths, self.batch_size, self.mode, self.shuffle = np.asarray(lengths), batch_size, mode, shuffle
         self.seed, self.epoch, self.rank, self.world_size = seed, 0, rank, world_size
+        self.drop_last = drop_last
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -63,6 +71,8 @@ class LengthBatches:
         if self.mode == "pad":
             order = rng.permutation(n) if self.shuffle else np.arange(n)
             out = [order[i : i + b].tolist() for i in range(0, n, b)]
+            if self.drop_last:
+                out = drop_partial(out, b)
         else:
             out = []
             for length in np.unique(self.lengths):
@@ -126,11 +136,18 @@ class SST2DataModule(L.LightningDataModule):
             linked from ``model.vocab``.
         batch_size: sentences per training batch.
         eval_batch_size: sentences per dev batch (default: ``batch_size``).
-        batching: ``length`` (same-length batches, no padding) or ``pad`` (random left-padded batches).
+        batching: ``length`` (same-length batches, no padding) or ``pad`` (left-padded batches).
         max_len: longest input in tokens; longer sentences keep their END (the last ``max_len`` tokens).
         add_eos: end every sentence with ``<eos>`` (a newline byte for byte-level models), as in pretraining.
+        cls_framing: frame every sentence ``<CLS> words <S>`` (the paper's code: the last position read by
+            the classifier is ``<S>``); needs ``vocab: fresh`` and ``add_eos: false``.
         normalize: with ``reuse``, re-spell PTB tokens the vocabulary lacks in WikiText's form.
-        min_freq: with ``fresh``, the least frequent word kept (1 = every train word).
+        min_freq: with ``fresh``, the least frequent word kept (1 = every counted word).
+        vocab_count: with ``fresh``, the splits the vocabulary is counted on: ``train`` (dev words unseen in
+            train become ``<unk>``) or ``train+dev`` (the paper's code: no dev word is unknown).
+        shuffle: reshuffle the training batches every epoch; false keeps file order (the paper's code).
+        drop_last: leave out the last partial batch of each split (the paper's code: 864 of the 872 dev
+            sentences are scored at batch 16); needs ``batching: pad``.
         limit_train: use only the first N train sentences (smoke tests; None = all).
         cache_dir: where ``source: hub`` writes its files.
         num_workers: DataLoader workers.
@@ -148,8 +165,12 @@ class SST2DataModule(L.LightningDataModule):
         batching: str = "length",
         max_len: int = 256,
         add_eos: bool = True,
+        cls_framing: bool = False,
         normalize: bool = True,
         min_freq: int = 1,
+        vocab_count: str = "train",
+        shuffle: bool = True,
+        drop_last: bool = False,
         limit_train: int | None = None,
         cache_dir: str = ".cache",
         num_workers: int = 0,
@@ -162,6 +183,21 @@ class SST2DataModule(L.LightningDataModule):
             raise unknown("vocab mode (model.vocab)", vocab, VOCAB_MODES)
         if batching not in BATCHING:
             raise unknown("data.batching", batching, BATCHING)
+        if vocab_count not in VOCAB_COUNTS:
+            raise unknown("data.vocab_count", vocab_count, VOCAB_COUNTS)
+        if vocab == "reuse" and (cls_framing or vocab_count != "train"):
+            what = "data.cls_framing: true" if cls_framing else f"data.vocab_count: {vocab_count}"
+            raise ConfigError(f"{what} builds a new SST-2 vocabulary, but model.vocab is reuse (the pretraining "
+                              f"vocabulary, which has no <CLS>/<S> and cannot be recounted). Set model.vocab: "
+                              f"fresh, or drop {what.split(':')[0]}.")
+        if cls_framing and add_eos:
+            raise ConfigError("data.cls_framing: true frames a sentence <CLS> words <S> and data.add_eos: true "
+                              "appends <eos>: the classifier would read <eos>, not <S>. Set data.add_eos: false "
+                              "with cls_framing (the paper's framing), or cls_framing: false.")
+        if drop_last and batching != "pad":
+            raise ConfigError("data.drop_last: true needs data.batching: pad (with same-length batches every "
+                              "length would lose its last partial batch). Set data.batching: pad, or drop_last: "
+                              "false.")
         if vocab == "reuse" and pretrained is None:
             raise ConfigError("vocab: reuse takes the vocabulary from the pretrained checkpoint, but "
                               "model.pretrained is not set. Pass --model.pretrained runs/<name>/checkpoints/"
@@ -174,6 +210,7 @@ class SST2DataModule(L.LightningDataModule):
         self.root, self.source, self.pretrained, self.vocab_mode = root, source, pretrained, vocab
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.batching, self.max_len, self.add_eos, self.normalize = batching, max_len, add_eos, normalize
+        self.cls_framing, self.vocab_count, self.shuffle, self.drop_last = cls_framing, vocab_count, shuffle, drop_last
         self.min_freq, self.limit_train, self.cache_dir = min_freq, limit_train, cache_dir
         self.num_workers, self.seed = num_workers, seed
         self.save_hyperparameters()
@@ -206,7 +243,8 @@ class SST2DataModule(L.LightningDataModule):
             if self.vocab_mode == "reuse":
                 self._vocab = checkpoint_vocab(self.pretrained)
             else:
-                self._vocab = fresh_vocab(self.raw("train")[0], self.min_freq)
+                counted = self.raw("train")[0] + (self.raw("dev")[0] if self.vocab_count == "train+dev" else [])
+                self._vocab = fresh_vocab(counted, self.min_freq, self.cls_framing)
         return self._vocab
 
     @property
@@ -220,7 +258,8 @@ class SST2DataModule(L.LightningDataModule):
     @property
     def encoder(self) -> SST2Encoder:
         if self._encoder is None:
-            self._encoder = SST2Encoder(self.vocabulary, self.vocab_mode, self.add_eos, self.normalize)
+            self._encoder = SST2Encoder(self.vocabulary, self.vocab_mode, self.add_eos, self.normalize,
+                                        self.cls_framing)
         return self._encoder
 
     @property
@@ -257,15 +296,22 @@ class SST2DataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         ids, labels = self.encoded(split)
         rank, world = self._rank_world()
-        sampler = LengthBatches([len(x) for x in ids], batch_size, self.batching, shuffle, self.seed, rank, world)
+        sampler = LengthBatches([len(x) for x in ids], batch_size, self.batching, shuffle, self.seed, rank, world,
+                                self.drop_last)
         return DataLoader(_Examples(ids, labels), batch_sampler=sampler, collate_fn=_Collate(self.pad_id),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        return self._loader("train", self.shuffle, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("dev", False, self.eval_batch_size)
+
+    def scored(self, split: str) -> int:
+        """Sentences of ``split`` that one epoch feeds (fewer than the file holds with ``drop_last``)."""
+        n = len(self.encoded(split)[0])
+        size = self.batch_size if split == "train" else self.eval_batch_size
+        return n - n % size if self.drop_last else n
 
     # ----- provenance -------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -279,6 +325,8 @@ class SST2DataModule(L.LightningDataModule):
             "task": "sst2", "files": files, "vocab_mode": self.vocab_mode, "unit": v.unit, "vocab_size": v.size,
             "vocab_sha256": v.sha256, "pretrained": self.pretrained, "batching": self.batching,
             "max_len": self.max_len, "add_eos": self.add_eos, "normalize": self.normalize,
+            "cls_framing": self.cls_framing, "vocab_count": self.vocab_count, "shuffle": self.shuffle,
+            "drop_last": self.drop_last, "scored": {s: self.scored(s) for s in self._data},
             "limit_train": self.limit_train, "unk_rate": {s: self.stats[s]["unk_rate"] for s in self.stats},
             "stats": self.stats,
         }

@@ -4,8 +4,10 @@
   lower-cased and PTB-tokenised, WikiText is cased and writes ``don 't`` / ``well @-@ made``; a word
   absent from the vocabulary is mapped to WikiText's spelling (``normalize``), then tried lower-cased,
   Capitalised and UPPER-cased before it becomes ``<unk>``. Byte-level checkpoints read UTF-8 bytes.
-- ``fresh`` (the paper's code): a new lower-cased word vocabulary counted on SST-2 train (``<pad>``,
-  ``<eos>``, ``<unk>``, then words by decreasing frequency).
+- ``fresh``: a new lower-cased word vocabulary (``<pad>`` = id 0, ``<eos>``, ``<unk>``, then words by
+  decreasing frequency) counted on SST-2 train, or on train + dev as the paper's code does
+  (``data.vocab_count``); with ``data.cls_framing`` the sentence is ``<CLS> words <S>`` (the paper's code,
+  ``lm.data.sst2_protocol``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 from lm import checkpoint
+from lm.data.sst2_protocol import CLS, SEP, counted_words
 from lm.data.tokenizer import EOS, UNK, Vocab
 
 PAD = "<pad>"
@@ -28,13 +31,10 @@ def checkpoint_vocab(path: str) -> Vocab:
                                                                 "model.vocab: fresh."))
 
 
-def fresh_vocab(sentences: list[str], min_freq: int = 1) -> Vocab:
-    """The paper's vocabulary: lower-cased words of SST-2 train, most frequent first (ties: first seen)."""
-    counter: Counter[str] = Counter()
-    for s in sentences:
-        counter.update(s.lower().split())
-    words = [w for w, c in counter.most_common() if c >= min_freq and w not in (PAD, EOS, UNK)]
-    return Vocab.from_words([PAD, EOS, UNK] + words)
+def fresh_vocab(sentences: list[str], min_freq: int = 1, cls_framing: bool = False) -> Vocab:
+    """A new vocabulary: ``<pad>`` (id 0), ``<eos>``, ``<unk>``, then the lower-cased words of
+    ``sentences`` (framed with ``<CLS>``/``<S>`` when ``cls_framing``), most frequent first (ties: first seen)."""
+    return Vocab.from_words([PAD, EOS, UNK] + counted_words(sentences, min_freq, cls_framing, (PAD, EOS, UNK)))
 
 
 _NUMBER = re.compile(r"^\d[\d,.]*\d$")
@@ -70,8 +70,10 @@ def wikitext_spelling(words: list[str]) -> list[str]:
 class SST2Encoder:
     """Sentence -> ids under one vocabulary mode, counting unknown words and fallbacks."""
 
-    def __init__(self, vocab: Vocab, mode: str, add_eos: bool = True, normalize: bool = True):
+    def __init__(self, vocab: Vocab, mode: str, add_eos: bool = True, normalize: bool = True,
+                 cls_framing: bool = False):
         self.vocab, self.mode, self.add_eos, self.normalize = vocab, mode, add_eos, normalize
+        self.cls_framing = cls_framing
         self.byte = vocab.unit == "byte"
         self._cache: dict[str, tuple[int, str]] = {}  # word -> (id, how: exact|case|unk)
         if self.byte:
@@ -120,6 +122,8 @@ class SST2Encoder:
                 ids.append(i)
                 stats[how] += 1
             stats["words_in"] += len(s.split())
+            if self.cls_framing:  # the framing tokens are not words: outside the unknown-word statistics
+                ids = [self.vocab.token_to_id(CLS), *ids, self.vocab.token_to_id(SEP)]
             if self.add_eos:
                 ids.append(self.eos_id)
             out.append(ids)
