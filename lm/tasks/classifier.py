@@ -4,7 +4,8 @@ The pretrained ``TransformerLM`` blocks are transferred (``lm.tasks.pretrained``
 without the LM softmax. The sentence is
 read at the FINAL position of the left-padded input (``pooling: last``: the causal decoder's last
 real token has seen the whole sentence) or averaged over the real tokens (``pooling: mean``), then
-the paper's head ``Linear - Tanh - Dropout - Linear``. Adam, lr 1e-4.
+the paper's head ``Linear - Tanh - Dropout - Linear`` (with ``pre_head: log_softmax`` it reads
+``log_softmax(Linear(d, d)(h))``, as the paper's code does). Adam, lr 1e-4.
 
 Padding. The decoder is causal and has no padding mask of its own, so with left padding the real
 tokens would see the pad tokens before them as context, and absolute positions would be shifted by
@@ -43,13 +44,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lm.checkpoint import check_fits
 from lm.errors import ConfigError, unknown
 from lm.model.moe import MoEFFN
 from lm.tasks.pretrained import build_decoder
+from lm.tasks.sst2_head import build_pre_head
 from lm.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -70,9 +72,13 @@ class SequenceClassifier(L.LightningModule):
         vocab_size: from the data module (``data.vocab_size``); do not set by hand.
         model: architecture for ``pretrained: null`` (``ModelConfig`` fields, e.g. n_layer, d_model).
         pooling: ``last`` (final position of the left-padded input) or ``mean`` (over real tokens).
+        pre_head: ``none`` (the head reads the decoder's hidden states) or ``log_softmax`` (the paper's code:
+            ``log_softmax(Linear(d, d)(h))`` first; see ``lm.tasks.sst2_head``).
         mask_padding: make left padding invisible to the decoder (see the module docstring).
         dropless_moe: run the MoE layers without capacity limits (capacity_factor and
             eval_capacity_factor None), so no prediction depends on its batch (see the module docstring).
+        moe_aux_loss: add the MoE layers' load-balancing loss to the training loss (the paper's finetuning
+            scripts: ``--load_balance 0.00``, i.e. false).
         n_classes: number of labels.
         head_dropout: dropout between the head's Tanh and its output layer.
         dropout: override the decoder's dropout for finetuning (None: keep the pretrained value).
@@ -91,8 +97,10 @@ class SequenceClassifier(L.LightningModule):
         vocab_size: int = 0,
         model: dict[str, Any] | None = None,
         pooling: str = "last",
+        pre_head: str = "none",
         mask_padding: bool = True,
         dropless_moe: bool = False,
+        moe_aux_loss: bool = True,
         n_classes: int = 2,
         head_dropout: float = 0.1,
         dropout: float | None = None,
@@ -117,14 +125,17 @@ class SequenceClassifier(L.LightningModule):
                 raise ConfigError(f"model.{name} must be in [0, 1), got {p}.")
         self.pretrained, self.vocab_mode, self.pooling, self.mask_padding = pretrained, vocab, pooling, mask_padding
         self.lr, self.weight_decay, self.warmup_steps, self.results_dir = lr, weight_decay, warmup_steps, results_dir
+        self.moe_aux_loss = moe_aux_loss
         self.net, self.transfer = build_decoder(pretrained, vocab, load_weights, vocab_size, model, dropout,
                                                 dropless_moe)
         if freeze_embeddings:
             self.net.embed.requires_grad_(False)
         self._warn_moe_capacity()
         d = self.net.cfg.d_model
+        self.pre_head = build_pre_head(pre_head, d)
         self.head = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Dropout(head_dropout), nn.Linear(d, n_classes))
         self.val_loss, self.val_acc = MeanMetric(), MulticlassAccuracy(n_classes, average="micro")
+        self.val_n = SumMetric()  # sentences scored (fewer than the dev file holds with data.drop_last)
         self.history: list[dict[str, Any]] = []
         self._t0: float | None = None
         self.result_path: str | None = None
@@ -154,6 +165,8 @@ class SequenceClassifier(L.LightningModule):
     def forward(self, tokens: Tensor, n_pad: Tensor | None = None) -> Tensor:
         """Class logits ``[B, n_classes]``."""
         h = self.hidden(tokens, n_pad)
+        if self.pre_head is not None:
+            h = self.pre_head(h)
         if self.pooling == "last":
             pooled = h[:, -1]
         else:
@@ -173,7 +186,7 @@ class SequenceClassifier(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         logits, loss = self._step(batch)
-        aux = self.net.aux_loss()
+        aux = self.net.aux_loss() if self.moe_aux_loss else None
         total = loss if aux is None else loss + aux
         bs = batch["label"].size(0)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -183,12 +196,14 @@ class SequenceClassifier(L.LightningModule):
     def on_validation_epoch_start(self):
         self.val_loss.reset()
         self.val_acc.reset()
+        self.val_n.reset()
 
     def validation_step(self, batch: dict, batch_idx: int):
         logits, loss = self._step(batch)
         n = batch["label"].size(0)
         self.val_loss.update(loss, weight=n)
         self.val_acc.update(logits.argmax(-1), batch["label"])
+        self.val_n.update(n)
 
     def on_validation_epoch_end(self):
         loss, acc = self.val_loss.compute(), self.val_acc.compute()
@@ -197,7 +212,7 @@ class SequenceClassifier(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         entry = {"epoch": int(self.current_epoch), "step": int(self.global_step), "dev_acc": float(acc),
-                 "dev_loss": float(loss),
+                 "dev_loss": float(loss), "dev_scored": int(self.val_n.compute()),
                  "wall_s": round(time.perf_counter() - self._t0, 1) if self._t0 is not None else None}
         validate_only = self.trainer.state.fn == "validate"
         if not validate_only:
