@@ -187,7 +187,9 @@ def plan(a, work: Path) -> list[tuple[str, list[str] | None, float]]:
     par = common[:-1]  # the same recipe and size, its own run directory, fewer steps
     steps = [
         ("device", [*me, "--step", "device"], 60),
-        ("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(ROOT / "tests")], 300),
+        # (smoke: only the gpu module, to skip collecting the whole suite; they all skip on a CPU anyway)
+        ("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                   str(ROOT / "tests" / ("test_gpu.py" if a.smoke else ""))], 300),
         ("bench", [py, str(SCRIPTS / "bench.py"), "--device", a.device, *bench, "--out", str(out / "bench.json")], 900),
         ("bench_compile", None if a.smoke and not gpu else [py, str(SCRIPTS / "bench.py"), "--device", a.device, *bench, "--compile", "--models",
                            "softmax", "--shapes", "tiny", "--precisions", "bf16" if gpu else "fp32", "--no-memory",

@@ -34,7 +34,7 @@ def test_every_step_runs_on_cpu_in_smoke_mode(tmp_path):
     r = run("--device", "cpu", "--smoke", "--out", str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = summary["steps"]
-    assert list(steps) == ["device", "tests", "bench", "bench_compile", "sliding", "wt103_pass", "lm_run", "ddp", "fsdp"]
+    assert set(steps) == {"device", "tests", "bench", "bench_compile", "sliding", "wt103_pass", "lm_run", "ddp", "fsdp"}
     failed = {n: s.get("tail", s.get("reason")) for n, s in steps.items() if s["status"] == "failed"}
     assert not failed, failed
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
