@@ -58,10 +58,13 @@ class CheckedCkptPathMixin:
             return
         cfg = self.config[sub]
         path = cfg.get("ckpt_path")
-        if path == "last":  # the run's own last.ckpt (RunCheckpoint's folder), when it is there
+        if path == "last":
+            # The run's own last.ckpt (RunCheckpoint's folder) when it is there, else a fresh start, as
+            # Lightning's `last`: resolved here so Lightning never has to search checkpoint folders.
             root = cfg.get("trainer.default_root_dir") or "."
             last = Path(root) / "checkpoints" / "last.ckpt"
             path = str(last) if last.is_file() else None
+            cfg["ckpt_path"] = path
         check_ckpt_path(path, self.model_class)
 
 

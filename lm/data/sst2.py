@@ -290,7 +290,7 @@ class SST2DataModule(L.LightningDataModule):
         self.encoded("dev")
 
     def _rank_world(self) -> tuple[int, int]:
-        t = self._trainer if hasattr(self, "_trainer") else None
+        t = self.trainer  # LightningDataModule.trainer: None until a Trainer attaches it
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:

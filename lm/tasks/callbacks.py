@@ -1,5 +1,8 @@
 """Callbacks the CLI installs by default: run-directory checkpoints, token throughput (with a fit
-summary JSON) and the resolved config saved beside the run."""
+summary JSON) and the resolved config saved beside the run.
+
+Public Lightning API only: what Lightning keeps private (the logger's step predicate) is reproduced in
+``lm/tasks/lightning_compat.py``, whose test fails when Lightning's behaviour moves away from it."""
 
 from __future__ import annotations
 
@@ -7,16 +10,16 @@ import io
 import json
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
+from fsspec.core import strip_protocol
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lm.errors import ConfigError
 from lm.utils import atomic_write_bytes, atomic_write_text
@@ -36,12 +39,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
-        atomic_write_bytes(fs._strip_protocol(str(path)), buf.getbuffer())
+        atomic_write_bytes(strip_protocol(str(path)), buf.getbuffer())
+
+
+def run_checkpoint_dir(default_root_dir: str | os.PathLike) -> str:
+    """Where ``RunCheckpoint`` writes: ``<default_root_dir>/checkpoints`` (resolved, as Lightning does)."""
+    return os.path.realpath(Path(default_root_dir) / "checkpoints")
 
 
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that writes to ``<trainer.default_root_dir>/checkpoints`` (not into a
-    per-version logger folder), so ``lm fit --ckpt_path last`` finds the run's ``last.ckpt`` again.
+    per-version logger folder), so ``lm fit --ckpt_path last`` finds the run's ``last.ckpt`` again (the
+    CLI resolves ``last`` to that file itself, see ``lm.cli``).
 
     A fresh ``fit`` (no ``--ckpt_path``) into a folder that already holds checkpoints stops with a
     message instead of overwriting them. Checkpoints are written atomically (``AtomicCheckpointIO``:
@@ -54,27 +63,11 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, save_last=save_last, every_n_train_steps=every_n_train_steps,
                          save_top_k=save_top_k, monitor=monitor, mode=mode,
                          enable_version_counter=enable_version_counter, **kwargs)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        # Lightning saves on validation end, or on train-epoch end when validation runs once per epoch.
-        # With an integer val_check_interval and max_steps falling between two validations, the steps
-        # after the last validation were never saved (a 2000-step run left last.ckpt at step 1519).
-        # A failed run never gets here (on_exception instead), so a non-finite state is never saved.
-        super().on_train_end(trainer, pl_module)
-        if self.save_last and not trainer.interrupted and trainer.global_step > self._last_global_step_saved:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def _ensure_dirpath(self, trainer) -> None:
-        if self.dirpath is None:
-            self.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
-
-    def _find_last_checkpoints(self, trainer) -> set[str]:
-        # Lightning resolves `--ckpt_path last` before `setup`: point it at the run directory first.
-        self._ensure_dirpath(trainer)
-        return super()._find_last_checkpoints(trainer)
+        self._saved_at_step = -1  # global step of this session's latest save (any checkpoint)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._ensure_dirpath(trainer)
+        if self.dirpath is None:
+            self.dirpath = run_checkpoint_dir(trainer.default_root_dir)
         # Only the plain default is replaced: a user's own CheckpointIO (or a sharded strategy's) stays.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -89,98 +82,113 @@ class RunCheckpoint(ModelCheckpoint):
             )
         super().on_fit_start(trainer, pl_module)
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # Called on every rank for every checkpoint the trainer writes (ours and any other callback's).
+        self._saved_at_step = trainer.global_step
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
-def _batch_size(batch) -> int:
-    return int(batch["input"].size(0))
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Lightning saves on validation end, or on train-epoch end when validation runs once per epoch.
+        # With an integer val_check_interval and max_steps falling between two validations, the steps
+        # after the last validation were never saved (a 2000-step run left last.ckpt at step 1519).
+        # A failed run never gets here (on_exception instead), so a non-finite state is never saved.
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and not trainer.interrupted and trainer.global_step > self._saved_at_step:
+            path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+            trainer.save_checkpoint(path, self.save_weights_only)  # collective: every rank calls it
+            self.last_model_path = path
 
 
-def _tokens(batch) -> int:
-    return int(batch["input"].numel())
-
-
-def logger_writes_now(trainer) -> bool:
-    """Whether the logger writes the metrics of the current step (every ``log_every_n_steps``).
-
-    Lightning's own predicate; it is private, so this is the one place the package reads it."""
-    return bool(trainer._logger_connector.should_update_logs)
-
-
-class TokenThroughput(ThroughputMonitor):
-    """Lightning's ThroughputMonitor counting tokens, under our own tag names. Every ``log_every_n_steps``
-    it logs ``train/tokens_per_s`` and ``train/segments_per_s`` (all devices together; training time only,
-    validation excluded): the rolling mean over the last ``window_size`` steps, or, until that many steps
-    have run, the mean since the start of this fit (so a short run logs them too). At the end of each
-    validation/test run it logs ``val/tokens_per_s`` / ``test/tokens_per_s`` (input tokens fed per second
-    over the whole run; the results JSON's ``tokens_per_s`` counts scored tokens) at the step of ``val/loss``.
-    Lightning's own keys (``train/device/items_per_sec``, ...) are not logged.
+class TokenThroughput(Callback):
+    """Tokens per second. Every training step it logs ``train/tokens_per_s`` and ``train/segments_per_s``
+    (all devices together; training time only, validation excluded): the rolling mean over the last
+    ``window_size`` steps, or, until that many steps have run, the mean since the start of this fit (so a
+    short run logs them too); the logger writes them every ``log_every_n_steps`` like the losses. At the
+    end of each validation/test run it logs ``val/tokens_per_s`` / ``test/tokens_per_s`` (input tokens fed
+    per second over the whole run; the results JSON's ``tokens_per_s`` counts scored tokens) beside
+    ``val/loss`` / ``test/loss``.
 
     At the end of a fit it also writes ``<default_root_dir>/results/train.json``: steps, tokens and
     training seconds of this session (validation time excluded, as in the logged rate), wall seconds
     of the whole fit, and the mean tokens/s; a resumed run appends its session to ``sessions``."""
 
     def __init__(self, window_size: int = 20):
-        super().__init__(batch_size_fn=_batch_size, length_fn=_tokens, window_size=window_size)
-        self._fit_t0: float | None = None
-        self._step0 = 0
+        if window_size < 2:
+            raise ConfigError(f"TokenThroughput window_size must be >= 2 (a rate needs two points), got {window_size}.")
+        self.window_size = window_size
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        # Tokens/s is this monitor's job; model FLOPs and MFU are counted exactly by scripts/bench.py.
-        # Decide here so Lightning does not warn on every run that the module defines no flops_per_batch.
-        self._module_has_flops = hasattr(pl_module, "flops_per_batch")
+    @staticmethod
+    def _now(trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":  # the step's kernels are done, not just queued
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
-    def on_train_start(self, trainer, *args) -> None:
-        super().on_train_start(trainer, *args)
-        self._fit_t0, self._step0 = time.perf_counter(), trainer.global_step
+    # ----- training ---------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._fit_t0 = self._mark = time.perf_counter()
+        self._step0 = trainer.global_step
+        self._train_s, self._tokens, self._segments = 0.0, 0, 0
+        self._window: deque[tuple[float, int, int]] = deque(maxlen=self.window_size)
 
-    # Tag prefixes, as the module logs its losses (``val/loss`` also under `lm validate`).
-    _PREFIX = {RunningStage.TRAINING: "train", RunningStage.VALIDATING: "val", RunningStage.TESTING: "test",
-               RunningStage.PREDICTING: "predict"}
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = self._now(trainer)
+        self._train_s += now - self._mark
+        self._mark = now
+        self._tokens += int(batch["input"].numel())
+        self._segments += int(batch["input"].size(0))
+        self._window.append((self._train_s, self._tokens, self._segments))
+        if len(self._window) == self.window_size:  # rolling: first to last point of the window
+            (t0, n0, s0), (t1, n1, s1) = self._window[0], self._window[-1]
+            dt, tokens, segments = t1 - t0, n1 - n0, s1 - s0
+        else:  # until the window is full: everything since the fit started
+            dt, tokens, segments = self._train_s, self._tokens, self._segments
+        if dt > 0:
+            w = trainer.world_size
+            pl_module.log("train/tokens_per_s", tokens / dt * w, on_step=True, on_epoch=False)
+            pl_module.log("train/segments_per_s", segments / dt * w, on_step=True, on_epoch=False)
 
-    def _rates(self, stage: RunningStage, world_size: int, whole_run: bool = False) -> dict[str, float]:
-        """``Throughput.compute()`` renamed: its per-device rolling rates (times the world size) once its
-        window is full, else (or with ``whole_run``) its totals over the time since the stage started."""
-        m = self._throughputs[stage].compute()
-        prefix = self._PREFIX.get(stage, str(stage.value))
-        if "device/items_per_sec" in m and not whole_run:
-            tokens, segments = m["device/items_per_sec"], m["device/samples_per_sec"]
-        elif m.get("time", 0) > 0:
-            tokens, segments = m.get("lengths", 0) / m["time"], m["samples"] / m["time"]
-        else:
-            return {}
-        return {f"{prefix}/tokens_per_s": tokens * world_size, f"{prefix}/segments_per_s": segments * world_size}
-
-    def _compute(self, trainer, iter_num: int | None = None) -> None:
-        # Lightning logs every evaluation batch under `<stage>/device/...` at an evaluation-batch step;
-        # evaluation gets one value per run instead (_log_eval), at the step of `val/loss` / `test/loss`.
-        stage = trainer.state.stage
-        if stage != RunningStage.TRAINING or not logger_writes_now(trainer):
-            return
-        trainer._logger_connector.log_metrics(self._rates(stage, trainer.world_size))
-
-    def _log_eval(self, trainer) -> None:
-        stage = trainer.state.stage
-        if trainer.sanity_checking or stage not in self._throughputs or not self._throughputs[stage]._time:
-            return
-        rates = self._rates(stage, trainer.world_size, whole_run=True)
-        rates.pop(f"{self._PREFIX.get(stage, stage.value)}/segments_per_s", None)
-        trainer._logger_connector.log_metrics(rates)  # at the step Lightning logs `val/loss`/`test/loss` at
-
-    @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
-        self._log_eval(trainer)
-        super().on_validation_end(trainer, pl_module)
+        # Validation inside fit is not training time: the next step's interval starts now.
+        if getattr(self, "_mark", None) is not None and not trainer.sanity_checking:
+            self._mark = time.perf_counter()
 
-    @rank_zero_only
-    def on_test_end(self, trainer, pl_module) -> None:
-        self._log_eval(trainer)
+    # ----- evaluation -------------------------------------------------------------------------------
+    def _eval_start(self, trainer) -> None:
+        self._eval_t0, self._eval_tokens = self._now(trainer), 0
 
+    def _eval_batch(self, batch) -> None:
+        self._eval_tokens += int(batch["input"].numel())
+
+    def _eval_end(self, trainer, pl_module, prefix: str) -> None:
+        dt = self._now(trainer) - self._eval_t0
+        if self._eval_tokens and dt > 0:
+            pl_module.log(f"{prefix}/tokens_per_s", self._eval_tokens / dt * trainer.world_size)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._eval_start(trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch(batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._eval_end(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._eval_start(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch(batch)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._eval_end(trainer, pl_module, "test")
+
+    # ----- the fit summary --------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module) -> None:
-        stage = RunningStage.TRAINING
-        if self._fit_t0 is None or stage not in self._t0s or not trainer.is_global_zero:
+        if getattr(self, "_fit_t0", None) is None or not trainer.is_global_zero:
             return
-        train_s = time.perf_counter() - self._t0s[stage]  # ThroughputMonitor shifts t0 past validation
-        tokens = self._lengths.get(stage, 0) * trainer.world_size
+        tokens = self._tokens * trainer.world_size
+        train_s = self._train_s
         session = {"steps": trainer.global_step - self._step0, "tokens": tokens,
                    "train_s": round(train_s, 6), "wall_s": round(time.perf_counter() - self._fit_t0, 2),
                    "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,

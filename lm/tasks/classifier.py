@@ -50,6 +50,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lm.checkpoint import check_fits
 from lm.errors import ConfigError, unknown
 from lm.model.moe import MoEFFN
+from lm.tasks.lightning_compat import attached_trainer
 from lm.tasks.pretrained import build_decoder
 from lm.tasks.sst2_head import build_pre_head
 from lm.utils import atomic_write_text
@@ -256,7 +257,7 @@ class SequenceClassifier(L.LightningModule):
 
     # ----- checkpoints -----------------------------------------------------------------------------
     def _data_vocab(self) -> dict[str, Any] | None:
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(attached_trainer(self), "datamodule", None)
         v = getattr(dm, "vocabulary", None) if dm is not None else None
         if v is None:
             return None

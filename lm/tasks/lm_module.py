@@ -19,8 +19,8 @@ from lm.checkpoint import check_fits
 from lm.config import AttentionConfig, EvalConfig, FFNConfig, ModelConfig, OptimConfig, coerce
 from lm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from lm.model.transformer import TransformerLM
+from lm.tasks.lightning_compat import attached_trainer, logger_writes_now
 from lm.tasks.schedule import lr_factor
-from lm.tasks.callbacks import logger_writes_now
 from lm.utils import atomic_write_text
 
 
@@ -303,8 +303,7 @@ class LanguageModel(L.LightningModule):
                                      "tgt_len": dm.hparams.get("tgt_len"), "batch_size": dm.hparams.get("batch_size")}
 
     def _datamodule(self):
-        trainer = getattr(self, "_trainer", None)
-        return getattr(trainer, "datamodule", None) if trainer is not None else None
+        return getattr(attached_trainer(self), "datamodule", None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         dm, vocab = self._datamodule(), checkpoint.get("lm_vocab")
@@ -317,7 +316,7 @@ class LanguageModel(L.LightningModule):
             )
         mems = checkpoint.get("lm_mems")
         self.mems = [m.to(self.device) for m in mems] if mems else None
-        rng, trainer = checkpoint.get("lm_rng"), getattr(self, "_trainer", None)
+        rng, trainer = checkpoint.get("lm_rng"), attached_trainer(self)
         if rng and trainer is not None and getattr(trainer.state.fn, "value", None) == "fit":  # resuming training
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
