@@ -1,0 +1,75 @@
+"""``LanguageModel``'s flat signature and ``ModelConfig`` are one source of truth, kept in step here.
+
+``LanguageModel.__init__`` takes every ``ModelConfig`` field as its own argument (flat), so recipes,
+saved ``config.yaml`` files and checkpoint hyper-parameters say ``model.n_layer``, not
+``model.<group>.n_layer``. This test fails when a field is added, renamed, retyped or given another
+default on one side only, and checks that every argument reaches the config the decoder is built from."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+
+import pytest
+from torch import nn
+
+import lm.tasks.lm_module as lm_module
+from lm.config import AttentionConfig, FFNConfig, ModelConfig
+from lm.tasks.lm_module import LanguageModel
+
+TASK_ARGS = {"vocab_size", "unit", "tgt_len", "optim", "eval", "results_dir", "compile"}  # not architecture
+
+
+def test_signature_has_every_model_config_field_with_its_type_and_default():
+    params = dict(inspect.signature(LanguageModel.__init__).parameters)
+    params.pop("self")
+    hints = typing.get_type_hints(LanguageModel.__init__)
+    cfg_hints = typing.get_type_hints(ModelConfig)
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    assert set(params) - TASK_ARGS == set(fields), (
+        f"only in LanguageModel: {sorted(set(params) - TASK_ARGS - set(fields))}; "
+        f"only in ModelConfig: {sorted(set(fields) - set(params))}")
+    for name, f in fields.items():
+        p = params[name]
+        if f.default is not dataclasses.MISSING:
+            assert p.default == f.default, f"{name}: default {p.default!r} vs ModelConfig's {f.default!r}"
+            assert hints[name] == cfg_hints[name], f"{name}: type {hints[name]} vs ModelConfig's {cfg_hints[name]}"
+        else:  # a mutable default (list, nested config): None in the signature stands for ModelConfig's
+            assert p.default is None, f"{name}: default must be None (ModelConfig's default_factory), got {p.default!r}"
+            assert hints[name] == typing.Optional[cfg_hints[name]], f"{name}: type {hints[name]} vs {cfg_hints[name]}"
+
+
+@pytest.fixture
+def built_cfg(monkeypatch):
+    """LanguageModel with the decoder replaced by a recorder: what ModelConfig does it build from?"""
+    seen = {}
+
+    class Recorder(nn.Module):
+        def __init__(self, cfg, vocab_size):
+            super().__init__()
+            seen["cfg"] = cfg
+
+    monkeypatch.setattr(lm_module, "TransformerLM", Recorder)
+    return seen
+
+
+def test_defaults_build_the_default_model_config(built_cfg):
+    LanguageModel(vocab_size=10)
+    assert built_cfg["cfg"] == ModelConfig()
+
+
+def test_every_argument_reaches_the_model_config(built_cfg):
+    # A non-default value for every field (valid together); each must arrive unchanged.
+    values = dict(n_layer=3, d_model=24, n_head=2, d_head=6, d_inner=40, dropout=0.2, dropatt=0.1, pos="relative",
+                  mem_len=5, clamp_len=7, same_length=True, norm="pre", adaptive=False, cutoffs=[3, 6], div_val=2,
+                  d_embed=12, tie_weight=False, init_std=0.05,
+                  attention=AttentionConfig(name="elliptical", layers="1:"),
+                  ffn=FFNConfig(name="switch", n_experts=2))
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    missing = fields - set(values)
+    assert not missing, f"add a non-default value for the new ModelConfig field(s) {sorted(missing)} here"
+    defaults = ModelConfig()
+    assert all(values[k] != getattr(defaults, k) for k in fields), "every value must differ from the default"
+    LanguageModel(vocab_size=10, **values)
+    assert built_cfg["cfg"] == ModelConfig(**values)
