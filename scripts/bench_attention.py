@@ -9,7 +9,8 @@ tokens, vocabulary 33,278 with adaptive-softmax cutoffs [2000, 10000]. Tokens ar
 Zipf distribution over the frequency-sorted vocabulary (p(rank r) ~ 1/(r+1)^1.1), so the adaptive
 softmax's tail clusters are used about as often as on real text; no data files are needed.
 
-Variant settings follow the tiny recipes (configs/wikitext2/tiny_*.yaml): Elliptical and
+Shapes and variant settings are read from the recipe files (configs/wikitext2/tiny.yaml + variants/<name>.yaml,
+configs/wikitext103/small.yaml): Elliptical and
 Elliptical-QUEST on layers 1.. (layer 0 ordinary softmax / QUEST, as in the paper), Elliptical with the
 released code's scale 1; every other variant on all layers with its default options.
 
@@ -54,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -65,23 +67,28 @@ from lm.model.attention import ATTENTION  # noqa: E402
 from lm.model.transformer import TransformerLM  # noqa: E402
 
 SCHEMA = "bench_attention/1"
-WT2_VOCAB, WT2_CUTOFFS = 33278, [2000, 10000]
-WT103_VOCAB, WT103_CUTOFFS = 267735, [20000, 40000, 200000]
+WT2_VOCAB, WT103_VOCAB = 33278, 267735  # the corpora's vocabularies (data, not recipe settings)
+TINY_RECIPE = ROOT / "configs" / "wikitext2" / "tiny.yaml"
+VARIANT_OVERLAYS = ROOT / "configs" / "wikitext2" / "variants"
+
+
+def recipe_shape(path: Path, vocab: int, batch: int | None = None) -> dict:
+    """The benchmark shape of a recipe file: its model dimensions, cutoffs, batch and segment length."""
+    r = yaml.safe_load(path.read_text())
+    m, d = r["model"], r["data"]
+    return dict(n_layer=m["n_layer"], d_model=m["d_model"], n_head=m["n_head"], d_head=m["d_head"],
+                d_inner=m["d_inner"], batch=batch or d["batch_size"], tgt_len=d["tgt_len"], vocab=vocab,
+                cutoffs=list(m["cutoffs"]))
+
+
 SHAPES = {
     # the tiny WikiText-2 recipe
-    "tiny": dict(n_layer=4, d_model=256, n_head=4, d_head=64, d_inner=1024, batch=16, tgt_len=128,
-                 vocab=WT2_VOCAB, cutoffs=WT2_CUTOFFS),
+    "tiny": recipe_shape(TINY_RECIPE, WT2_VOCAB),
     # the paper's WikiText-103 small (REFERENCE §3a); batch 96 in the paper, reduced on CPU
-    "small": dict(n_layer=16, d_model=128, n_head=8, d_head=16, d_inner=2048, batch=8, tgt_len=256,
-                  vocab=WT103_VOCAB, cutoffs=WT103_CUTOFFS),
+    "small": recipe_shape(ROOT / "configs" / "wikitext103" / "small.yaml", WT103_VOCAB, batch=8),
 }
 PAPER_ORDER = ["softmax", "elliptical", "quest", "qknorm", "elliptical_quest",
                "performer", "mgk", "fourier", "rkde", "spkde", "mom"]
-RECIPES = {  # attention blocks of configs/wikitext2/tiny_*.yaml
-    "elliptical": dict(name="elliptical", layers="1:", options={"scale": "none"}),
-    "elliptical_quest": dict(name="elliptical_quest", layers="1:", default="quest"),
-    "qknorm": dict(name="qknorm", layers="all", options={"init_len": 128}),
-}
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -89,7 +96,15 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 # helpers shared with scripts/bench.py
 # ------------------------------------------------------------------------------------------------
 def attention_config(variant: str) -> AttentionConfig:
-    return AttentionConfig(**RECIPES.get(variant, dict(name=variant, layers="all")))
+    """The attention block of the variant's tiny recipe (tiny.yaml + variants/<variant>.yaml, merged field by
+    field as LightningCLI does; tests/test_recipes.py checks that composition against the CLI)."""
+    block = dict(yaml.safe_load(TINY_RECIPE.read_text())["model"].get("attention") or {})
+    overlay = VARIANT_OVERLAYS / f"{variant}.yaml"
+    if overlay.is_file():
+        block.update((yaml.safe_load(overlay.read_text()).get("model") or {}).get("attention") or {})
+    else:  # a variant without a tiny overlay yet: every layer, default options
+        block = dict(name=variant, layers="all")
+    return AttentionConfig(**block)
 
 
 def model_config(shape: dict, attention: AttentionConfig, ffn: FFNConfig | None = None,

@@ -38,12 +38,12 @@ for v in $VARIANTS; do
   [ -f "$run/checkpoints/last.ckpt" ] && resume=(--ckpt_path last)
   echo "== [$v] train ($run)"
   start=$(date +%s)
-  lm fit --config "configs/wikitext2/tiny_${v}.yaml" --trainer.default_root_dir "$run" \
-     --trainer.enable_progress_bar false "${EXTRA[@]}" "${PREC[@]}" "${resume[@]}"
+  lm fit --config configs/wikitext2/tiny.yaml --config "configs/wikitext2/variants/${v}.yaml" \
+     --trainer.default_root_dir "$run" --trainer.enable_progress_bar false "${EXTRA[@]}" "${PREC[@]}" "${resume[@]}"
   echo "$(( $(date +%s) - start ))" > "$run/train_wall_s.txt"
   echo "== [$v] test (clean, segments protocol)"
-  lm test --config "configs/wikitext2/tiny_${v}.yaml" --trainer.default_root_dir "$run" \
-     --ckpt_path "$run/checkpoints/last.ckpt" --trainer.enable_progress_bar false "${PREC[@]}" \
+  lm test --config configs/wikitext2/tiny.yaml --config "configs/wikitext2/variants/${v}.yaml" \
+     --trainer.default_root_dir "$run" --ckpt_path "$run/checkpoints/last.ckpt" --trainer.enable_progress_bar false "${PREC[@]}" \
      ${EVAL_EXTRA:+--trainer.limit_test_batches 10}
   ckpts+=("$run/checkpoints/last.ckpt")
 done

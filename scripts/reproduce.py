@@ -48,7 +48,8 @@ def run_one(variant: str, seed: int, root: Path, a) -> dict:
     extra = ["--trainer.max_steps", str(a.steps), "--model.optim.warmup_steps", str(min(200, a.steps // 5))]
     if not (run / "done").exists():
         resume = ["--ckpt_path", "last"] if ckpt.exists() else []
-        lm("fit", "--config", f"configs/wikitext2/tiny_{variant}.yaml", "--seed_everything", str(seed),
+        lm("fit", "--config", "configs/wikitext2/tiny.yaml", "--config", f"configs/wikitext2/variants/{variant}.yaml",
+           "--seed_everything", str(seed),
            "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false", *extra, *resume)
         # The efficiency columns depend on what else ran: keep the load beside them.
         (run / "load_after_fit.txt").write_text(f"{os.getloadavg()[0]:.2f}")
