@@ -10,11 +10,12 @@ import torch
 
 from lm.config import AttentionConfig, FFNConfig, ModelConfig, select_layers
 from lm.errors import ConfigError
-from lm.model.attention import AttnContext, LayerState
+from lm.model.attention import ATTENTION, AttnContext, LayerState
 from lm.model.transformer import TransformerLM
 
 V = 40
-VARIANTS = ["softmax", "elliptical", "quest", "qknorm", "elliptical_quest"]
+# Every registered variant with Transformer-XL relative positions (the tests below use memory): from the registry.
+VARIANTS = sorted(n for n, c in ATTENTION.items() if c.supports_relative)
 
 
 @pytest.fixture(autouse=True, scope="module")
