@@ -13,14 +13,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+SCRIPTS = ROOT / "scripts"  # on sys.path via tests/conftest.py
 
-import bench  # noqa: E402
-import bench_attention  # noqa: E402
-from reference_decoder import ReferenceDecoder  # noqa: E402
+import bench
+import bench_attention
+from reference_decoder import ReferenceDecoder
 
-from lm.tasks.lm_module import LanguageModel  # noqa: E402
+from lm.tasks.lm_module import LanguageModel
 
 
 def run_script(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -37,6 +36,7 @@ def is_number(x) -> bool:
 # ------------------------------------------------------------------------------------------------
 # smoke runs (one thread: robust on a loaded machine; the numbers are not looked at)
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # runs the script end to end: training and evaluation of every listed variant
 def test_bench_attention_smoke(tmp_path):
     out = tmp_path / "ba.json"
     p = run_script([str(SCRIPTS / "bench_attention.py"), "--quick", "--variants", "elliptical,quest",
@@ -57,6 +57,7 @@ def test_bench_attention_smoke(tmp_path):
     assert set(r["targets"]) == {"elliptical", "quest"}
 
 
+@pytest.mark.slow  # runs the script end to end (Lightning fits included)
 def test_bench_smoke(tmp_path):
     out = tmp_path / "b.json"
     p = run_script([str(SCRIPTS / "bench.py"), "--smoke", "--models", "softmax,elliptical", "--threads", "1",

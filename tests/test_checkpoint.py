@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from test_cli import write_corpus  # the tiny generated WikiText-2 corpus
+from helpers import write_corpus  # the tiny generated WikiText-2 corpus
 
 from lm.config import EvalConfig
 from lm.data.datamodule import LMDataModule

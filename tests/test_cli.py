@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -19,38 +18,9 @@ import yaml
 from lm.cli import main, user_error
 from lm.errors import ConfigError, LMError
 
+from helpers import write_config, write_corpus  # noqa: F401  (re-exported for older imports)
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def write_corpus(root: Path, seed: int = 0, prefix: str = "w", n_words: int = 40, extra_words: tuple = (),
-                 lines: tuple[int, int, int] = (120, 15, 15), min_len: int = 3, max_len: int = 10) -> Path:
-    """A WikiText-like corpus (space-separated tokens, ' \\n' line ends) under root/wikitext-2: ``lines``
-    train/valid/test lines of ``min_len``..``max_len`` words drawn from ``prefix0..`` (+ ``extra_words``).
-    The other test modules import it."""
-    rng = random.Random(seed)
-    words = [f"{prefix}{i}" for i in range(n_words)] + list(extra_words)
-    d = root / "wikitext-2"
-    d.mkdir(parents=True, exist_ok=True)
-    for split, n_lines in zip(("train", "valid", "test"), lines):
-        text = "".join(" " + " ".join(rng.choice(words) for _ in range(rng.randint(min_len, max_len))) + " \n"
-                       for _ in range(n_lines))
-        (d / f"wiki.{split}.tokens").write_text(text, encoding="utf-8")
-    return root
-
-
-def write_config(path: Path, run_dir: Path, data_root: Path, cache: Path, **model) -> Path:
-    cfg = {
-        "seed_everything": 3,
-        "trainer": {"default_root_dir": str(run_dir), "max_steps": 2, "accelerator": "cpu", "devices": 1,
-                    "enable_progress_bar": False, "enable_model_summary": False,
-                    "limit_val_batches": 2, "limit_test_batches": 2, "num_sanity_val_steps": 0},
-        "model": {"n_layer": 2, "d_model": 16, "n_head": 2, "d_head": 8, "d_inner": 32, "dropout": 0.0,
-                  "pos": "relative", "mem_len": 8, "adaptive": False, "cutoffs": [], **model},
-        "data": {"root": str(data_root), "cache_dir": str(cache), "batch_size": 2, "tgt_len": 8,
-                 "eval": {"batch_size": 2}},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.fixture(scope="module")

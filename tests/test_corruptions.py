@@ -13,14 +13,11 @@ import os
 import random
 import re
 import string
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from corruptions import (  # noqa: E402
     RECIPES,

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import write_corpus as cli_write_corpus  # the shared tiny WikiText-2 generator
+from helpers import write_corpus as cli_write_corpus  # the shared tiny WikiText-2 generator
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, W = 4, 8, 2  # global streams, segment length, world size

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_cli import write_corpus as cli_write_corpus  # the shared tiny WikiText-2 generator
+from helpers import write_corpus as cli_write_corpus  # the shared tiny WikiText-2 generator
 
 from lm.cli import main
 

@@ -18,13 +18,7 @@ V = 40
 VARIANTS = sorted(n for n, c in ATTENTION.items() if c.supports_relative)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add contention on a loaded 2-core box. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def make_model(name="softmax", pos="relative", mem_len=0, norm="post", options=None, layers="1:", seed=0, **kw):

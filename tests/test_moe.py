@@ -354,7 +354,7 @@ import lightning as L  # noqa: E402
 import yaml  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
-from test_precision import Loader  # noqa: E402  (a plain iterable of ready batches)
+from helpers import Loader  # noqa: E402  (a plain iterable of ready batches)
 
 from lm.config import AttentionConfig, FFNConfig, ModelConfig, OptimConfig  # noqa: E402
 from lm.model.attention import ATTENTION  # noqa: E402

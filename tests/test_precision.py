@@ -17,6 +17,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from helpers import Loader  # a plain iterable of ready batches
+
 from lm.config import AttentionConfig, EvalConfig, FFNConfig, OptimConfig
 from lm.model.attention import ATTENTION
 from lm.tasks.lm_module import LanguageModel
@@ -45,17 +47,6 @@ def batches(n: int, seed: int = 1) -> list[dict]:
     p = 1.0 / torch.arange(1, V + 1, dtype=torch.float64)
     x = torch.multinomial(p / p.sum(), n * B * (T + 1), replacement=True, generator=g).view(n, B, T + 1)
     return [{"input": x[i, :, :-1], "target": x[i, :, 1:], "first": i == 0} for i in range(n)]
-
-
-class Loader:
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __iter__(self):
-        return iter(self.items)
 
 
 class Capture(Callback):

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 import lm.utils
-from test_cli import write_corpus as cli_write_corpus  # the shared tiny WikiText-2 generator
+from helpers import write_corpus as cli_write_corpus  # the shared tiny WikiText-2 generator
 
 from lm.cli import main
 from lm.config import AttentionConfig, ModelConfig

@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import reproduce  # noqa: E402
+import reproduce  # scripts/ is on sys.path via tests/conftest.py
 
 
 def row(variant, seed, clean, ws1, ws5, sst2=0.8, tps=5000.0):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_cli import write_config, write_corpus  # the tiny generated WikiText-2 and model config
+from helpers import write_config, write_corpus  # the tiny generated WikiText-2 and model config
 
 from lm.cli import main
 

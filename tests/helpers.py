@@ -1,0 +1,54 @@
+"""Helpers shared by the test modules (plain functions and classes; the fixtures are in conftest.py).
+
+    from helpers import write_corpus, write_config, Loader
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import yaml
+
+
+def write_corpus(root: Path, seed: int = 0, prefix: str = "w", n_words: int = 40, extra_words: tuple = (),
+                 lines: tuple[int, int, int] = (120, 15, 15), min_len: int = 3, max_len: int = 10) -> Path:
+    """A WikiText-like corpus (space-separated tokens, ' \\n' line ends) under root/wikitext-2: ``lines``
+    train/valid/test lines of ``min_len``..``max_len`` words drawn from ``prefix0..`` (+ ``extra_words``).
+    Shared by the CLI, checkpoint, evaluation, recipe, reliability and TensorBoard tests."""
+    rng = random.Random(seed)
+    words = [f"{prefix}{i}" for i in range(n_words)] + list(extra_words)
+    d = root / "wikitext-2"
+    d.mkdir(parents=True, exist_ok=True)
+    for split, n_lines in zip(("train", "valid", "test"), lines):
+        text = "".join(" " + " ".join(rng.choice(words) for _ in range(rng.randint(min_len, max_len))) + " \n"
+                       for _ in range(n_lines))
+        (d / f"wiki.{split}.tokens").write_text(text, encoding="utf-8")
+    return root
+
+
+def write_config(path: Path, run_dir: Path, data_root: Path, cache: Path, **model) -> Path:
+    cfg = {
+        "seed_everything": 3,
+        "trainer": {"default_root_dir": str(run_dir), "max_steps": 2, "accelerator": "cpu", "devices": 1,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "limit_val_batches": 2, "limit_test_batches": 2, "num_sanity_val_steps": 0},
+        "model": {"n_layer": 2, "d_model": 16, "n_head": 2, "d_head": 8, "d_inner": 32, "dropout": 0.0,
+                  "pos": "relative", "mem_len": 8, "adaptive": False, "cutoffs": [], **model},
+        "data": {"root": str(data_root), "cache_dir": str(cache), "batch_size": 2, "tgt_len": 8,
+                 "eval": {"batch_size": 2}},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Loader:
+    """A plain iterable of ready batches with a length (what Lightning needs from a train loader)."""
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
