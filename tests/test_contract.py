@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from corruptions.manifest import RECIPES, corrupt_text
+from corruptions.recipes import RECIPES, corrupt_text
+from corruptions.word_swap import SAMPLINGS
 from lm.config import AttentionConfig, ModelConfig
 from lm.errors import ConfigError
 from lm.model.attention import ATTENTION, AttnContext, LayerState, build_attention
@@ -34,8 +35,10 @@ def test_attention_is_causal_and_differentiable_in_the_decoder(name):
     assert not torch.allclose(a[:, 6:], b[:, 6:])  # and the changed tokens do matter
     m.train()
     m.nll(m(x).hidden, y).mean().backward()
-    attn = [p for n, p in m.named_parameters() if ".attn." in n]
-    assert attn and all(p.grad is not None and torch.isfinite(p.grad).all() for p in attn)
+    grads = {n: p.grad for n, p in m.named_parameters() if ".attn." in n and p.grad is not None}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    for proj in ("qkv", "o"):  # the projections every variant owns are trained
+        assert all(f"layers.{i}.attn.{proj}.weight" in grads for i in range(2)), sorted(grads)
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION))
@@ -64,11 +67,13 @@ def test_attention_rejects_an_unknown_option_and_declares_relative_support(name)
 TEXT = "\n".join(["the quick brown fox jumps over the lazy dog near the river bank"] * 20) + "\n"
 
 
+@pytest.mark.parametrize("sampling", sorted(SAMPLINGS))
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_corruption_is_seeded_keeps_token_structure_and_records_its_swaps(recipe):
-    a, stats, swaps = corrupt_text(TEXT, recipe, rate=0.3, seed=3)
-    b, _, swaps_b = corrupt_text(TEXT, recipe, rate=0.3, seed=3)
-    c, _, _ = corrupt_text(TEXT, recipe, rate=0.3, seed=4)
+def test_corruption_is_seeded_keeps_token_structure_and_records_its_swaps(recipe, sampling):
+    kw = dict(rate=0.3, sampling=sampling)
+    a, stats, swaps = corrupt_text(TEXT, recipe, seed=3, **kw)
+    b, _, swaps_b = corrupt_text(TEXT, recipe, seed=3, **kw)
+    c, _, _ = corrupt_text(TEXT, recipe, seed=4, **kw)
     assert a == b and swaps == swaps_b and a != c  # the seed decides, and it matters
     old_lines, new_lines = TEXT.splitlines(), a.splitlines()
     assert len(new_lines) == len(old_lines)
