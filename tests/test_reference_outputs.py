@@ -35,7 +35,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # when run as a script (generation)
-from test_cli import write_config, write_corpus  # noqa: E402
+from helpers import write_config, write_corpus  # noqa: E402
 
 from lm.cli import main  # noqa: E402
 from lm.tasks.classifier import SequenceClassifier  # noqa: E402
