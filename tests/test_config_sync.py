@@ -59,17 +59,22 @@ def test_defaults_build_the_default_model_config(built_cfg):
     assert built_cfg["cfg"] == ModelConfig()
 
 
-def test_every_argument_reaches_the_model_config(built_cfg):
-    # A non-default value for every field (valid together); each must arrive unchanged.
-    values = dict(n_layer=3, d_model=24, n_head=2, d_head=6, d_inner=40, dropout=0.2, dropatt=0.1, pos="relative",
-                  mem_len=5, clamp_len=7, same_length=True, norm="pre", adaptive=False, cutoffs=[3, 6], div_val=2,
-                  d_embed=12, tie_weight=False, init_std=0.05,
-                  attention=AttentionConfig(name="elliptical", layers="1:"),
-                  ffn=FFNConfig(name="switch", n_experts=2))
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    missing = fields - set(values)
-    assert not missing, f"add a non-default value for the new ModelConfig field(s) {sorted(missing)} here"
+# Non-default values, valid together; between them every ModelConfig field differs from its default once.
+RELATIVE = dict(n_layer=3, d_model=24, n_head=2, d_head=6, d_inner=40, dropout=0.2, dropatt=0.1, pos="relative",
+                mem_len=5, clamp_len=7, same_length=True, norm="pre", adaptive=False, cutoffs=[3, 6], div_val=2,
+                d_embed=12, tie_weight=False, init_std=0.05, ln_init="normal",
+                attention=AttentionConfig(name="elliptical", layers="1:"), ffn=FFNConfig(name="switch", n_experts=2))
+ABSOLUTE = dict(n_layer=2, pos="absolute", abs_pos_order="down")  # countdown positions exist only here
+
+
+def test_the_value_sets_cover_every_field():
     defaults = ModelConfig()
-    assert all(values[k] != getattr(defaults, k) for k in fields), "every value must differ from the default"
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    covered = {k for values in (RELATIVE, ABSOLUTE) for k, v in values.items() if v != getattr(defaults, k)}
+    assert covered == fields, f"give the new ModelConfig field(s) {sorted(fields - covered)} a non-default value here"
+
+
+@pytest.mark.parametrize("values", [RELATIVE, ABSOLUTE], ids=["relative", "absolute"])
+def test_every_argument_reaches_the_model_config(built_cfg, values):
     LanguageModel(vocab_size=10, **values)
     assert built_cfg["cfg"] == ModelConfig(**values)

@@ -340,7 +340,7 @@ def test_paper_recipe_resolves_to_the_authors_values_and_builds(recipe, capsys):
 
 
 def test_tiny_wikitext2_recipes_keep_the_project_defaults():
-    for p in sorted((CONFIGS / "wikitext2").glob("*.yaml")):
+    for p in sorted((CONFIGS / "wikitext2").rglob("*.yaml")):
         text = p.read_text()
         for key in ("schedule_convention", "ln_init", "abs_pos_order", "router_bias", "stretch_position"):
             assert key not in text, (p.name, key)
