@@ -32,13 +32,39 @@ VARIANTS = ["softmax", "elliptical", "quest", "elliptical_quest", "elliptical_sw
 RATES = [0.015, 0.05]
 
 
+class StudyError(Exception):
+    """A stage that did not finish: reported in one line, the study stops, a rerun resumes it."""
+
+
 def sh(args: list[str]) -> None:
     print("+", " ".join(args), flush=True)
-    subprocess.run(args, check=True)
+    code = subprocess.run(args).returncode
+    if code != 0:
+        why = {143: " (stopped by SIGTERM)", 130: " (stopped by Ctrl-C)", -15: " (killed by SIGTERM)",
+               -9: " (killed by SIGKILL)"}.get(code, "")
+        raise StudyError(f"`{' '.join(args[2:])}` exited with {code}{why}; its stage is not marked done. Rerun the "
+                         f"command to resume it.")
 
 
 def lm(*args: str) -> None:
     sh([sys.executable, "-m", "lm.cli", *args])
+
+
+def ckpt_step(path: Path) -> int | None:
+    """The optimizer step a checkpoint holds (None: missing or unreadable)."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:
+        return None
+
+
+def trained(run: Path, steps: int) -> bool:
+    """A run counts as trained only with its ``done`` marker AND a last.ckpt at the target step: an exit code
+    alone is not trusted (a SIGTERM once ended `lm fit` with 0 after 1,000 of 3,000 steps)."""
+    step = ckpt_step(run / "checkpoints" / "last.ckpt")
+    return (run / "done").exists() and step is not None and step >= steps
 
 
 def run_one(variant: str, seed: int, root: Path, a) -> dict:
@@ -46,11 +72,16 @@ def run_one(variant: str, seed: int, root: Path, a) -> dict:
     ckpt = run / "checkpoints" / "last.ckpt"
     # Shorter runs keep the recipe's shape: warm-up is at most a fifth of training, then cosine to the end.
     extra = ["--trainer.max_steps", str(a.steps), "--model.optim.warmup_steps", str(min(200, a.steps // 5))]
-    if not (run / "done").exists():
+    if not trained(run, a.steps):
+        (run / "done").unlink(missing_ok=True)
         resume = ["--ckpt_path", "last"] if ckpt.exists() else []
         lm("fit", "--config", "configs/wikitext2/tiny.yaml", "--config", f"configs/wikitext2/variants/{variant}.yaml",
            "--seed_everything", str(seed),
            "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false", *extra, *resume)
+        step = ckpt_step(ckpt)
+        if step is None or step < a.steps:
+            raise StudyError(f"{run} ended at step {step} of {a.steps} although `lm fit` exited 0; it is not marked "
+                             f"done. Rerun the command to resume it from last.ckpt.")
         # The efficiency columns depend on what else ran: keep the load beside them.
         (run / "load_after_fit.txt").write_text(f"{os.getloadavg()[0]:.2f}")
         (run / "done").write_text("")
@@ -251,7 +282,10 @@ def main() -> None:
     # Seed-major order: an interrupted study has every variant at fewer seeds, not some variants missing.
     rows, plan = [], [(v, s) for s in a.seeds for v in a.variants]
     for i, (v, s) in enumerate(plan):
-        rows.append(run_one(v, s, root, a))
+        try:
+            rows.append(run_one(v, s, root, a))
+        except StudyError as e:
+            sys.exit(f"reproduce: error: {e}")
         # The report is rewritten after every finished run: an interrupted study still leaves a
         # (marked) partial report, and a rerun completes it.
         atomic_write_text(root / "rows.json", json.dumps(rows, indent=2))

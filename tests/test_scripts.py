@@ -74,3 +74,46 @@ def test_report_only_without_rows_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["reproduce.py", "--report_only", "--out", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="run the study first"):
         reproduce.main()
+
+
+def test_a_run_short_of_its_target_step_is_never_marked_done(tmp_path, monkeypatch):
+    """Issue 19: a SIGTERM once ended `lm fit` with exit 0 after 1,000 of 3,000 steps and the study marked the run
+    done. Now a stage counts as trained only when last.ckpt holds the target step: an `lm fit` that exits 0
+    short of it stops the study (not marked done), a non-zero exit (143) likewise, and an old `done` marker
+    beside a short checkpoint is not trusted (the run is resumed)."""
+    import pytest
+    import torch
+
+    run = tmp_path / "runs" / "softmax-s1"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    calls = []
+
+    def fake_lm(step, code=0):
+        def sh(argv):
+            calls.append(argv)
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"global_step": step}, ckpt)
+            if code:
+                raise reproduce.StudyError(f"exited with {code}")
+        return sh
+
+    a = args(steps=30, limit_batches=None, sst2=False)
+    monkeypatch.setattr(reproduce, "sh", fake_lm(10))
+    with pytest.raises(reproduce.StudyError, match="ended at step 10 of 30"):
+        reproduce.run_one("softmax", 1, tmp_path, a)
+    assert not (run / "done").exists()
+    monkeypatch.setattr(reproduce, "sh", fake_lm(12, code=143))
+    with pytest.raises(reproduce.StudyError, match="143"):
+        reproduce.run_one("softmax", 1, tmp_path, a)
+    assert not (run / "done").exists() and "--ckpt_path" in calls[-1]  # resumed from last.ckpt
+    (run / "done").write_text("")  # a marker left by the old driver beside a 12-step checkpoint
+    assert not reproduce.trained(run, 30)
+    torch.save({"global_step": 30}, ckpt)
+    assert reproduce.trained(run, 30)
+
+
+def test_sh_reports_a_signal_exit_in_one_line():
+    import pytest
+
+    with pytest.raises(reproduce.StudyError, match=r"exited with 143 \(stopped by SIGTERM\)"):
+        reproduce.sh([sys.executable, "-c", "import sys; sys.exit(143)"])
