@@ -105,12 +105,26 @@ def corrupt_cli(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--src", type=str | list[str] | None, default=None,
                         help="the clean split file(s), as an option instead of positionally (a path or [a, b]).")
     parser.add_function_arguments(corrupt, skip={"src"}, as_positional=False)
+    # The same data options as lm fit/evaluate: name a corpus split instead of a file (found locally,
+    # else downloaded once into the data root).
+    parser.add_argument("--corpus", type=str | None, default=None,
+                        help="corrupt this corpus's split instead of a file: wikitext-2, wikitext-103 or enwik8.")
+    parser.add_argument("--split", type=str, default="test", help="with --corpus: test or valid.")
+    parser.add_argument("--root", type=str | None, default=None, help="with --corpus: data root (data.root).")
+    parser.add_argument("--source", type=str, default="auto", help="with --corpus: auto, local or download.")
+    parser.add_argument("--base_url", type=str | None, default=None, help="with --corpus: EnWik8 download URL.")
     cfg = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     extra = cfg.src if isinstance(cfg.src, list) else [cfg.src] if cfg.src is not None else []
     sources = [str(s) for s in [*(cfg.paths or []), *extra]]
+    if cfg.corpus is not None:
+        from lm.data.datamodule import LMDataModule
+
+        dm = LMDataModule(corpus=cfg.corpus, root=cfg.root, source=cfg.source, base_url=cfg.base_url)
+        sources.append(str(dm.split_file(cfg.split)))
     if not sources:
         raise ConfigError("No source file given; pass the clean split to corrupt, e.g. "
-                          "`lm corrupt data/wikitext-103/wiki.test.tokens --rate 0.015` (or --src <file>).")
+                          "`lm corrupt data/wikitext-103/wiki.test.tokens --rate 0.015` (or --src <file>, "
+                          "or --corpus wikitext-103 --split test).")
     kwargs = {name: cfg[name] for name in inspect.signature(corrupt).parameters if name != "src"}
     return corrupt(sources, **kwargs)
 

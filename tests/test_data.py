@@ -110,7 +110,7 @@ def test_missing_corpus_lists_places(tmp_path, monkeypatch):
     msg = str(e.value)
     for place in (tmp_path / "cfg", tmp_path / "env"):
         assert str(place / "wikitext-103" / "wiki.train.tokens") in msg
-    assert "wikitext-103-v1.zip" in msg and "LM_DATA_DIR" in msg and "hub" in msg
+    assert "wikitext-103-v1.zip" in msg and "LM_DATA_DIR" in msg and "data.source: download" in msg
     roots = resolve_roots(str(tmp_path / "cfg"))
     assert roots[:2] == [tmp_path / "cfg", tmp_path / "env"]
     assert Path(__file__).resolve().parents[2] / "shared" / "data" in roots
@@ -139,27 +139,6 @@ def test_empty_and_bad_utf8(tmp_path):
     with pytest.raises(DataError, match=r"wiki\.valid\.tokens is not valid UTF-8: byte offset 3") as e:
         files.read_lines("valid")
     assert "iconv" in str(e.value)
-
-
-def test_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
-    import datasets
-
-    def offline(*a, **k):
-        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match="hub.*data.source: local"):
-        find_corpus("wikitext-2", source="hub", cache_dir=str(tmp_path))
-
-
-def test_hub_rows_materialised_as_original_file(tmp_path, monkeypatch):
-    import datasets
-
-    rows = {"train": [" = A = \n", "", " x y \n"], "validation": [" x \n"], "test": ["", " y \n"]}
-    monkeypatch.setattr(datasets, "load_dataset", lambda path, cfg, split: {"text": rows[split]})
-    files = find_corpus("wikitext-2", source="hub", cache_dir=str(tmp_path))
-    assert files.read_bytes("train") == b" = A = \n \n x y \n"
-    assert files.read_bytes("test") == b" \n y \n"
 
 
 def make_enwik8(n=2000) -> bytes:

@@ -109,8 +109,8 @@ def test_missing_files_name_the_places_looked(tmp_path, monkeypatch):
     import lm.data.sst2_files as sst2_files
 
     monkeypatch.setattr(sst2_files, "resolve_roots", lambda root: [Path(root)])
-    dm = SST2DataModule(root=str(tmp_path / "empty"), vocab="fresh")
-    with pytest.raises(DataError, match=r"(?s)SST-2 train split was not found.*empty/glue/SST-2/train.tsv"):
+    dm = SST2DataModule(root=str(tmp_path / "empty"), source="local", vocab="fresh")
+    with pytest.raises(DataError, match=r"(?s)SST-2 was not found.*glue/SST-2/train.tsv.*empty"):
         dm.files
 
 
@@ -118,8 +118,8 @@ def test_hub_offline_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    dm = SST2DataModule(source="hub", vocab="fresh", cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(DataError, match="hub"):
+    dm = SST2DataModule(root=str(tmp_path / "data"), source="download", vocab="fresh")
+    with pytest.raises(DataError, match="(?s)SST-2 is not on this machine and could not be downloaded.*nyu-mll/glue"):
         dm.files
 
 

@@ -70,6 +70,8 @@ def analyze(
     ckpt: str,
     split: str = "test",
     root: str | None = None,
+    source: str = "auto",
+    base_url: str | None = None,
     seq_len: int = 128,
     n_sequences: int = 32,
     passage_start: int = 0,
@@ -82,6 +84,8 @@ def analyze(
         ckpt: checkpoint written by ``lm fit``.
         split: ``valid`` or ``test``.
         root: data directory (see ``data.root``).
+        source: ``auto`` (local files, else download them once), ``local`` or ``download`` (``data.source``).
+        base_url: where EnWik8's zip is downloaded from (``data.base_url``).
         seq_len: window length (tokens) per analysed sequence.
         n_sequences: number of consecutive windows analysed.
         passage_start: token offset of the passage whose attention maps are plotted.
@@ -99,7 +103,8 @@ def analyze(
     with tempfile.TemporaryDirectory(prefix="lm-analyze-") as scratch:
         tok = Path(scratch) / "tokenizer.json"
         vocab.save(tok)
-        tokens = LMDataModule(corpus=corpus, root=root, tokenizer=str(tok)).tokens(split)
+        tokens = LMDataModule(corpus=corpus, root=root, source=source, base_url=base_url,
+                              tokenizer=str(tok)).tokens(split)
     result = analyze_model(model, tokens, seq_len, n_sequences)
     result.update({"checkpoint": ckpt, "split": split, "corpus": corpus})
     p = Path(ckpt).resolve()

@@ -1,37 +1,31 @@
 """Locating and reading corpora (REFERENCE §9).
 
-Local files are the primary source because the package hub is unreachable on the research
-machines; ``source: hub`` only materialises the hub copy as local files and then reads those.
+Local files come first (``data.root``, $LM_DATA_DIR, ./data, ../shared/data). With ``source: auto``
+(the data module's default) a corpus found nowhere is downloaded into the data root once and read
+from there as local files (``lm.data.download``); ``local`` never downloads; ``download`` reads only
+the data root, filling it first when needed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lm.data.download import BY_HAND, SOURCES, materialise
 from lm.errors import DataError, unknown
-from lm.utils import atomic_write_bytes
 
 SPLITS = ("train", "valid", "test")
 WORD_CORPORA = ("wikitext-2", "wikitext-103")
 CORPORA = WORD_CORPORA + ("enwik8",)
-SOURCES = ("local", "hub")
 # Standard EnWik8 split, as fractions of the file so a small generated file splits the same way;
 # for the real 100,000,000-byte file this is exactly [0, 90M) / [90M, 95M) / [95M, 100M).
 ENWIK8_PERCENT = {"train": (0, 90), "valid": (90, 95), "test": (95, 100)}
-ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
-HUB_NAMES = {"wikitext-2": ("wikitext", "wikitext-2-v1"), "wikitext-103": ("wikitext", "wikitext-103-v1")}
 HOW_TO_GET = {
-    "wikitext-2": "download wikitext-2-v1.zip (Merity et al. 2016) and unzip it so that "
-    "<root>/wikitext-2/wiki.{train,valid,test}.tokens exist",
-    "wikitext-103": "download wikitext-103-v1.zip (~190 MB) and unzip it so that "
-    "<root>/wikitext-103/wiki.{train,valid,test}.tokens exist",
-    "enwik8": "download http://mattmahoney.net/dc/enwik8.zip and put it (or the unzipped 'enwik8' "
-    "file) at <root>/enwik8/enwik8.zip or <root>/enwik8.zip",
+    "wikitext-2": "fetch " + BY_HAND["wikitext-2"] + " so that <root>/wikitext-2/wiki.{train,valid,test}.tokens exist",
+    "wikitext-103": "fetch " + BY_HAND["wikitext-103"] + " so that <root>/wikitext-103/wiki.{train,valid,test}.tokens exist",
+    "enwik8": "fetch " + BY_HAND["enwik8"] + " and put it at <root>/enwik8/enwik8.zip",
 }
 
 
@@ -104,7 +98,8 @@ class CorpusFiles:
                 f"The {split} split of {self.name} was not found. Looked in:\n  {places}\n"
                 f"To get it: {HOW_TO_GET.get(self.name, 'place the files under a data root')}; then set "
                 f"data.root (or the LM_DATA_DIR environment variable) to that root, or use "
-                f"data.source: hub when the Hugging Face hub is reachable. {self.notes.get(split, '')}".rstrip()
+                f"data.source: download to fetch a complete copy into data.root (else $LM_DATA_DIR, else ./data) "
+                f"where the internet is reachable. {self.notes.get(split, '')}".rstrip()
             )
         return p
 
@@ -173,22 +168,23 @@ def find_corpus(
     name: str,
     root: str | os.PathLike | None = None,
     source: str = "local",
-    cache_dir: str | os.PathLike = ".cache",
     overrides: dict[str, str | os.PathLike | None] | None = None,
+    base_url: str | None = None,
 ) -> CorpusFiles:
-    """Locate ``name``'s splits. ``overrides`` maps a split to a file that replaces it (e.g. a
-    word-swapped test file); missing splits are reported only when read."""
+    """Locate ``name``'s splits (``source``: see the module docstring). ``overrides`` maps a split to a
+    file that replaces it (e.g. a word-swapped test file); missing splits are reported only when read.
+    ``base_url``: where EnWik8's zip is downloaded from (default mattmahoney.net, or $LM_DATA_BASE_URL)."""
     if name not in CORPORA:
         raise unknown("corpus", name, CORPORA)
     if source not in SOURCES:
         raise unknown("data.source", source, SOURCES)
-    roots = [materialise_hub(name, cache_dir)] if source == "hub" else resolve_roots(root)
-    if name == "enwik8":
-        p, tried = _enwik8_path(roots)
-        paths, looked, notes = {s: p for s in SPLITS}, {s: tried for s in SPLITS}, {}
-        ranges, unit = dict(ENWIK8_PERCENT), "byte"
-    else:
-        (paths, looked, notes), ranges, unit = _word_paths(name, roots), {}, "word"
+    roots = [materialise(name, root, base_url)] if source == "download" else resolve_roots(root)
+    files = _locate(name, roots)
+    if source == "auto" and all(p is None for p in files.paths.values()):
+        # Found nowhere (a fresh machine): fetch it. A partial local copy is never topped up from the
+        # network: that would mix splits of two origins; its error says what is missing instead.
+        files = _locate(name, [materialise(name, root, base_url, roots)])
+    paths, looked, ranges, notes = dict(files.paths), dict(files.looked), dict(files.ranges), dict(files.notes)
     for split, f in (overrides or {}).items():
         if f is None:
             continue
@@ -200,51 +196,15 @@ def find_corpus(
         paths[split], looked[split] = f, [f]
         ranges.pop(split, None)  # an override file is the whole split, never a slice
         notes.pop(split, None)
-    return CorpusFiles(name, unit, paths, looked, ranges, notes)
+    return CorpusFiles(name, files.unit, paths, looked, ranges, notes)
 
 
-def materialise_hub(name: str, cache_dir: str | os.PathLike) -> Path:
-    """Download ``name`` with ``datasets`` and write it as local files under
-    ``<cache_dir>/hub``; returns that root. Offline -> DataError, never a traceback."""
-    root = Path(cache_dir).expanduser().resolve() / "hub"
+def _locate(name: str, roots: list[Path]) -> CorpusFiles:
     if name == "enwik8":
-        target = root / "enwik8" / "enwik8"
-        if target.is_file():
-            return root
-        text = "\n".join(_hub_rows(name, "LTCB/enwik8", "enwik8-raw", "train"))
-        data = text.encode("utf-8")
-        # Only a byte-exact copy gives comparable bits-per-character numbers.
-        if hashlib.sha256(data).hexdigest() != ENWIK8_SHA256:
-            raise DataError(f"The hub copy of enwik8 ({len(data):,} bytes) is not byte-identical to the "
-                            f"canonical file. {HOW_TO_GET['enwik8']}.")
-        atomic_write_bytes(target, data)
-        return root
-    path, config = HUB_NAMES[name]
-    for split, hub_split in zip(SPLITS, ("train", "validation", "test")):
-        target = root / name / f"wiki.{split}.tokens"
-        if target.is_file():
-            continue
-        out = io.StringIO()
-        for row in _hub_rows(name, path, config, hub_split):
-            row = row[:-1] if row.endswith("\n") else row
-            # HF strips whitespace-only lines to ''; the original files hold ' ' there.
-            out.write((row or " ") + "\n")
-        atomic_write_bytes(target, out.getvalue().encode("utf-8"))
-    return root
-
-
-def _hub_rows(name: str, path: str, config: str, split: str) -> list[str]:
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(path, config, split=split)
-        return list(ds["text"])
-    except Exception as e:  # network, auth, missing script support: all the same to the user
-        raise DataError(
-            f"Could not load {name} ({path}/{config}, split {split}) from the Hugging Face hub: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. The hub is unreachable "
-            f"offline; use data.source: local instead and {HOW_TO_GET[name]}."
-        ) from None
+        p, tried = _enwik8_path(roots)
+        return CorpusFiles(name, "byte", {s: p for s in SPLITS}, {s: tried for s in SPLITS}, dict(ENWIK8_PERCENT))
+    paths, looked, notes = _word_paths(name, roots)
+    return CorpusFiles(name, "word", paths, looked, {}, notes)
 
 
 __all__ = ["CORPORA", "SPLITS", "CorpusFiles", "decode_utf8", "find_corpus", "resolve_roots", "split_lines"]

@@ -31,11 +31,14 @@ class LMDataModule(L.LightningDataModule):
     Args:
         corpus: ``wikitext-2``, ``wikitext-103`` or ``enwik8``.
         root: data root holding ``<corpus>/...``; searched before $LM_DATA_DIR, ./data and ../shared/data.
-        source: ``local`` files, or ``hub`` (Hugging Face ``datasets``, written to local files first).
+        source: ``auto`` (local files, else download them into the data root once), ``local`` (never
+            download) or ``download`` (only the data root: root, else $LM_DATA_DIR, else ./data).
+        base_url: where EnWik8's ``enwik8.zip`` is downloaded from (default http://mattmahoney.net/dc/,
+            or $LM_DATA_BASE_URL): a mirror or a local server.
         batch_size: GLOBAL number of training streams, divided across data-parallel processes.
         tgt_len: training segment length (also the default evaluation window).
         eval: evaluation protocol for validation and test (REFERENCE §6).
-        cache_dir: tokenized splits, the counted vocabulary and hub downloads go here.
+        cache_dir: tokenized splits and the counted vocabulary go here.
         tokenizer: an existing ``tokenizer.json`` (e.g. from a pretraining run) to reuse instead of
             counting a vocabulary; required to evaluate WikiText-103 without its train split.
         valid_file: a file that replaces the valid split (e.g. a word-swapped copy); same vocabulary,
@@ -47,7 +50,7 @@ class LMDataModule(L.LightningDataModule):
         self,
         corpus: str = "wikitext-2",
         root: str | None = None,
-        source: str = "local",
+        source: str = "auto",
         batch_size: int = 22,
         tgt_len: int = 128,
         eval: EvalConfig | None = None,
@@ -55,6 +58,7 @@ class LMDataModule(L.LightningDataModule):
         tokenizer: str | None = None,
         valid_file: str | None = None,
         test_file: str | None = None,
+        base_url: str | None = None,
     ):
         super().__init__()
         if corpus not in CORPORA:
@@ -63,7 +67,7 @@ class LMDataModule(L.LightningDataModule):
             raise unknown("data.source", source, SOURCES)
         if batch_size < 1 or tgt_len < 1:
             raise ConfigError(f"data.batch_size ({batch_size}) and data.tgt_len ({tgt_len}) must be >= 1.")
-        self.corpus, self.root, self.source = corpus, root, source
+        self.corpus, self.root, self.source, self.base_url = corpus, root, source, base_url
         self.batch_size, self.tgt_len, self.cache_dir = batch_size, tgt_len, cache_dir
         self.tokenizer_path, self.valid_file, self.test_file = tokenizer, valid_file, test_file
         # Always a fresh instance: a default shared between modules must never be mutated through one.
@@ -84,7 +88,7 @@ class LMDataModule(L.LightningDataModule):
     def files(self) -> CorpusFiles:
         if self._files is None:
             overrides = {"valid": self.valid_file, "test": self.test_file}
-            self._files = find_corpus(self.corpus, self.root, self.source, self.cache_dir, overrides)
+            self._files = find_corpus(self.corpus, self.root, self.source, overrides, self.base_url)
         return self._files
 
     @property
@@ -106,8 +110,9 @@ class LMDataModule(L.LightningDataModule):
             return vocab
         if self.unit == "byte":
             return Vocab.byte_level()
+        files = self.files  # a corpus missing (or undownloadable) as a whole has its own message
         try:
-            train = self.files.read_bytes("train")
+            train = files.read_bytes("train")
         except DataError as e:
             raise DataError(f"{e}\nThe vocabulary is counted on the train split; to evaluate without it, "
                             f"pass data.tokenizer=<run dir>/tokenizer.json from the training run.") from None

@@ -1,6 +1,6 @@
 """GLUE SST-2 for sequence classification (REFERENCE §7).
 
-Files (``lm.data.sst2_files``): GLUE's ``<root>/glue/SST-2/{train,dev}.tsv``, or the Hugging Face hub copy.
+Files (``lm.data.sst2_files``): GLUE's ``<root>/glue/SST-2/{train,dev}.tsv``, downloaded when missing.
 Vocabulary (``vocab``, ``lm.data.sst2_vocab``): ``reuse`` (default) the pretraining vocabulary stored in
 the checkpoint, so the embeddings transfer; ``fresh`` a new lower-cased vocabulary counted on SST-2 train,
 or on train + dev as the paper's code (``vocab_count``). The unknown-word rate is logged and goes into
@@ -130,7 +130,8 @@ class SST2DataModule(L.LightningDataModule):
 
     Args:
         root: data root holding ``glue/SST-2/``; searched before $LM_DATA_DIR, ./data and ../shared/data.
-        source: ``local`` files or ``hub`` (Hugging Face ``glue/sst2``, written to local files first).
+        source: ``auto`` (local files, else download ``nyu-mll/glue`` sst2 into the data root once),
+            ``local`` (never download) or ``download`` (only the data root).
         pretrained: the pretraining checkpoint (linked from ``model.pretrained``; do not set by hand).
         vocab: ``reuse`` (the checkpoint's vocabulary) or ``fresh`` (lower-cased SST-2 train words);
             linked from ``model.vocab``.
@@ -149,7 +150,7 @@ class SST2DataModule(L.LightningDataModule):
         drop_last: leave out the last partial batch of each split (the paper's code: 864 of the 872 dev
             sentences are scored at batch 16); needs ``batching: pad``.
         limit_train: use only the first N train sentences (smoke tests; None = all).
-        cache_dir: where ``source: hub`` writes its files.
+        cache_dir: kept for configs that set it (downloads go to the data root).
         num_workers: DataLoader workers.
         seed: shuffling seed (the epoch is added).
     """
@@ -157,7 +158,7 @@ class SST2DataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str | None = None,
-        source: str = "local",
+        source: str = "auto",
         pretrained: str | None = None,
         vocab: str = "reuse",
         batch_size: int = 32,
@@ -226,7 +227,7 @@ class SST2DataModule(L.LightningDataModule):
     @property
     def files(self) -> dict[str, Path]:
         if self._files is None:
-            self._files = find_sst2(self.root, self.source, self.cache_dir)
+            self._files = find_sst2(self.root, self.source)
         return self._files
 
     def raw(self, split: str) -> tuple[list[str], list[int]]:

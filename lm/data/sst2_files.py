@@ -1,9 +1,10 @@
-"""GLUE SST-2 files: finding, reading and (``source: hub``) materialising ``train.tsv``/``dev.tsv``.
+"""GLUE SST-2 files: finding (downloading with ``source: auto``) and reading ``train.tsv``/``dev.tsv``.
 
 Files: ``<root>/glue/SST-2/{train,dev}.tsv`` with the header ``sentence<TAB>label`` (GLUE release);
 the roots are searched like the language-modelling corpora (``data.root``, $LM_DATA_DIR, ./data,
-../shared/data next to the working directory and next to the checkout). ``source: hub`` writes the
-Hugging Face ``glue/sst2`` copy to local TSV files first (offline: a DataError, never a traceback).
+../shared/data next to the working directory and next to the checkout). ``source: auto`` downloads
+Hugging Face's ``nyu-mll/glue`` sst2 into the data root as these TSVs when no root has them
+(``lm.data.download``; offline: a DataError naming the files, the places and the URLs).
 """
 
 from __future__ import annotations
@@ -11,32 +12,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from lm.data.corpora import resolve_roots
+from lm.data.download import SOURCES, materialise, not_found
 from lm.errors import DataError, unknown
-from lm.utils import atomic_write_text
 
 SPLITS = ("train", "dev")
-SOURCES = ("local", "hub")
-HOW_TO_GET = ("download SST-2.zip with the GLUE download script (or from https://dl.fbaipublicfiles.com/glue/"
-              "data/SST-2.zip) and unzip it so that <root>/glue/SST-2/train.tsv and dev.tsv exist")
 
 
-def find_sst2(root: str | None = None, source: str = "local", cache_dir: str = ".cache") -> dict[str, Path]:
-    """Paths of the train and dev TSVs (each split searched independently over the roots)."""
+def find_sst2(root: str | None = None, source: str = "auto") -> dict[str, Path]:
+    """Paths of the train and dev TSVs: both from the first root that has both (``source`` as for the
+    corpora: ``auto`` downloads them into the data root when no root has them)."""
     if source not in SOURCES:
         raise unknown("data.source", source, SOURCES)
-    roots = [materialise_hub(cache_dir)] if source == "hub" else resolve_roots(root)
-    out, looked = {}, []
-    for split in SPLITS:
-        tried = [r / "glue" / "SST-2" / f"{split}.tsv" for r in roots]
-        looked += tried
-        found = next((p for p in tried if p.is_file()), None)
-        if found is None:
-            places = "\n  ".join(str(p) for p in tried)
-            raise DataError(f"The SST-2 {split} split was not found. Looked in:\n  {places}\nTo get it: "
-                            f"{HOW_TO_GET}; then set data.root (or LM_DATA_DIR) to that root, or use "
-                            f"data.source: hub when the Hugging Face hub is reachable.")
-        out[split] = found
-    return out
+    roots = [materialise("sst2", root)] if source == "download" else resolve_roots(root)
+
+    def found(r: Path) -> bool:
+        return all((r / "glue" / "SST-2" / f"{s}.tsv").is_file() for s in SPLITS)
+
+    chosen = next((r for r in roots if found(r)), None)
+    if chosen is None and source == "auto":
+        chosen = materialise("sst2", root, searched=roots)
+    if chosen is None:
+        raise not_found("sst2", [f"glue/SST-2/{s}.tsv" for s in SPLITS], roots)
+    return {s: chosen / "glue" / "SST-2" / f"{s}.tsv" for s in SPLITS}
 
 
 def read_tsv(path: str | Path) -> tuple[list[str], list[int]]:
@@ -75,24 +72,3 @@ def read_tsv(path: str | Path) -> tuple[list[str], list[int]]:
     if not sentences:
         raise DataError(f"{path} has a header but no rows. Re-download the GLUE SST-2 files.")
     return sentences, labels
-
-
-def materialise_hub(cache_dir: str) -> Path:
-    """Write the hub's ``glue/sst2`` train/validation splits as GLUE TSVs under ``<cache_dir>/hub``."""
-    root = Path(cache_dir).expanduser().resolve() / "hub"
-    for split, hub_split in (("train", "train"), ("dev", "validation")):
-        target = root / "glue" / "SST-2" / f"{split}.tsv"
-        if target.is_file():
-            continue
-        try:
-            import datasets
-
-            ds = datasets.load_dataset("glue", "sst2", split=hub_split)
-            rows = [(str(s).replace("\t", " ").strip(), int(y)) for s, y in zip(ds["sentence"], ds["label"])]
-        except Exception as e:  # offline, auth, API changes: all the same to the user
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise DataError(f"Could not load SST-2 (glue/sst2, split {hub_split}) from the Hugging Face hub: "
-                            f"{type(e).__name__}: {first}. The hub is unreachable offline; use data.source: "
-                            f"local and {HOW_TO_GET}.") from None
-        atomic_write_text(target, "sentence\tlabel\n" + "".join(f"{s} \t{y}\n" for s, y in rows))
-    return root

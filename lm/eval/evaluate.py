@@ -24,6 +24,8 @@ def evaluate(
     split: str = "test",
     corpus: str | None = None,
     root: str | None = None,
+    source: str = "auto",
+    base_url: str | None = None,
     protocol: str = "segments",
     tgt_len: int | None = None,
     mem_len: int | None = None,
@@ -48,6 +50,8 @@ def evaluate(
         split: ``test`` or ``valid``.
         corpus: corpus name; default: the one each checkpoint was trained on.
         root: data directory (see ``data.root``).
+        source: ``auto`` (local files, else download them once), ``local`` or ``download`` (``data.source``).
+        base_url: where EnWik8's zip is downloaded from (``data.base_url``).
         protocol: ``segments``, ``memory`` or ``sliding`` (REFERENCE §6).
         tgt_len: evaluation window (default: the training segment length).
         mem_len: memory length for the ``memory`` protocol (default: the model's).
@@ -85,13 +89,14 @@ def evaluate(
             data_hp = ckpt.get("lm_data", {})
             tok_path = tmp / f"{name}-tokenizer.json"
             vocab.save(tok_path)
-            dm_kwargs = dict(corpus=corpus or data_hp.get("corpus", "wikitext-2"), root=root, tokenizer=str(tok_path),
+            dm_kwargs = dict(corpus=corpus or data_hp.get("corpus", "wikitext-2"), root=root, source=source,
+                             base_url=base_url, tokenizer=str(tok_path),
                              tgt_len=hp.get("tgt_len", 128), batch_size=1, eval=ecfg)
             clean_dm = LMDataModule(**dm_kwargs)
-            source = clean_dm.split_file(split)
+            clean_file = clean_dm.split_file(split)
             variants = [("clean", None, None)]
             for spec in specs:
-                res = corrupt_file(source, **spec.kwargs(), seed=seed,
+                res = corrupt_file(clean_file, **spec.kwargs(), seed=seed,
                                    format="enwik8" if vocab.unit == "byte" else "wikitext")
                 variants.append((spec.label, res.path, res.manifest))
             row = {"checkpoint": ckpt_path, "name": name, "attention": hp.get("attention"), "ffn": hp.get("ffn"),
