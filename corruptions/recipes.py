@@ -119,7 +119,11 @@ def corrupt_text(
     swaps_expected = clean_expected = 0.0  # the sampling's expectation, independent of the seed
     n_tokens = n_changed = n_changed_excl_unk = unk_swaps = 0
     pos = 0
-    for li, (start, end) in enumerate(line_spans(text)):
+    from tqdm.auto import tqdm  # a bar over lines in a terminal (disable=None: none in a log file)
+
+    spans = tqdm(line_spans(text), total=text.count("\n") + 1, unit=" lines", desc=f"{recipe} {rate:g}",
+                 disable=None, mininterval=1.0, leave=False)
+    for li, (start, end) in enumerate(spans):
         line = text[start:end]
         protected: list[tuple[int, int]] = []
         if markup:

@@ -8,6 +8,7 @@ TensorBoard) gives PPL (or BPC) clean vs contaminated and the degradation ratio.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -69,6 +70,7 @@ def evaluate(
     from corruptions.manifest import corrupt_file
     from corruptions.spec import parse_specs
     from lm.data.datamodule import LMDataModule
+    from lm.tasks.progress import LineProgress
 
     if isinstance(ckpts, str):
         ckpts = [c.strip() for c in ckpts.split(",") if c.strip()]
@@ -78,7 +80,7 @@ def evaluate(
     ecfg = EvalConfig(protocol=protocol, tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len, stride=stride,
                       batch_size=batch_size)
     out_dir = Path(out)
-    rows = []
+    rows, step = [], 0
     # The per-checkpoint tokenizers and Lightning folders are scratch: never left behind.
     with tempfile.TemporaryDirectory(prefix="lm-eval-", ignore_cleanup_errors=True) as scratch:
         tmp = Path(scratch)
@@ -102,12 +104,15 @@ def evaluate(
             row = {"checkpoint": ckpt_path, "name": name, "attention": hp.get("attention"), "ffn": hp.get("ffn"),
                    "unit": vocab.unit, "results": {}}
             for label, path, manifest in variants:
+                step += 1
+                print(f"lm evaluate [{step}/{len(ckpts) * (1 + len(specs))}] {name}: {label}", file=sys.stderr, flush=True)
                 kw = dict(dm_kwargs)
                 if path is not None:
                     kw[f"{split}_file"] = str(path)
                 dm = LMDataModule(**kw)
                 trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
-                                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                    enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(),
+                                    callbacks=[LineProgress(every_n_batches=100)], enable_model_summary=False,
                                     limit_test_batches=limit_batches, limit_val_batches=limit_batches,
                                     default_root_dir=str(tmp / name))
                 (trainer.test if split == "test" else trainer.validate)(model, datamodule=dm, verbose=False)
