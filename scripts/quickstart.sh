@@ -4,6 +4,7 @@
 #   -> word-swap the test set and evaluate clean vs contaminated -> finetune both on SST-2
 #   -> print one result table (also written to results/quickstart/summary.md).
 # About 40 minutes on a 2-core CPU: 2 x 10 min training, 2 x 0.5 min test, 3 min evaluation, 2 x 7 min SST-2.
+# Data: found locally (./data, $LM_DATA_DIR, ../shared/data) or downloaded into ./data on first use.
 # Everything is resumable: re-running continues unfinished runs and reuses finished ones.
 # QUICK=1 shrinks every stage to a smoke run of a few minutes (numbers then mean nothing).
 set -euo pipefail
