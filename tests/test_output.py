@@ -63,6 +63,7 @@ def test_line_progress_in_a_log_file(tmp_path):
                           adaptive=False, cutoffs=[])
     buf = io.StringIO()
     trainer = L.Trainer(max_steps=4, val_check_interval=4, limit_val_batches=3, num_sanity_val_steps=0, logger=False,
+                        default_root_dir=str(tmp_path / "run"),
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[LineProgress(every_n_steps=2, every_n_batches=2, stream=buf)])
     trainer.fit(model, datamodule=dm)
@@ -74,6 +75,7 @@ def test_line_progress_in_a_log_file(tmp_path):
     # with Lightning's bar on (a terminal), the lines stay off
     buf2 = io.StringIO()
     L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=True,
+              default_root_dir=str(tmp_path / "run2"),
               enable_model_summary=False, callbacks=[LineProgress(every_n_steps=1, stream=buf2)]
               ).fit(model, datamodule=dm)
     assert buf2.getvalue() == ""
