@@ -84,7 +84,7 @@ def corrupt(
     return summaries
 
 
-def corrupt_cli(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def corrupt_cli(argv: list[str] | None = None, resolve_corpus=None) -> list[dict[str, Any]]:
     """``lm corrupt [SRC ...] [--src SRC] [--recipe ...] [--rate ...] [--seed ...] ...``.
 
     The sources given positionally and with ``--src`` are corrupted in that order. Parse errors (an
@@ -117,10 +117,10 @@ def corrupt_cli(argv: list[str] | None = None) -> list[dict[str, Any]]:
     extra = cfg.src if isinstance(cfg.src, list) else [cfg.src] if cfg.src is not None else []
     sources = [str(s) for s in [*(cfg.paths or []), *extra]]
     if cfg.corpus is not None:
-        from lm.data.datamodule import LMDataModule
-
-        dm = LMDataModule(corpus=cfg.corpus, root=cfg.root, source=cfg.source, base_url=cfg.base_url)
-        sources.append(str(dm.split_file(cfg.split)))
+        if resolve_corpus is None:  # the corruptions package does not know where corpora live; `lm` does
+            raise ConfigError("--corpus needs the `lm corrupt` command, which finds the split like `lm fit` does; "
+                              "here pass the split's file instead.")
+        sources.append(str(resolve_corpus(cfg.corpus, cfg.split, cfg.root, cfg.source, cfg.base_url)))
     if not sources:
         raise ConfigError("No source file given; pass the clean split to corrupt, e.g. "
                           "`lm corrupt data/wikitext-103/wiki.test.tokens --rate 0.015` (or --src <file>, "

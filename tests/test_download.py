@@ -208,14 +208,18 @@ def test_fresh_clone_without_network_fails_quickstart_first_step_with_one_paragr
 
 def test_corrupt_takes_the_data_options(tmp_path):
     """`lm corrupt --corpus ... --split ...` finds the split like `lm fit` does (here: a local root)."""
-    from corruptions.cli import corrupt_cli
+    import json
+
+    from lm.cli import main
 
     root = tmp_path / "data"
     (root / "wikitext-2").mkdir(parents=True)
     test = " the cat sat on the mat \n \n a dog ran far away today \n"
     for split in ("train", "valid", "test"):
         (root / "wikitext-2" / f"wiki.{split}.tokens").write_text(test)
-    [m] = corrupt_cli(["--corpus", "wikitext-2", "--split", "test", "--root", str(root), "--source", "local",
-                       "--rate", "0.5", "--out_dir", str(tmp_path / "out")])
+    assert main(["corrupt", "--corpus", "wikitext-2", "--split", "test", "--root", str(root), "--source", "local",
+                 "--rate", "0.5", "--out_dir", str(tmp_path / "out")]) == 0
+    [manifest] = [p for p in (tmp_path / "out").rglob("*.json")]
+    m = json.loads(manifest.read_text())
     assert m["source_sha256"] == hashlib.sha256(test.encode()).hexdigest()
-    assert Path(m["path"]).is_file() and Path(m["path"]).read_text() != test
+    assert m["n_swaps"] > 0
