@@ -3,8 +3,11 @@
 __version__ = "0.1.0"
 
 
-def load(path, device="cpu"):
-    """A trained model from a checkpoint, an `lm export` folder or hf://owner/name (see ``lm.api``)."""
-    from lm.api import load as _load
+def __getattr__(name: str):
+    # `lm.load` is the user API (lm.api, the top layer). The package root re-exports it lazily, so
+    # `import lm` stays cheap and no module below the API imports it.
+    if name == "load":
+        import importlib
 
-    return _load(path, device)
+        return importlib.import_module("lm.api").load
+    raise AttributeError(f"module 'lm' has no attribute {name!r}")

@@ -98,7 +98,7 @@ class Model:
     def score(self, text: str, protocol: EvalConfig | None = None) -> Score:
         """NLL, perplexity, bits per character and token count of ``text`` under the model's evaluation
         protocol (or ``protocol``), batch size 1."""
-        from lm.eval.protocols import eval_batches
+        from lm.data.protocols import eval_batches
 
         ids = [self._newline] + self.encode(text)
         e = protocol or self.lm.eval_cfg
@@ -186,9 +186,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
 
         module, vocab = load_exported(p)
     elif p.is_file():
-        from lm.eval.evaluate import load_checkpoint
+        from lm.tasks.pretrained import load_language_model
 
-        module, vocab, _ = load_checkpoint(str(p))
+        module, vocab, _ = load_language_model(str(p))
     else:
         raise CheckpointError(f"{path}: no such checkpoint or folder. Pass a .ckpt written by `lm fit` (e.g. "
                               f"runs/<name>/checkpoints/last.ckpt), a folder written by `lm export`, or hf://owner/name.")

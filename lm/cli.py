@@ -5,6 +5,7 @@
     lm evaluate                clean vs corrupted evaluation of one or more checkpoints
     lm finetune                SST-2 sequence classification from a pretrained checkpoint
     lm analyze                 representation collapse, head redundancy, attention entropy/maps
+    lm generate / lm export    continue a prompt; write a checkpoint as safetensors + config + tokenizer
 
 Config flows one way: YAML (omegaconf interpolation) -> jsonargparse -> typed signatures/dataclasses.
 Errors caused by user input are printed as one paragraph, without a traceback, exit code 2: an
@@ -24,6 +25,24 @@ from lm import checkpoint
 from lm.errors import LMError
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+COMMANDS = {  # `lm --help`: every subcommand, one line each
+    "fit": "train a language model from a YAML recipe (configs/...); resumable with --ckpt_path last",
+    "validate": "evaluate a checkpoint on the validation split (--ckpt_path)",
+    "test": "evaluate a checkpoint on the test split and write results/test-<protocol>.json",
+    "corrupt": "write a word-swapped (or char-swapped) copy of a split, with a manifest",
+    "evaluate": "clean vs word-swapped perplexity of one or more checkpoints, as a table",
+    "finetune": "SST-2 sentiment classification from a pretrained checkpoint (fit / validate)",
+    "analyze": "representation collapse, head redundancy and attention maps of a checkpoint",
+    "generate": "continue a prompt with a checkpoint or an exported model",
+    "export": "write a checkpoint as model.safetensors + config.json + tokenizer.json + model card",
+}
+# Third-party messages that carry no information for a user of `lm` and bury its output; silenced
+# here (the CLI), one exact message each, never in the library or the tests.
+HARMLESS_WARNINGS = (
+    r"LightningCLI's args parameter is intended to run from within Python",  # lm passes argv on purpose
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning vs newer torch pytree
+)
+HARMLESS_LOG_PREFIXES = ("💡 Tip: For seamless cloud",)  # Lightning's advertisement for its logger / registry
 # `--ckpt_path` values Lightning resolves itself (not file names).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 
@@ -84,6 +103,11 @@ def user_error(exc: BaseException) -> Exception | None:
 
 
 class LMCLI(CheckedCkptPathMixin, LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No `predict`: the language model has no predict_step to run.
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
+
     def add_arguments_to_parser(self, parser) -> None:
         # The data decides the vocabulary, the unit and the evaluation protocol; the model follows.
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -97,12 +121,15 @@ def lm_cli(args=None, run: bool = True) -> LMCLI:
     from lm.tasks.callbacks import RunCheckpoint, RunDirConfig, TokenThroughput
     from lm.tasks.lm_module import LanguageModel
     from lm.tasks.precision_check import PrecisionCheck
+    from lm.tasks.progress import LineProgress
 
     return LMCLI(
         LanguageModel,
         LMDataModule,
         trainer_defaults={
-            "callbacks": [RunCheckpoint(), TokenThroughput(), PrecisionCheck()],
+            "callbacks": [RunCheckpoint(), TokenThroughput(), PrecisionCheck(), LineProgress()],
+            # Lightning's bar in a terminal; plain lines (LineProgress) in a log file.
+            "enable_progress_bar": sys.stderr.isatty(),
             "use_distributed_sampler": False,  # ordered streams shard themselves per rank
         },
         seed_everything_default=1111,  # the paper's seed
@@ -137,6 +164,7 @@ def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI
     from lm.tasks.callbacks import RunCheckpoint, RunDirConfig
     from lm.tasks.classifier import SequenceClassifier
     from lm.tasks.precision_check import PrecisionCheck
+    from lm.tasks.progress import LineProgress
 
     return FinetuneCLI(
         SequenceClassifier,
@@ -145,7 +173,9 @@ def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI
         subclass_mode_data=False,
         trainer_defaults={
             # Best checkpoint by dev loss (the paper) plus last.ckpt, in <default_root_dir>/checkpoints.
-            "callbacks": [RunCheckpoint(monitor="val/loss", mode="min", save_last=True, save_top_k=1), PrecisionCheck()],
+            "callbacks": [RunCheckpoint(monitor="val/loss", mode="min", save_last=True, save_top_k=1), PrecisionCheck(),
+                          LineProgress()],
+            "enable_progress_bar": sys.stderr.isatty(),  # else LineProgress: plain lines in a log file
             "default_root_dir": "runs/sst2",
             "max_epochs": 5,
             "use_distributed_sampler": False,  # the data module's batch sampler shards itself
@@ -159,15 +189,50 @@ def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI
     )
 
 
+def corpus_split_file(corpus: str, split: str, root: str | None, source: str, base_url: str | None) -> Path:
+    """``lm corrupt --corpus``: the split's file, found (or downloaded) as ``lm fit`` finds it."""
+    from lm.data.datamodule import LMDataModule
+
+    return LMDataModule(corpus=corpus, root=root, source=source, base_url=base_url).split_file(split)
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  lm {c:<{width}}  {h}" for c, h in COMMANDS.items()]
+    return ("usage: lm COMMAND [options]   (lm COMMAND --help for its options)\n\n"
+            "Transformer-XL-style language models with Elliptical and other attention variants.\n\n"
+            "commands:\n" + "\n".join(lines) + "\n")
+
+
+def quiet_harmless_warnings() -> None:
+    import logging
+    import warnings
+
+    for pattern in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+    def not_a_tip(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(HARMLESS_LOG_PREFIXES)
+
+    for name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(not_a_tip)
+
+
 def main(argv: list[str] | None = None) -> int:
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv[0] if argv else None
+    if cmd in (None, "-h", "--help", "help"):
+        print(usage(), end="")
+        return 0 if cmd else 2
+    if from_console:
+        quiet_harmless_warnings()
     try:
         if cmd == "corrupt":
             from corruptions.cli import corrupt_cli
 
-            corrupt_cli(argv[1:])  # the source positionally (as in the README) or with --src
+            # the source positionally (as in the README), with --src, or --corpus/--split found like lm fit
+            corrupt_cli(argv[1:], resolve_corpus=corpus_split_file)
         elif cmd == "evaluate":
             from lm.eval.evaluate import evaluate_cli
 
@@ -178,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             from lm.analysis.cli import analyze_cli
 
             analyze_cli(argv[1:])
+        elif cmd in ("generate", "export"):
+            from lm.export import export_cli, generate_cli
+
+            (generate_cli if cmd == "generate" else export_cli)(argv[1:])
         else:
             lm_cli(None if from_console else argv)
     except Exception as exc:

@@ -32,9 +32,9 @@ def export(ckpt: str, out: str, push_to: str | None = None) -> Path:
     """
     from safetensors.torch import save_model
 
-    from lm.eval.evaluate import load_checkpoint
+    from lm.tasks.pretrained import load_language_model
 
-    module, vocab, raw = load_checkpoint(ckpt)
+    module, vocab, raw = load_language_model(ckpt)
     hp = {k: v for k, v in dict(raw.get("hyper_parameters", {})).items() if not str(k).startswith("_")}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
