@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import write_config, write_corpus
+from helpers import write_config, write_corpus
 
 import lm
 from lm.api import Model

@@ -193,7 +193,8 @@ def test_fresh_clone_without_network_fails_quickstart_first_step_with_one_paragr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LM_", "HF_"))}
     env.update(PYTHONPATH=str(clone), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                LM_DATA_BASE_URL="http://127.0.0.1:9/", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "lm.cli", "fit", "--config", "configs/wikitext2/tiny_softmax.yaml",
+    cmd = [sys.executable, "-m", "lm.cli", "fit", "--config", "configs/wikitext2/tiny.yaml",
+           "--config", "configs/wikitext2/variants/softmax.yaml",
            "--trainer.default_root_dir", "runs/x", "--trainer.enable_progress_bar", "false"]
     p = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-2000:]

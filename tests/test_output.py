@@ -10,7 +10,7 @@ import warnings
 import lightning as L
 import pytest
 
-from test_cli import write_corpus
+from helpers import write_corpus
 
 from lm.cli import COMMANDS, main, quiet_harmless_warnings
 from lm.data.datamodule import LMDataModule
