@@ -25,14 +25,7 @@ VARIANTS = ["performer", "mgk", "fourier", "rkde", "spkde", "mom"]
 H, D = 2, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one intra-op thread avoids thread hand-off costs that dominate (and
-    explode on a loaded 2-core machine) at this size."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: tiny tensors, one thread
 
 
 def make(name: str, **options):

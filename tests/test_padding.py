@@ -26,12 +26,7 @@ ATTN = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def model(attn="elliptical", pos="absolute", mem_len=0, moe=False, seed=0) -> TransformerLM:

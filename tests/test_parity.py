@@ -21,6 +21,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from helpers import Loader
 from lm.cli import main
 from lm.config import FFNConfig, ModelConfig, OptimConfig
 from lm.errors import ConfigError
@@ -92,17 +93,6 @@ class RecordLR(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.lrs.append(optimizer.param_groups[0]["lr"])
-
-
-class Loader:
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __iter__(self):
-        return iter(self.items)
 
 
 def test_lightning_fit_runs_each_update_at_the_xl_rate():

@@ -29,13 +29,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: extra intra-op threads only add synchronisation, which is very slow on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py: tiny models, one thread
 
 
 def sentences(n: int, seed: int) -> list[tuple[str, int]]:

@@ -13,11 +13,13 @@ import torch
 from lm.data.sst2 import SST2DataModule, read_tsv
 from lm.data.sst2_protocol import CLS, SEP, counted_words, drop_partial
 from lm.errors import ConfigError
-from test_sst2 import make_lm_ckpt, one_thread, root, write_tsv  # noqa: F401 (fixtures)
+from test_sst2 import make_lm_ckpt, root, write_tsv  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "sst2" / "paper.yaml"
-REAL = Path("/work/shared/data/glue/SST-2")
+REAL = REPO.parent / "shared" / "data" / "glue" / "SST-2"  # ../shared/data beside the checkout (CI too)
 PAPER_DATA = dict(vocab="fresh", cls_framing=True, add_eos=False, vocab_count="train+dev", batching="pad",
                   shuffle=False, drop_last=True)
 
@@ -72,7 +74,7 @@ def test_drop_partial():
     assert drop_partial([[0, 1]], 3) == []
 
 
-@pytest.mark.skipif(not (REAL / "dev.tsv").is_file(), reason="the GLUE SST-2 files are not under /work/shared/data")
+@pytest.mark.skipif(not (REAL / "dev.tsv").is_file(), reason="the GLUE SST-2 files are not under ../shared/data")
 def test_real_dev_file_scores_864_of_872_in_file_order():
     dm = SST2DataModule(root=str(REAL.parents[1]), batch_size=16, eval_batch_size=16, **PAPER_DATA)
     sentences, labels = read_tsv(REAL / "dev.tsv")
