@@ -58,6 +58,8 @@ def corrupt(
     sources = [src] if isinstance(src, str) else list(src)
     if not sources:
         raise ConfigError("No source file given; pass at least one clean split, e.g. wiki.test.tokens.")
+    for path in sources:  # all sources checked before the first is corrupted
+        _check_source(path, resolve_format(format, path))
     summaries = []
     for path in sources:
         result = corrupt_file(
@@ -82,6 +84,29 @@ def corrupt(
         summary.update(path=str(result.path), manifest_path=str(result.manifest_path), cached=result.cached)
         summaries.append(summary)
     return summaries
+
+
+def _check_source(path: str, fmt: str) -> None:
+    """An empty file has nothing to corrupt, and a word-level split must be UTF-8 text: both used to be
+    "corrupted" into a manifest of 0 swaps, or of swaps between byte garbage, with exit code 0."""
+    from pathlib import Path
+
+    from lm.errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: no such file. Pass a clean split, e.g. "
+                        f"../shared/data/wikitext-2/wiki.test.tokens.")
+    data = p.read_bytes() if fmt == "wikitext" else b"x" * min(1, p.stat().st_size)  # (enwik8: 100 MB, not read)
+    if not data.strip():
+        raise DataError(f"{path} is empty: there is nothing to corrupt. Pass a clean split with text in it.")
+    if fmt == "wikitext":
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:  # a binary file: name the first undecodable byte
+            raise DataError(f"{path} is not valid UTF-8: byte offset {e.start} (0x{data[e.start]:02x}) cannot be "
+                            f"decoded. A word-level split must be UTF-8 text: re-extract it, or convert it with "
+                            f"e.g. `iconv -f <encoding> -t utf-8`.") from None
 
 
 def corrupt_cli(argv: list[str] | None = None, resolve_corpus=None) -> list[dict[str, Any]]:

@@ -22,7 +22,8 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from lm import checkpoint
-from lm.errors import LMError
+from lm.errors import CheckpointError, ConfigError, LMError
+from lm.trainer import Trainer
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 COMMANDS = {  # `lm --help`: every subcommand, one line each
@@ -55,36 +56,78 @@ def parser_kwargs() -> dict:
     return {**kw, **{s: dict(kw) for s in LIGHTNING_SUBCOMMANDS}}
 
 
-def check_ckpt_path(path: str | None, model_class: type | None = None) -> None:
+def check_ckpt_path(path: str | None, model_class: type | None = None) -> dict | None:
     """Fail early, with one paragraph, on a ``--ckpt_path`` that is missing, unreadable (truncated, not a
     checkpoint) or written for another model class. Without this, Lightning's own ``torch.load`` of the
     file raises a raw OSError/RuntimeError/UnpicklingError deep inside ``LightningCLI``."""
     if path is None or str(path) in SPECIAL_CKPT_PATHS or str(path).startswith("registry") or "://" in str(path):
-        return
+        return None
     ckpt = checkpoint.read(path, given_as="--ckpt_path", hint=f"Pass {checkpoint.LM_FIT_CKPT}, or `--ckpt_path "
                            f"last` to resume the run in --trainer.default_root_dir.")
     if model_class is not None:
         checkpoint.check_model_class(ckpt, path, model_class)
+    return ckpt
 
 
 class CheckedCkptPathMixin:
-    """Checks ``--ckpt_path`` right after parsing, before LightningCLI loads hyper-parameters from it."""
+    """Checks ``--ckpt_path`` and the run directory right after parsing, before LightningCLI loads
+    hyper-parameters from the checkpoint and before anything is written (``lm.rundir``): ``fit`` locks the run
+    directory and refuses a used one without ``--ckpt_path``; ``validate``/``test`` score the run's
+    ``last.ckpt`` when no checkpoint is given, or refuse."""
+
+    def __init__(self, *args, **kwargs):
+        self._run_lock, self._ckpt_vocab = None, None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:  # the whole run (LightningCLI runs inside its constructor) holds the lock
+            if self._run_lock is not None:
+                self._run_lock.release()
 
     def parse_arguments(self, parser, args) -> None:
+        from lm.rundir import RunLock, eval_checkpoint, refuse_used_run_dir, warn_replaced_model_options
+
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         if not sub or self.config.get(sub) is None:
             return
         cfg = self.config[sub]
         path = cfg.get("ckpt_path")
-        if path == "last":
-            # The run's own last.ckpt (RunCheckpoint's folder) when it is there, else a fresh start, as
-            # Lightning's `last`: resolved here so Lightning never has to search checkpoint folders.
-            root = cfg.get("trainer.default_root_dir") or "."
-            last = Path(root) / "checkpoints" / "last.ckpt"
-            path = str(last) if last.is_file() else None
-            cfg["ckpt_path"] = path
-        check_ckpt_path(path, self.model_class)
+        root = cfg.get("trainer.default_root_dir") or "."
+        if sub == "fit":
+            if path == "last":
+                # The run's own last.ckpt (RunCheckpoint's folder) when it is there, else a fresh start, as
+                # Lightning's `last`: resolved here so Lightning never has to search checkpoint folders.
+                last = Path(root) / "checkpoints" / "last.ckpt"
+                path = str(last) if last.is_file() else None
+                cfg["ckpt_path"] = path
+            self._remember_vocab(check_ckpt_path(path, self.model_class))
+            self._run_lock = RunLock(root)
+            self._run_lock.acquire()
+            if cfg.get("ckpt_path") is None:
+                refuse_used_run_dir(root)
+            return
+        path = eval_checkpoint(sub, path, root)
+        ckpt = check_ckpt_path(path, self.model_class)
+        self._remember_vocab(ckpt)
+        cfg["ckpt_path"] = path
+        warn_replaced_model_options(cfg.get("model"), (ckpt or {}).get("hyper_parameters") or {}, path)
+
+    def _remember_vocab(self, ckpt: dict | None) -> None:
+        self._ckpt_vocab = (ckpt or {}).get("lm_vocab")
+
+    def _check_vocab(self) -> None:
+        """The checkpoint's vocabulary against the data's, before the Trainer starts: the module's own check
+        (on_load_checkpoint) comes after the run directory's tokenizer.json and logs were written."""
+        dm, theirs = getattr(self, "datamodule", None), self._ckpt_vocab
+        if not theirs or dm is None or not hasattr(dm, "vocab") or theirs.get("sha256") == dm.vocab.sha256:
+            return
+        raise CheckpointError(
+            f"The checkpoint was trained with another vocabulary ({theirs.get('size')} entries, sha256 "
+            f"{str(theirs.get('sha256'))[:12]}) than this data gives ({dm.vocab.size} entries, sha256 "
+            f"{dm.vocab.sha256[:12]}): another data root or corpus. Use the run's own data (data.root in its "
+            f"config.yaml), or reuse its vocabulary with --data.tokenizer <run dir>/tokenizer.json. Nothing was "
+            f"written."
+        )
 
 
 def user_error(exc: BaseException) -> Exception | None:
@@ -93,10 +136,19 @@ def user_error(exc: BaseException) -> Exception | None:
     ``MisconfigurationException``; None for anything else (a bug: keep the traceback)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from lm.rundir import write_error
+
     seen, e = set(), exc
     while e is not None and id(e) not in seen:
         if isinstance(e, LMError):
             return e
+        if isinstance(e, OSError) and (w := write_error(e)) is not None:  # full disk, read-only, a file in the way
+            return w
+        if isinstance(e, ValueError) and "`val_check_interval`" in str(e):  # raised by Lightning at fit start
+            return ConfigError(
+                f"{' '.join(str(e).split())} In `lm`, an integer --trainer.val_check_interval counts training steps "
+                f"across epochs unless --trainer.check_val_every_n_epoch is set: drop that option (or set it to "
+                f"null), or give a smaller interval or a fraction of an epoch (0.5).")
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return exc if isinstance(exc, MisconfigurationException) else None
@@ -107,6 +159,41 @@ class LMCLI(CheckedCkptPathMixin, LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         # No `predict`: the language model has no predict_step to run.
         return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
+
+    def _before(self, stage: str) -> None:
+        from lm.rundir import check_window_memory
+
+        self._check_vocab()
+        if stage == "fit":
+            self._check_val_interval()
+        per_device = max(1, self.datamodule.batch_size // max(1, self.trainer.world_size))
+        check_window_memory(self.model, stage, self.trainer.strategy.root_device, per_device)
+
+    def _check_val_interval(self) -> None:
+        """Lightning refuses an integer val_check_interval beyond an epoch only at fit start, after the run
+        folder got its tokenizer and logs: the same check, before anything is written."""
+        t = self.trainer
+        vci = t.val_check_interval
+        if not isinstance(vci, int) or t.check_val_every_n_epoch is None or t.limit_val_batches == 0:
+            return
+        n = len(self.datamodule.train_dataloader())
+        lim = t.limit_train_batches
+        n = min(n, lim) if isinstance(lim, int) else int(n * lim)
+        if vci > n:
+            raise ConfigError(
+                f"--trainer.val_check_interval {vci} is more than the {n} training batches of one epoch, and "
+                f"--trainer.check_val_every_n_epoch {t.check_val_every_n_epoch} counts it within each epoch, so "
+                f"validation would never run. Drop check_val_every_n_epoch (or set it to null: `lm` then counts "
+                f"the interval in steps across epochs), or give a smaller interval or a fraction of an epoch (0.5).")
+
+    def before_fit(self) -> None:
+        self._before("fit")
+
+    def before_validate(self) -> None:
+        self._before("validate")
+
+    def before_test(self) -> None:
+        self._before("test")
 
     def add_arguments_to_parser(self, parser) -> None:
         # The data decides the vocabulary, the unit and the evaluation protocol; the model follows.
@@ -126,6 +213,7 @@ def lm_cli(args=None, run: bool = True) -> LMCLI:
     return LMCLI(
         LanguageModel,
         LMDataModule,
+        trainer_class=Trainer,
         trainer_defaults={
             "callbacks": [RunCheckpoint(), TokenThroughput(), PrecisionCheck(), LineProgress()],
             # Lightning's bar in a terminal; plain lines (LineProgress) in a log file.
@@ -171,6 +259,7 @@ def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI
         SST2DataModule,
         subclass_mode_model=False,
         subclass_mode_data=False,
+        trainer_class=Trainer,  # integer limit_*_batches = batches
         trainer_defaults={
             # Best checkpoint by dev loss (the paper) plus last.ckpt, in <default_root_dir>/checkpoints.
             "callbacks": [RunCheckpoint(monitor="val/loss", mode="min", save_last=True, save_top_k=1), PrecisionCheck(),
@@ -219,6 +308,10 @@ def quiet_harmless_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lm.rundir import StopSignals
+
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv[0] if argv else None
@@ -227,6 +320,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if cmd else 2
     if from_console:
         quiet_harmless_warnings()
+    with StopSignals() as stop:
+        try:
+            return _dispatch(cmd, argv, from_console)
+        except SIGTERMException as exc:
+            # Lightning stopped at a batch boundary (SIGTERM, or the first Ctrl-C routed to it). Its exception is
+            # a SystemExit without a code, i.e. exit 0: a scheduler would take the run for finished.
+            notes = " ".join(getattr(exc, "__notes__", [])) or "Nothing was written at the stop."
+            print(f"lm: stopped by {stop.name()}. {notes}", file=sys.stderr)
+            return stop.exit_code()
+        except KeyboardInterrupt:
+            print("lm: interrupted (Ctrl-C). Checkpoints and results are written atomically: the last saved "
+                  "ones are intact; a fit resumes with --ckpt_path last.", file=sys.stderr)
+            return 128 + 2
+        except SystemExit as exc:
+            if stop.received is not None and not exc.code:  # Lightning's own Ctrl-C path exits 0 or 1
+                return stop.exit_code()
+            raise
+
+
+def _dispatch(cmd: str | None, argv: list[str], from_console: bool) -> int:
     try:
         if cmd == "corrupt":
             from corruptions.cli import corrupt_cli

@@ -180,6 +180,9 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}.")
         if self.mem_len < 0:
             raise ConfigError(f"model.mem_len must be >= 0, got {self.mem_len}.")
+        if not self.init_std > 0:  # (also catches NaN) torch's normal_ would fail deep inside the model's init
+            raise ConfigError(f"model.init_std is the standard deviation of the initial weights and must be > 0, "
+                              f"got {self.init_std} (the recipes use 0.02).")
         if self.mem_len > 0 and self.pos == "absolute":
             raise ConfigError(
                 "model.mem_len > 0 needs relative positions: absolute positions restart at 0 every "

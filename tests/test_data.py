@@ -104,6 +104,9 @@ def test_real_wikitext2_counts(tmp_path):
 # ----- corpora -------------------------------------------------------------------------------------
 def test_missing_corpus_lists_places(tmp_path, monkeypatch):
     monkeypatch.setenv("LM_DATA_DIR", str(tmp_path / "env"))
+    with pytest.raises(DataError, match="does not exist"):  # an explicit root is never silently skipped
+        find_corpus("wikitext-103", str(tmp_path / "cfg"))
+    (tmp_path / "cfg").mkdir()  # there, but without the corpus: the other places are searched and listed
     files = find_corpus("wikitext-103", str(tmp_path / "cfg"))
     with pytest.raises(DataError) as e:
         files.read_bytes("train")

@@ -97,7 +97,15 @@ def analyze(
     from lm.data.datamodule import LMDataModule
     from lm.tasks.pretrained import load_language_model
 
+    for name, value in (("seq_len", seq_len), ("n_sequences", n_sequences), ("passage_len", passage_len)):
+        if value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}.")
+    if passage_start < 0:
+        raise ConfigError(f"--passage_start must be >= 0, got {passage_start}.")
     model, vocab, ckpt_dict = load_language_model(ckpt)
+    p = Path(ckpt).resolve()
+    out_dir = Path(out) if out else (p.parent.parent if p.parent.name == "checkpoints" else p.parent) / "analysis"
+    out_dir.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, before the work
     corpus = ckpt_dict.get("lm_data", {}).get("corpus", "wikitext-2")
     # The data module reads the checkpoint's vocabulary from a file: a scratch copy, removed afterwards.
     with tempfile.TemporaryDirectory(prefix="lm-analyze-") as scratch:
@@ -107,9 +115,6 @@ def analyze(
                               tokenizer=str(tok)).tokens(split)
     result = analyze_model(model, tokens, seq_len, n_sequences)
     result.update({"checkpoint": ckpt, "split": split, "corpus": corpus})
-    p = Path(ckpt).resolve()
-    out_dir = Path(out) if out else (p.parent.parent if p.parent.name == "checkpoints" else p.parent) / "analysis"
-    out_dir.mkdir(parents=True, exist_ok=True)
     passage = tokens[passage_start:passage_start + passage_len]
     maps = attention_maps(model, passage)
     words = [vocab.id_to_token(int(i)) for i in passage]

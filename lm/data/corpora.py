@@ -178,12 +178,22 @@ def find_corpus(
         raise unknown("corpus", name, CORPORA)
     if source not in SOURCES:
         raise unknown("data.source", source, SOURCES)
-    roots = [materialise(name, root, base_url)] if source == "download" else resolve_roots(root)
+    explicit_missing = root is not None and not Path(root).expanduser().is_dir()
+    if explicit_missing and source == "local":
+        # An explicit root is a statement of where the data is: falling back to other places would
+        # silently train or score on another copy.
+        raise DataError(f"data.root {root} does not exist (or is not a folder). Point it at the folder that holds "
+                        f"{name}/ (e.g. ../shared/data), leave it unset to search $LM_DATA_DIR, ./data and "
+                        f"../shared/data, or set data.source: auto to download {name} into it.")
+    # An explicit root that does not exist is never replaced by another place's copy: with `auto` the
+    # corpus is downloaded into it, as asked.
+    roots = ([materialise(name, root, base_url)] if source == "download"
+             else [] if explicit_missing else resolve_roots(root))
     files = _locate(name, roots)
     if source == "auto" and all(p is None for p in files.paths.values()):
         # Found nowhere (a fresh machine): fetch it. A partial local copy is never topped up from the
         # network: that would mix splits of two origins; its error says what is missing instead.
-        files = _locate(name, [materialise(name, root, base_url, roots)])
+        files = _locate(name, [materialise(name, root, base_url, roots or resolve_roots(root))])
     paths, looked, ranges, notes = dict(files.paths), dict(files.looked), dict(files.ranges), dict(files.notes)
     for split, f in (overrides or {}).items():
         if f is None:

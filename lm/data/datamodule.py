@@ -166,9 +166,29 @@ class LMDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         trainer = self.trainer
-        if trainer is not None and trainer.is_global_zero and self.unit == "word":
+        if stage == "fit" and trainer is not None and trainer.is_global_zero and self.unit == "word":
             # Beside the run's checkpoints and config, so evaluation/finetuning can reuse the vocabulary.
-            self.vocab.save(Path(trainer.default_root_dir) / "tokenizer.json")
+            path = Path(trainer.default_root_dir) / "tokenizer.json"
+            self._check_run_vocab(path)
+            self.vocab.save(path)
+
+    def _check_run_vocab(self, path: Path) -> None:
+        """Never replace the vocabulary of a run that has checkpoints with another one: its checkpoints would
+        no longer match its files (another data root counts another vocabulary)."""
+        ckpts = path.parent / "checkpoints"
+        if not path.is_file() or not (ckpts.is_dir() and any(ckpts.glob("*.ckpt"))):
+            return
+        try:
+            theirs = Vocab.load(path)
+        except DataError:
+            return  # unreadable: rewriting it with the vocabulary in use is the repair
+        if theirs.sha256 != self.vocab.sha256:
+            raise ConfigError(
+                f"This data ({self.corpus}, data.root {self.root or '(searched)'}) gives another vocabulary "
+                f"({self.vocab.size} entries) than the run in {path.parent} was trained with ({theirs.size} entries, "
+                f"{path}). Use the run's own data root (its config.yaml has data.root), "
+                f"or reuse its vocabulary with --data.tokenizer {path}. Nothing was written."
+            )
 
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer

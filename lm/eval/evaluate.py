@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def evaluate(
     stride: int | None = None,
     batch_size: int = 10,
     seed: int = 0,
-    out: str = "results/evaluate",
+    out: str | None = None,
     accelerator: str = "auto",
     precision: str = "32-true",
     limit_batches: int | float = 1.0,
@@ -60,7 +61,9 @@ def evaluate(
         stride: sliding-window stride.
         batch_size: evaluation batch size.
         seed: corruption seed (recorded in the manifests).
-        out: output folder for ``table.md``, ``results.json`` and TensorBoard events.
+        out: output folder for ``table.md``, ``results.json`` and TensorBoard events (default: ``<run dir>/evaluate``
+            for one checkpoint, ``results/evaluate-<date>-<time>`` for several: never a fixed folder that a later
+            evaluation would overwrite). ``results.json`` is rewritten after every finished checkpoint.
         accelerator: Lightning accelerator.
         precision: Lightning precision, e.g. ``32-true`` or ``bf16-mixed``.
         limit_batches: evaluate only this many (int) or this fraction (float) of batches (smoke tests).
@@ -74,12 +77,20 @@ def evaluate(
 
     if isinstance(ckpts, str):
         ckpts = [c.strip() for c in ckpts.split(",") if c.strip()]
+    if not ckpts:
+        raise ConfigError("--ckpts names no checkpoint. Give one or more .ckpt files written by `lm fit`, "
+                          "comma-separated (e.g. --ckpts runs/a/checkpoints/last.ckpt,runs/b/checkpoints/last.ckpt).")
     if split not in ("test", "valid"):
         raise ConfigError(f"split must be 'test' or 'valid', got '{split}'.")
     specs = parse_specs(corruptions) if corruptions and corruptions.strip() else []
     ecfg = EvalConfig(protocol=protocol, tgt_len=tgt_len, mem_len=mem_len, clamp_len=clamp_len, stride=stride,
                       batch_size=batch_size)
-    out_dir = Path(out)
+    # Everything is checked before the first (long) evaluation: every checkpoint readable, the output folder
+    # writable. A missing second checkpoint or an unusable --out used to surface only after the first ran.
+    for c in ckpts:  # one model in memory at a time, here and in the loop below
+        _check_checkpoint(c)
+    out_dir = Path(out) if out else default_out(ckpts)
+    _check_writable(out_dir)
     rows, step = [], 0
     # The per-checkpoint tokenizers and Lightning folders are scratch: never left behind.
     with tempfile.TemporaryDirectory(prefix="lm-eval-", ignore_cleanup_errors=True) as scratch:
@@ -127,16 +138,44 @@ def evaluate(
             for r in row["results"].values():
                 r["ratio_vs_clean"] = r[r["metric"]] / clean if clean else None
             rows.append(row)
-    report = {"protocol": rows[0]["results"]["clean"]["protocol"] if rows else asdict(ecfg), "split": split,
-              "corruption_seed": seed, "rows": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=str))
+            report = _report(rows, ecfg, split, seed, done=len(rows) == len(ckpts))
+            atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=str))  # each row kept
     table = markdown_table(report)
     atomic_write_text(out_dir / "table.md", table)
     _tensorboard(out_dir, report, table)
     print(table)
     print(f"\nwritten: {out_dir / 'table.md'}, {out_dir / 'results.json'}")
     return report
+
+
+def _report(rows: list[dict], ecfg: EvalConfig, split: str, seed: int, done: bool) -> dict:
+    return {"protocol": rows[0]["results"]["clean"]["protocol"] if rows else asdict(ecfg), "split": split,
+            "corruption_seed": seed, "complete": done, "rows": rows}
+
+
+def _check_checkpoint(path: str) -> None:
+    """Readable, an LM checkpoint with its vocabulary, and its weights fit its architecture (a full load:
+    shape mismatches show now, not after the first checkpoints' evaluations)."""
+    from lm import checkpoint
+    from lm.tasks.lm_module import LanguageModel
+
+    checkpoint.check_model_class(checkpoint.read(path), path, LanguageModel)
+    load_language_model(path)
+
+
+def default_out(ckpts: list[str]) -> Path:
+    """``<run dir>/evaluate`` for one checkpoint of a run folder, else a new timestamped folder."""
+    p = Path(ckpts[0]).resolve()
+    if len(ckpts) == 1 and p.parent.name == "checkpoints":
+        return p.parent.parent / "evaluate"
+    return Path("results") / time.strftime("evaluate-%Y%m%d-%H%M%S")
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Creates ``out_dir`` and writes a probe file in it (an OSError here is reported in one paragraph)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
+        pass
 
 
 def markdown_table(report: dict) -> str:

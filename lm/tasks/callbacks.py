@@ -65,9 +65,41 @@ class RunCheckpoint(ModelCheckpoint):
                          enable_version_counter=enable_version_counter, **kwargs)
         self._saved_at_step = -1  # global step of this session's latest save (any checkpoint)
 
+    def _save_last_now(self, trainer) -> None:
+        """``last.ckpt`` at the current step, unless a checkpoint was saved at it already."""
+        if self.save_last and trainer.global_step > self._saved_at_step:
+            path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+            trainer.save_checkpoint(path, self.save_weights_only)  # collective: every rank calls it
+            self.last_model_path = path
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Lightning writes last.ckpt after a validation only when a top-k file was written at that step: a
+        # validation that did not improve the monitored loss left last.ckpt at the previous best (a kill at
+        # step 48 resumed from 30 although validations ran at 35, 40, 45). last.ckpt follows every validation.
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run:
+            self._save_last_now(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # A SIGTERM (or the first Ctrl-C, routed to it by the CLI) stops Lightning's loops at a batch boundary
+        # with SIGTERMException: the state is that of a finished step, so it is saved as last.ckpt (Lightning's
+        # fault-tolerant pattern) and the stop loses nothing. Any other exception (a crash, a non-finite loss)
+        # may leave a half-updated or NaN state: never saved, the previous last.ckpt stays.
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        self._save_last_now(trainer)
+        if self.last_model_path and trainer.is_global_zero:
+            exception.add_note(f"{self.last_model_path} holds step {trainer.global_step}: resume with "
+                               f"`--ckpt_path last` (same --trainer.default_root_dir).")
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = run_checkpoint_dir(trainer.default_root_dir)
+        if stage == "fit" and trainer.is_global_zero:  # a kill during a save leaves atomic_write's temp file
+            for tmp in Path(self.dirpath).glob(".*.ckpt.*.tmp"):
+                tmp.unlink(missing_ok=True)
         # Only the plain default is replaced: a user's own CheckpointIO (or a sharded strategy's) stays.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -185,12 +217,23 @@ class TokenThroughput(Callback):
 
     # ----- the fit summary --------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module) -> None:
+        self._write_session(trainer, "finished")
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # An interrupted session (SIGTERM, Ctrl-C, a crash) trained too: it used to be left out of train.json,
+        # which then undercounted the run's steps and time. Recorded with how it ended.
+        if trainer.state.fn == "fit":
+            name = type(exception).__name__
+            self._write_session(trainer, "SIGTERM" if name == "SIGTERMException" else name)
+
+    def _write_session(self, trainer, ended: str) -> None:
         if getattr(self, "_fit_t0", None) is None or not trainer.is_global_zero:
             return
+        self._fit_t0, t0 = None, self._fit_t0  # once per session
         tokens = self._tokens * trainer.world_size
         train_s = self._train_s
-        session = {"steps": trainer.global_step - self._step0, "tokens": tokens,
-                   "train_s": round(train_s, 6), "wall_s": round(time.perf_counter() - self._fit_t0, 2),
+        session = {"steps": trainer.global_step - self._step0, "tokens": tokens, "ended": ended,
+                   "train_s": round(train_s, 6), "wall_s": round(time.perf_counter() - t0, 2),
                    "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
                    "world_size": trainer.world_size, "precision": str(trainer.precision)}
         path = Path(trainer.default_root_dir) / "results" / "train.json"
@@ -216,9 +259,16 @@ class RunDirConfig(SaveConfigCallback):
     standard copy goes to the logger's version folder), so ``validate --config <run>/config.yaml`` works
     and the hyper-parameters sit beside the checkpoints even with ``--trainer.logger false``."""
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Deferred to on_train_start: by then a resumed checkpoint was restored and checked (vocabulary,
+        # shapes) and RunCheckpoint.on_fit_start has refused a used folder, so a refused fit writes no config.
+        pass
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, "fit")
+
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
             return
         path = Path(trainer.default_root_dir) / "config.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+        atomic_write_text(path, self.parser.dump(self.config, skip_none=False))

@@ -247,6 +247,15 @@ class LanguageModel(L.LightningModule):
         }
 
     def _write_result(self, stage: str):
+        if not math.isfinite(self.last_result["nll"]):
+            # A NaN in the JSON would replace a real result and poison every table built from it.
+            bad = [n for n, p in self.named_parameters() if not torch.isfinite(p).all()]
+            why = (f"the checkpoint's weights are non-finite ({len(bad)} tensors, e.g. {bad[0]}): it was saved after "
+                   f"training diverged; score an earlier checkpoint") if bad else (
+                   "the weights are finite, so the evaluation overflowed: evaluate in 32-true precision")
+            raise NonFiniteLossError(
+                f"The {stage} loss of {getattr(self.trainer, 'ckpt_path', None) or 'this model'} is "
+                f"{self.last_result['nll']}: {why}. No result was written.")
         if not self.trainer.is_global_zero:
             return
         dm = self.trainer.datamodule
