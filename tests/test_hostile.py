@@ -183,7 +183,10 @@ def test_analyze_seq_len_zero(world, capsys):
 
 # ----- item 6: inputs accepted that should not be ------------------------------------------------------------
 def test_explicit_data_root_that_does_not_exist(world, capsys):
-    refused(capsys, world, fit_args(world, "--data.root", str(world["tmp"] / "nowhere")), "nowhere", "does not exist")
+    # With data.source local it is an error; with auto (the default) the corpus is downloaded INTO that
+    # root (tests/test_download.py) — in neither case is another place's copy used instead.
+    refused(capsys, world, fit_args(world, "--data.root", str(world["tmp"] / "nowhere"), "--data.source", "local"),
+            "nowhere", "does not exist")
 
 
 def test_window_larger_than_the_machine(world, capsys):
