@@ -84,7 +84,7 @@ class CheckedCkptPathMixin:
                 self._run_lock.release()
 
     def parse_arguments(self, parser, args) -> None:
-        from lm.rundir import RunLock, eval_checkpoint, refuse_used_run_dir, warn_replaced_model_options
+        from lm.rundir import RunLock, eval_checkpoint, other_rank, refuse_used_run_dir, warn_replaced_model_options
 
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
@@ -101,10 +101,11 @@ class CheckedCkptPathMixin:
                 path = str(last) if last.is_file() else None
                 cfg["ckpt_path"] = path
             self._remember_vocab(check_ckpt_path(path, self.model_class))
-            self._run_lock = RunLock(root)
-            self._run_lock.acquire()
-            if cfg.get("ckpt_path") is None:
-                refuse_used_run_dir(root)
+            if not other_rank():  # DDP's other ranks re-run this command: rank 0 holds the run's lock
+                self._run_lock = RunLock(root)
+                self._run_lock.acquire()
+                if cfg.get("ckpt_path") is None:
+                    refuse_used_run_dir(root)
             return
         path = eval_checkpoint(sub, path, root)
         ckpt = check_ckpt_path(path, self.model_class)

@@ -47,6 +47,13 @@ def write_error(exc: OSError) -> ConfigError | None:
     )
 
 
+def other_rank() -> bool:
+    """True in a process that a distributed launcher started for a rank other than 0 (Lightning's DDP
+    launcher re-runs the command with LOCAL_RANK set; torchrun/SLURM set RANK/NODE_RANK): the run directory
+    belongs to rank 0, which takes its lock and makes its checks."""
+    return any(int(os.environ.get(k) or 0) > 0 for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
 class RunLock:
     """An exclusive, non-blocking ``flock`` on ``<run_dir>/.lock``. Creating the folder and the lock file also
     proves the run directory is writable, before any real file is written."""

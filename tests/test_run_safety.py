@@ -264,3 +264,16 @@ def test_last_ckpt_follows_every_validation_and_stale_tmp_is_removed(work):
     stale.write_bytes(b"half a checkpoint")
     assert fit("--config", str(write_config(work, "run", steps=6)), "--ckpt_path", "last") == 0
     assert not stale.exists() and ckpt_step(ckpts / "last.ckpt") == 6
+
+
+@pytest.mark.parametrize("env, other", [({}, False), ({"LOCAL_RANK": "0"}, False), ({"LOCAL_RANK": "1"}, True),
+                                        ({"RANK": "3"}, True), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, True)])
+def test_only_rank_zero_takes_the_run_lock(monkeypatch, env, other):
+    # DDP re-runs `lm fit` for ranks 1..N-1 (LOCAL_RANK set): they must not contend for rank 0's lock.
+    from lm.rundir import other_rank
+
+    for k in ("LOCAL_RANK", "NODE_RANK", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert other_rank() is other
