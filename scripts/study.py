@@ -1,0 +1,215 @@
+"""Issue 20's study: why the tiny Elliptical model trails softmax, a robustness curve, the paper's small model.
+
+    python scripts/study.py attribution            # flip one factor at a time from the 8 x 32 / fp32 / batch 32 recipe
+    python scripts/study.py curve                  # 5 variants, word swap 0-10 % + char swap, slopes with intervals
+    python scripts/study.py small                  # the paper's 16 x d128 model on WikiText-2, fixed time per run
+    python scripts/study.py attribution --report_only   # rebuild the report from the finished runs
+    python scripts/study.py attribution --dry_run       # print the plan (commands) without running anything
+
+Every run is `lm fit` then `lm evaluate` (clean and corrupted WikiText-2 test PPL, segments protocol, the
+corruption seed = the training seed, the paper's TextAttack word-swap sampling). Runs live under
+`results/study/<part>/runs/<cell>-<variant>-s<seed>` (git-ignored); each finished run writes `row.json` there and
+the part's `rows.json` + `report.md` are rebuilt from all of them after every run. Resumable: a run counts as
+trained only when its last.ckpt holds the target step (or, for the time-budgeted small model, its `done`
+marker exists); an unfinished one resumes from last.ckpt. `--workers 2` runs two single-threaded runs at once:
+on this 2-core CPU that trains ~1.3x more tokens per second in total than one run on two threads, so the
+tokens/s columns are per single-threaded run, not comparable with the quickstart's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lm.utils import atomic_write_text, cpu_bf16_native  # noqa: E402
+from reproduce import StudyError, ckpt_step  # noqa: E402  (scripts/ is sys.path[0] when run as a script)
+from study_report import REPORTS  # noqa: E402
+
+TINY = ["--config", "configs/wikitext2/tiny.yaml"]
+# The starting point the issue names: the paper's head geometry (8 x 32), float32, batch 32, warm-up 100.
+BASE = ["--trainer.precision", "32-true", "--model.n_head", "8", "--model.d_head", "32",
+        "--data.batch_size", "32", "--model.optim.warmup_steps", "100"]
+# Each cell flips one factor of BASE toward the old tiny recipe (4 x 64, bf16-mixed, batch 16, warm-up 200);
+# d64_sqrt also gives Elliptical the 1/sqrt(D) softmax always has (so its softmax run is d64's).
+CELLS: dict[str, tuple[str, list[str]]] = {
+    "base": ("8 heads x 32, float32, batch 32, warm-up 100", []),
+    "d64": ("4 heads x 64", ["--model.n_head", "4", "--model.d_head", "64"]),
+    "d64_sqrt": ("4 heads x 64, Elliptical scale sqrt", ["--model.n_head", "4", "--model.d_head", "64"]),
+    "bf16": ("bf16-mixed", ["--trainer.precision", "bf16-mixed"]),
+    "b16": ("batch 16", ["--data.batch_size", "16"]),
+    "wu200": ("warm-up 200", ["--model.optim.warmup_steps", "200"]),
+}
+SQRT = ["--model.attention.options", '{"scale": "sqrt", "estimator": "segment_mean", "normalize": "max"}']
+CURVE_VARIANTS = ["softmax", "elliptical", "quest", "elliptical_quest", "elliptical_switch"]
+WORD_RATES = [0.005, 0.015, 0.025, 0.05, 0.10]
+CHAR_RATES = [0.015, 0.05]
+# The paper's small shape (REFERENCE §3a) on WikiText-2: its 33,278-word vocabulary needs the tiny cutoffs.
+SMALL = {"softmax": "configs/wikitext103/small.yaml", "elliptical": "configs/wikitext103/small_elliptical.yaml"}
+SMALL_DATA = ["--data.corpus", "wikitext-2", "--model.cutoffs", "[2000, 10000]", "--data.batch_size", "16",
+              "--trainer.val_check_interval", "500", "--trainer.limit_val_batches", "20",
+              "--model.optim.lr", "1.0e-3", "--model.optim.warmup_steps", "200",
+              "--model.optim.schedule", "constant"]
+
+
+class Run:
+    """One training run of the study and how to evaluate it."""
+
+    def __init__(self, part: str, cell: str, variant: str, seed: int, fit: list[str], specs: list[str],
+                 steps: int | None, root: Path):
+        self.part, self.cell, self.variant, self.seed, self.fit, self.specs, self.steps = (
+            part, cell, variant, seed, fit, specs, steps)
+        self.dir = root / "runs" / f"{cell}-{variant}-s{seed}"
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+
+def plan(part: str, a) -> list[Run]:
+    """The runs of one part, in the order they should run: the most informative comparisons first, and
+    softmax/Elliptical of the same cell and seed side by side (two workers train them together)."""
+    root = Path(a.out) / part
+    runs: list[Run] = []
+    common = ["--trainer.enable_progress_bar", "false"]
+    if part == "attribution":
+        specs = ["word_swap:0.015"]
+        for cell in a.cells:
+            if cell == "bf16" and not a.allow_slow_bf16 and cpu_bf16_native() is False:
+                continue  # reported as not run: this CPU multiplies bf16 in a scalar fallback (~200x slower)
+            for seed in a.seeds:
+                for v in ("softmax", "elliptical"):
+                    if cell == "d64_sqrt" and v == "softmax":
+                        continue  # softmax already scales by 1/sqrt(D): its d64_sqrt run is the d64 run
+                    fit = [*TINY, "--config", f"configs/wikitext2/variants/{v}.yaml", *BASE, *CELLS[cell][1],
+                           *(SQRT if cell == "d64_sqrt" else []), "--trainer.max_steps", str(a.steps), *common]
+                    runs.append(Run(part, cell, v, seed, fit, specs, a.steps, root))
+        # The main question first: base and d64 at every seed, then sqrt, then the other factors.
+        group = {"base": 0, "d64": 0, "d64_sqrt": 1}
+        runs.sort(key=lambda r: (group.get(r.cell, 2), a.seeds.index(r.seed), list(CELLS).index(r.cell)))
+    elif part == "curve":
+        specs = [f"word_swap:{r:g}" for r in WORD_RATES] + [f"char_swap:{r:g}" for r in CHAR_RATES]
+        for seed in a.seeds:
+            for v in a.variants:
+                fit = [*TINY, "--config", f"configs/wikitext2/variants/{v}.yaml", *BASE, *CELLS[a.cell][1],
+                       "--trainer.max_steps", str(a.steps), *common]
+                runs.append(Run(part, a.cell, v, seed, fit, specs, a.steps, root))
+    elif part == "small":
+        specs = ["word_swap:0.015", "word_swap:0.05"]
+        for seed in a.seeds:
+            for v, cfg in SMALL.items():
+                fit = ["--config", cfg, *SMALL_DATA, "--trainer.precision", a.small_precision,
+                       "--trainer.max_time", f"00:00:{a.minutes:02d}:00", "--trainer.max_steps", "1000000", *common]
+                runs.append(Run(part, "small", v, seed, fit, specs, None, root))
+    else:
+        raise SystemExit(f"study: error: unknown part {part!r}; choose attribution, curve or small")
+    return runs
+
+
+def _lm(args: list[str], threads: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    import subprocess
+
+    print("+ lm", " ".join(args), flush=True)
+    code = subprocess.run([sys.executable, "-m", "lm.cli", *args], env=env).returncode
+    if code != 0:
+        raise StudyError(f"`lm {' '.join(args)}` exited with {code}; its stage is not marked done. Rerun the "
+                         f"study to resume it.")
+
+
+def trained(run: Run) -> bool:
+    if run.steps is None:  # time-budgeted: only the marker written after a clean exit says it finished
+        return (run.dir / "done").exists()
+    step = ckpt_step(run.dir / "checkpoints" / "last.ckpt")
+    return step is not None and step >= run.steps
+
+
+def execute(run: Run, threads: int) -> dict:
+    """Train (or resume), evaluate, and write the run's row.json; returns the row."""
+    ckpt = run.dir / "checkpoints" / "last.ckpt"
+    if not trained(run):
+        resume = ["--ckpt_path", "last"] if ckpt.exists() else []
+        _lm(["fit", *run.fit, "--seed_everything", str(run.seed), "--trainer.default_root_dir", str(run.dir),
+             *resume], threads)
+        if run.steps is not None and not trained(run):
+            raise StudyError(f"{run.dir} ended at step {ckpt_step(ckpt)} of {run.steps} although `lm fit` exited "
+                             f"0; rerun the study to resume it from last.ckpt.")
+        (run.dir / "done").write_text("")
+    ev = run.dir / "evaluate" / "results.json"
+    if not ev.exists():
+        _lm(["evaluate", "--ckpts", str(ckpt), "--corruptions", ",".join(run.specs), "--seed", str(run.seed),
+             "--out", str(run.dir / "evaluate")], threads)
+    res = json.loads(ev.read_text())["rows"][0]["results"]
+    train = run.dir / "results" / "train.json"
+    t = json.loads(train.read_text()) if train.exists() else {}
+    row = {"part": run.part, "cell": run.cell, "variant": run.variant, "seed": run.seed,
+           "steps": ckpt_step(ckpt), "threads": threads, "train_wall_s": t.get("wall_s"),
+           "train_tokens_per_s": t.get("tokens_per_s"), "ppl": {k: v["ppl"] for k, v in res.items()},
+           "fit_args": run.fit}
+    atomic_write_text(run.dir / "row.json", json.dumps(row, indent=2))
+    return row
+
+
+def collect(part: str, a) -> list[dict]:
+    root = Path(a.out) / part / "runs"
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*/row.json"))]
+
+
+def write_report(part: str, a, planned: int) -> str:
+    rows = collect(part, a)
+    root = Path(a.out) / part
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "rows.json", json.dumps(rows, indent=2))
+    text = REPORTS[part](rows, root, a, planned)
+    atomic_write_text(root / "report.md", text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["attribution", "curve", "small"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1111, 1112])
+    ap.add_argument("--steps", type=int, default=600, help="training steps per run (attribution, curve)")
+    ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS), help="attribution cells")
+    ap.add_argument("--cell", default="base", choices=list(CELLS), help="the recipe the curve trains")
+    ap.add_argument("--variants", nargs="+", default=CURVE_VARIANTS, help="curve variants")
+    ap.add_argument("--minutes", type=int, default=45, help="training time per small-model run")
+    ap.add_argument("--small_precision", default="32-true")
+    ap.add_argument("--allow_slow_bf16", action="store_true",
+                    help="run the bf16 cell even on a CPU without bf16 matrix instructions (about 200x slower)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="results/study")
+    ap.add_argument("--report_only", action="store_true")
+    ap.add_argument("--dry_run", action="store_true")
+    a = ap.parse_args(argv)
+    runs = plan(a.part, a)
+    if a.dry_run:
+        for r in runs:
+            print(f"{r.name}: lm fit {' '.join(r.fit)} --seed_everything {r.seed}; lm evaluate {','.join(r.specs)}")
+        return
+    if not a.report_only:
+        threads = max(1, (os.cpu_count() or 1) // a.workers)
+        errors: list[str] = []
+
+        def one(r: Run) -> None:
+            try:
+                execute(r, threads)
+            except StudyError as e:
+                errors.append(str(e))
+                return
+            write_report(a.part, a, len(runs))
+
+        with ThreadPoolExecutor(max_workers=a.workers) as pool:
+            list(pool.map(one, runs))
+        if errors:
+            write_report(a.part, a, len(runs))
+            sys.exit("study: error: " + "\n".join(errors))
+    print(write_report(a.part, a, len(runs)))
+
+
+if __name__ == "__main__":
+    main()

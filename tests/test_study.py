@@ -1,0 +1,133 @@
+"""scripts/study.py (issue 20's study driver) and scripts/study_report.py: the plan flips one factor at a time,
+the slopes and intervals match hand computations, the reports recompute gaps and verdicts from synthetic rows,
+and a run counts as trained only when its checkpoint holds the target step."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import pytest
+import torch
+
+import study  # scripts/ is on sys.path via tests/conftest.py
+import study_report as sr
+
+
+def args(tmp_path, **kw):
+    base = dict(out=str(tmp_path), cells=list(study.CELLS), seeds=[1, 2], steps=600, allow_slow_bf16=True,
+                cell="base", variants=["softmax", "elliptical", "quest"], minutes=45, small_precision="32-true")
+    return argparse.Namespace(**{**base, **kw})
+
+
+def overrides(fit: list[str]) -> dict[str, str]:
+    """The last value of every `--key value` pair after the config files (later ones win, as in jsonargparse)."""
+    out, i = {}, 0
+    while i < len(fit):
+        if fit[i] == "--config":
+            i += 2
+            continue
+        out[fit[i]] = fit[i + 1]
+        i += 2
+    return out
+
+
+def test_each_cell_flips_one_factor_of_the_base(tmp_path):
+    runs = study.plan("attribution", args(tmp_path))
+    base = overrides(next(r for r in runs if r.cell == "base" and r.variant == "elliptical").fit)
+    assert base["--model.n_head"] == "8" and base["--model.d_head"] == "32"
+    assert base["--trainer.precision"] == "32-true" and base["--data.batch_size"] == "32"
+    assert base["--model.optim.warmup_steps"] == "100" and base["--trainer.max_steps"] == "600"
+    expected = {"d64": {"--model.n_head": "4", "--model.d_head": "64"},
+                "bf16": {"--trainer.precision": "bf16-mixed"}, "b16": {"--data.batch_size": "16"},
+                "wu200": {"--model.optim.warmup_steps": "200"}}
+    for cell, flips in expected.items():
+        got = overrides(next(r for r in runs if r.cell == cell and r.variant == "elliptical").fit)
+        assert {k: v for k, v in got.items() if base.get(k) != v} == flips, cell
+    sq = overrides(next(r for r in runs if r.cell == "d64_sqrt").fit)
+    assert '"scale": "sqrt"' in sq["--model.attention.options"] and sq["--model.d_head"] == "64"
+    # softmax always scales by 1/sqrt(D): no separate d64_sqrt softmax run; 6 cells x 2 variants x 2 seeds - 2
+    assert not [r for r in runs if r.cell == "d64_sqrt" and r.variant == "softmax"]
+    assert len(runs) == 22 and len({r.dir for r in runs}) == 22
+    # the main comparison (base, d64) at every seed comes before the other factors
+    assert [r.cell for r in runs[:8]].count("base") == 4 and [r.cell for r in runs[:8]].count("d64") == 4
+
+
+def test_bf16_cell_skipped_without_bf16_hardware(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "cpu_bf16_native", lambda: False)
+    assert not [r for r in study.plan("attribution", args(tmp_path, allow_slow_bf16=False)) if r.cell == "bf16"]
+    assert [r for r in study.plan("attribution", args(tmp_path, allow_slow_bf16=True)) if r.cell == "bf16"]
+
+
+def test_trained_needs_the_target_step(tmp_path):
+    run = study.plan("attribution", args(tmp_path))[0]
+    assert not study.trained(run)
+    (run.dir / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 599}, run.dir / "checkpoints" / "last.ckpt")
+    assert not study.trained(run)
+    torch.save({"global_step": 600}, run.dir / "checkpoints" / "last.ckpt")
+    assert study.trained(run)
+    small = study.plan("small", args(tmp_path))[0]  # time-budgeted: only the done marker counts
+    assert small.steps is None and not study.trained(small)
+
+
+def test_slope_through_origin_by_hand():
+    b, se, dof = sr.slope_through_origin([(1.0, 2.0), (2.0, 4.0), (3.0, 6.0)])
+    assert (b, se, dof) == (2.0, 0.0, 2)
+    # y = (1, 3) at x = (1, 2): b = (1 + 6) / 5 = 1.4; residuals -0.4, 0.2; rss 0.2; se = sqrt(0.2 / 1 / 5) = 0.2
+    b, se, dof = sr.slope_through_origin([(1.0, 1.0), (2.0, 3.0)])
+    assert b == pytest.approx(1.4) and se == pytest.approx(0.2) and dof == 1
+    with pytest.raises(ValueError):
+        sr.slope_through_origin([(0.0, 0.0), (0.0, 1.0)])
+
+
+def test_slope_difference_verdict():
+    assert sr.t975(1) == 12.706 and sr.t975(13) == 2.160 and sr.t975(100) == 1.96
+    assert sr.differs(2.0, 0.1, 13, 1.0, 0.1, 13)  # 1.0 > 2.16 * 0.141
+    assert not sr.differs(2.0, 0.5, 13, 1.0, 0.5, 13)  # 1.0 < 2.16 * 0.707
+
+
+def row(cell, variant, seed, clean, **ppl):
+    return {"part": "attribution", "cell": cell, "variant": variant, "seed": seed, "steps": 600, "threads": 1,
+            "train_wall_s": 100.0, "train_tokens_per_s": 1400.0, "ppl": {"clean": clean, **ppl}}
+
+
+def test_attribution_report_gaps_and_verdicts(tmp_path):
+    rows = []
+    for seed, (s, e) in {1: (200.0, 202.0), 2: (210.0, 210.0)}.items():  # base: gaps +1%, 0%
+        rows += [row("base", "softmax", seed, s, **{"word_swap:0.015": s * 1.05}),
+                 row("base", "elliptical", seed, e, **{"word_swap:0.015": e * 1.05})]
+    for seed, (s, e) in {1: (220.0, 242.0), 2: (230.0, 255.3)}.items():  # d64: gaps +10%, +11%
+        rows += [row("d64", "softmax", seed, s, **{"word_swap:0.015": s * 1.04}),
+                 row("d64", "elliptical", seed, e, **{"word_swap:0.015": e * 1.06})]
+    rows.append(row("d64_sqrt", "elliptical", 1, 220.0, **{"word_swap:0.015": 231.0}))  # vs d64 softmax: 0%
+    text = sr.attribution(rows, tmp_path, args(tmp_path), planned=22)
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "| +0.5% ± 0.7 |" in lines["base"]  # gaps +1% and 0%: mean 0.5, std 0.71
+    assert "+10.5% ± 0.7" in lines["d64"]
+    assert "1.040 ± 0.000" in lines["d64"] and "1.060 ± 0.000" in lines["d64"]
+    assert "+0.0%" in lines["d64_sqrt"]  # paired with d64's softmax run of the same seed
+    d, se = 0.105 - 0.005, math.sqrt(statistics.variance([0.10, 0.11]) / 2 + statistics.variance([0.01, 0.0]) / 2)
+    assert f"change {100 * d:+.1f} points, 2 SE = {200 * se:.1f}: beyond noise" in text
+    assert "d64_sqrt: gap +0.0% vs base +0.5% (one seed in a cell: no spread yet)" in text
+    assert "PARTIAL" in text and "Cell bf16 not run" in text
+
+
+def test_curve_report_slopes(tmp_path):
+    rows = []
+    for seed, jitter in ((1, 0.0), (2, 0.2)):  # seed 2: every slope 0.2 higher
+        for v, k in (("softmax", 1.0), ("elliptical", 1.02), ("quest", 3.0)):
+            ppl = {f"word_swap:{r:g}": 100 * math.exp(k * r + jitter * r) for r in study.WORD_RATES}
+            ppl.update({f"char_swap:{r:g}": 100 * math.exp(2 * k * r) for r in study.CHAR_RATES})
+            rows.append({**row("base", v, seed, 100.0, **ppl), "part": "curve"})
+    a = args(tmp_path)
+    text = sr.curve(rows, tmp_path, a, planned=6)
+    # pooled slopes: the mean of the two seeds' (same rates); residuals +-0.1 r, so se = 0.1 / sqrt(dof) = 0.1 / 3
+    # elliptical - softmax = 0.02 < t(9) * hypot(se, se) = 2.262 * 0.0471; quest - softmax = 2.0 far beyond
+    assert "- elliptical: 1.12 vs 1.10: within noise." in text
+    assert "- quest: 3.10 vs 1.10: beyond noise." in text
+    b, se, dof = sr.curve_fit(rows, "quest")
+    assert b == pytest.approx(3.1) and se == pytest.approx(0.1 / 3) and dof == 2 * len(study.WORD_RATES) - 1
+    assert f"| 1.10 ± {2.262 * 0.1 / 3:.2f} |" in text  # softmax's slope column: b ± t * se
+    assert (tmp_path / "curve.png").exists()
