@@ -17,7 +17,7 @@ import study_report as sr
 
 def args(tmp_path, **kw):
     base = dict(out=str(tmp_path), cells=list(study.CELLS), seeds=[1, 2], steps=600, allow_slow_bf16=True,
-                cell="base", variants=["softmax", "elliptical", "quest"], minutes=45, small_precision="32-true")
+                cell="base", variants=["softmax", "elliptical", "quest"], small_steps=800, small_precision="32-true")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -68,8 +68,9 @@ def test_trained_needs_the_target_step(tmp_path):
     assert not study.trained(run)
     torch.save({"global_step": 600}, run.dir / "checkpoints" / "last.ckpt")
     assert study.trained(run)
-    small = study.plan("small", args(tmp_path))[0]  # time-budgeted: only the done marker counts
-    assert small.steps is None and not study.trained(small)
+    small = overrides(study.plan("small", args(tmp_path))[0].fit)
+    assert small["--trainer.max_steps"] == "800" and small["--model.optim.warmup_steps"] == "80"
+    assert small["--data.corpus"] == "wikitext-2"
 
 
 def test_slope_through_origin_by_hand():
