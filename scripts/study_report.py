@@ -80,7 +80,7 @@ def attribution(rows: list[dict], root: Path, a, planned: int) -> str:
     for cell, (what, _) in CELLS.items():
         ell = _by(rows, cell=cell, variant="elliptical")
         soft = _by(rows, cell="d64" if cell == "d64_sqrt" else cell, variant="softmax")
-        if not ell and not soft:
+        if not ell and (not soft or cell == "d64_sqrt"):  # d64_sqrt's softmax is d64's: no row without Elliptical
             continue
         gaps[cell] = _paired_gaps(ell, soft)
         ratio = lambda rs: [r["ppl"]["word_swap:0.015"] / r["ppl"]["clean"] for r in rs]  # noqa: E731
@@ -111,9 +111,9 @@ def attribution(rows: list[dict], root: Path, a, planned: int) -> str:
 
 def _throughput(rows: list[dict]) -> str:
     tps = [r["train_tokens_per_s"] for r in rows if r.get("train_tokens_per_s")]
-    threads = sorted({r.get("threads") for r in rows})
-    return (f"Training ran at {min(tps):,.0f}-{max(tps):,.0f} tokens/s per run ({threads} thread(s) each, two runs "
-            "at once on 2 cores): time columns are not comparable with single-run numbers." if tps else "")
+    threads = "/".join(str(t) for t in sorted({r.get("threads") for r in rows if r.get("threads")}))
+    return (f"Training ran at {min(tps):,.0f}-{max(tps):,.0f} tokens/s per run ({threads} thread(s) each, runs two "
+            "at a time on 2 cores): not comparable with the single-run tokens/s elsewhere in the docs." if tps else "")
 
 
 def curve_fit(rows: list[dict], variant: str, kind: str = "word_swap") -> tuple[float, float, int] | None:
