@@ -20,6 +20,9 @@ LM_RECIPES = sorted(p for d in ("wikitext2", "wikitext103", "enwik8") for p in (
 TINY_BASE = CONFIGS / "wikitext2" / "tiny.yaml"
 VARIANTS = sorted((CONFIGS / "wikitext2" / "variants").glob("*.yaml"))
 BEFORE = json.loads((Path(__file__).parent / "data" / "tiny_recipes_before_overlays.json").read_text())["recipes"]
+# The one deliberate change since that snapshot (issue 20's attribution, docs/study.md): 8 heads x 32 instead of 4 x 64.
+HEADS_NOW = {"model.n_head": 8, "model.d_head": 32}
+HEADS_4X64 = CONFIGS / "wikitext2" / "options" / "heads_4x64.yaml"
 
 
 def test_there_are_recipes():
@@ -56,8 +59,19 @@ def test_overlay_resolves_to_the_former_full_recipe(overlay, capsys):
     same code either way); the overlay sets nothing that copy did not, and gets its own run folder."""
     before = BEFORE[overlay.stem]
     now = flat(print_config(capsys, TINY_BASE, overlay))
-    assert {k: now[k] for k in before} == before
+    assert {k: now[k] for k in before} == {**before, **HEADS_NOW}
     assert set(flat(yaml.safe_load(overlay.read_text()))) <= set(before)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "elliptical", "elliptical_switch"])
+def test_heads_4x64_option_restores_the_former_recipe(variant, capsys):
+    """The old geometry stays one overlay away: with it, every key of the former full recipe is back."""
+    before = BEFORE[variant]
+    assert before["model.n_head"] == 4 and before["model.d_head"] == 64
+    overlay = CONFIGS / "wikitext2" / "variants" / f"{variant}.yaml"
+    for order in ((HEADS_4X64, overlay), (overlay, HEADS_4X64)):
+        now = flat(print_config(capsys, TINY_BASE, *order))
+        assert {k: now[k] for k in before} == before
 
 
 def test_every_variant_trains_into_its_own_folder():
