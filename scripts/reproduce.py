@@ -36,9 +36,9 @@ class StudyError(Exception):
     """A stage that did not finish: reported in one line, the study stops, a rerun resumes it."""
 
 
-def sh(args: list[str]) -> None:
+def sh(args: list[str], env: dict | None = None) -> None:
     print("+", " ".join(args), flush=True)
-    code = subprocess.run(args).returncode
+    code = subprocess.run(args, env=env).returncode
     if code != 0:
         why = {143: " (stopped by SIGTERM)", 130: " (stopped by Ctrl-C)", -15: " (killed by SIGTERM)",
                -9: " (killed by SIGKILL)"}.get(code, "")

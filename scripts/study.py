@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm.utils import atomic_write_text, cpu_bf16_native  # noqa: E402
-from reproduce import StudyError, ckpt_step  # noqa: E402  (scripts/ is sys.path[0] when run as a script)
+from reproduce import StudyError, ckpt_step, sh  # noqa: E402  (scripts/ is sys.path[0] when run as a script)
 from study_report import REPORTS  # noqa: E402
 
 TINY = ["--config", "configs/wikitext2/tiny.yaml"]
@@ -112,14 +112,7 @@ def plan(part: str, a) -> list[Run]:
 
 
 def _lm(args: list[str], threads: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    import subprocess
-
-    print("+ lm", " ".join(args), flush=True)
-    code = subprocess.run([sys.executable, "-m", "lm.cli", *args], env=env).returncode
-    if code != 0:
-        raise StudyError(f"`lm {' '.join(args)}` exited with {code}; its stage is not marked done. Rerun the "
-                         f"study to resume it.")
+    sh([sys.executable, "-m", "lm.cli", *args], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 def trained(run: Run) -> bool:
