@@ -10,6 +10,8 @@ import math
 import statistics
 from pathlib import Path
 
+from reproduce import mean_std as reproduce_mean_std  # scripts/ is on sys.path (run as a script, or tests)
+
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (any table); 1.96 beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -26,12 +28,13 @@ def mean_sd(xs: list[float]) -> tuple[float, float | None]:
 
 
 def fmt(xs: list[float], digits: int = 2, pct: bool = False) -> str:
+    """reproduce.mean_std's "mean ± std"; with ``pct``, a signed percentage of fractions."""
+    if not pct:
+        return reproduce_mean_std(xs, digits)
     if not xs:
         return "-"
-    m, sd = mean_sd([100 * x for x in xs] if pct else xs)
-    unit = "%" if pct else ""
-    return f"{m:+.{digits}f}{unit} ± {sd:.{digits}f}" if pct and sd is not None else (
-        f"{m:+.{digits}f}{unit}" if pct else (f"{m:.{digits}f} ± {sd:.{digits}f}" if sd is not None else f"{m:.{digits}f}"))
+    m, sd = mean_sd([100 * x for x in xs])
+    return f"{m:+.{digits}f}%" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
 def slope_through_origin(points: list[tuple[float, float]]) -> tuple[float, float, int]:
