@@ -9,7 +9,9 @@
 Every run is `lm fit` then `lm evaluate` (clean and corrupted WikiText-2 test PPL, segments protocol, the
 corruption seed = the training seed, the paper's TextAttack word-swap sampling). Runs live under
 `results/study/<part>/runs/<cell>-<variant>-s<seed>` (git-ignored); each finished run writes `row.json` there and
-the part's `rows.json` + `report.md` are rebuilt from all of them after every run. Resumable: a run counts as
+the part's `rows.json` + `report.md` are rebuilt from all of them after every run. A run whose recipe and seed
+another part already trained to the end (e.g. the curve's softmax/Elliptical at the base cell, trained by the
+attribution) evaluates that checkpoint instead of training again. Resumable: a run counts as
 trained only when its last.ckpt holds the target step; an unfinished one resumes from last.ckpt. `--workers 2` runs two single-threaded runs at once:
 on this 2-core CPU that trains ~1.3x more tokens per second in total than one run on two threads, so the
 tokens/s columns are per single-threaded run, not comparable with the quickstart's.
@@ -64,6 +66,9 @@ class Run:
         self.part, self.cell, self.variant, self.seed, self.fit, self.specs, self.steps = (
             part, cell, variant, seed, fit, specs, steps)
         self.dir = root / "runs" / f"{cell}-{variant}-s{seed}"
+        # Where the checkpoint comes from: this run's folder, unless another part already trained the very same
+        # recipe and seed (see reuse()); evaluation and row.json always live in self.dir.
+        self.train_dir = self.dir
 
     @property
     def name(self) -> str:
@@ -108,21 +113,40 @@ def plan(part: str, a) -> list[Run]:
                 runs.append(Run(part, "small", v, seed, fit, specs, a.small_steps, root))
     else:
         raise SystemExit(f"study: error: unknown part {part!r}; choose attribution, curve or small")
-    return runs
+    return [reuse(r, Path(a.out)) for r in runs]
+
+
+def reuse(run: Run, out: Path) -> Run:
+    """Point a run at another part's finished training run of the identical recipe and seed (same name, same fit
+    arguments in its row.json), so that e.g. the curve's softmax/Elliptical at the base cell evaluate the
+    attribution's checkpoints instead of training them again (~30 CPU-minutes each)."""
+    for part in ("attribution", "curve", "small"):
+        other = out / part / "runs" / run.name
+        if part == run.part or not (other / "row.json").is_file():
+            continue
+        row = json.loads((other / "row.json").read_text())
+        if row.get("fit_args") == run.fit and row.get("seed") == run.seed and trained_dir(other, run.steps):
+            run.train_dir = other
+            break
+    return run
 
 
 def _lm(args: list[str], threads: int) -> None:
     sh([sys.executable, "-m", "lm.cli", *args], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
+def trained_dir(path: Path, steps: int) -> bool:
+    step = ckpt_step(path / "checkpoints" / "last.ckpt")
+    return step is not None and step >= steps
+
+
 def trained(run: Run) -> bool:
-    step = ckpt_step(run.dir / "checkpoints" / "last.ckpt")
-    return step is not None and step >= run.steps
+    return trained_dir(run.train_dir, run.steps)
 
 
 def execute(run: Run, threads: int) -> dict:
     """Train (or resume), evaluate, and write the run's row.json; returns the row."""
-    ckpt = run.dir / "checkpoints" / "last.ckpt"
+    ckpt = run.train_dir / "checkpoints" / "last.ckpt"
     if not trained(run):
         resume = ["--ckpt_path", "last"] if ckpt.exists() else []
         _lm(["fit", *run.fit, "--seed_everything", str(run.seed), "--trainer.default_root_dir", str(run.dir),
@@ -136,12 +160,12 @@ def execute(run: Run, threads: int) -> dict:
         _lm(["evaluate", "--ckpts", str(ckpt), "--corruptions", ",".join(run.specs), "--seed", str(run.seed),
              "--out", str(run.dir / "evaluate")], threads)
     res = json.loads(ev.read_text())["rows"][0]["results"]
-    train = run.dir / "results" / "train.json"
+    train = run.train_dir / "results" / "train.json"
     t = json.loads(train.read_text()) if train.exists() else {}
     row = {"part": run.part, "cell": run.cell, "variant": run.variant, "seed": run.seed,
            "steps": ckpt_step(ckpt), "threads": threads, "train_wall_s": t.get("wall_s"),
            "train_tokens_per_s": t.get("tokens_per_s"), "ppl": {k: v["ppl"] for k, v in res.items()},
-           "fit_args": run.fit}
+           "fit_args": run.fit, **({"trained_in": str(run.train_dir)} if run.train_dir != run.dir else {})}
     atomic_write_text(run.dir / "row.json", json.dumps(row, indent=2))
     return row
 
@@ -182,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = plan(a.part, a)
     if a.dry_run:
         for r in runs:
-            print(f"{r.name}: lm fit {' '.join(r.fit)} --seed_everything {r.seed}; lm evaluate {','.join(r.specs)}")
+            fit = (f"reuses {r.train_dir}" if r.train_dir != r.dir
+                   else f"lm fit {' '.join(r.fit)} --seed_everything {r.seed}")
+            print(f"{r.name}: {fit}; lm evaluate {','.join(r.specs)}")
         return
     if not a.report_only:
         threads = max(1, (os.cpu_count() or 1) // a.workers)

@@ -5,6 +5,7 @@ and a run counts as trained only when its checkpoint holds the target step."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 
@@ -132,3 +133,27 @@ def test_curve_report_slopes(tmp_path):
     assert b == pytest.approx(3.1) and se == pytest.approx(0.1 / 3) and dof == 2 * len(study.WORD_RATES) - 1
     assert f"| 1.10 ± {2.262 * 0.1 / 3:.2f} |" in text  # softmax's slope column: b ± t * se
     assert (tmp_path / "curve.png").exists()
+
+
+def test_curve_reuses_an_identical_finished_attribution_run(tmp_path):
+    a = args(tmp_path)
+    attribution = {r.name: r for r in study.plan("attribution", a)}
+    src = attribution["base-softmax-s1"]
+
+    def finish(run, step, fit):
+        (run.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": step}, run.dir / "checkpoints" / "last.ckpt")
+        (run.dir / "row.json").write_text(json.dumps({"seed": run.seed, "fit_args": fit}))
+
+    finish(src, 600, src.fit)
+    other = attribution["base-elliptical-s1"]
+    finish(other, 599, other.fit)  # unfinished: trained again by the curve
+    changed = attribution["base-softmax-s2"]
+    finish(changed, 600, [*changed.fit, "--model.dropout", "0.2"])  # a different recipe: not reused
+    curve = {r.name: r for r in study.plan("curve", a)}
+    assert curve["base-softmax-s1"].train_dir == src.dir and study.trained(curve["base-softmax-s1"])
+    assert curve["base-softmax-s1"].dir != src.dir  # its evaluation and row.json stay in the curve's folder
+    for name in ("base-elliptical-s1", "base-softmax-s2", "base-quest-s1"):
+        assert curve[name].train_dir == curve[name].dir and not study.trained(curve[name]), name
+    # a curve at another step count is another recipe
+    assert study.plan("curve", args(tmp_path, steps=300))[0].train_dir != src.dir
