@@ -1,6 +1,6 @@
 """Helpers shared by the test modules (plain functions and classes; the fixtures are in conftest.py).
 
-    from helpers import write_corpus, write_config, Loader
+    from helpers import write_corpus, write_config, train_tiny, Loader
 """
 
 from __future__ import annotations
@@ -40,6 +40,19 @@ def write_config(path: Path, run_dir: Path, data_root: Path, cache: Path, **mode
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def train_tiny(tmp: Path, **model) -> dict:
+    """One tiny `lm fit` run (2 steps of write_config's model) on write_corpus's corpus under ``tmp``: the shared
+    starting point of the CLI, hostile-input and API tests. Returns tmp, data, cfg, run and ckpt paths."""
+    from lm.cli import main
+
+    data = write_corpus(tmp / "data")
+    cfg = write_config(tmp / "cfg.yaml", tmp / "run", data, tmp / "cache", **model)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return {"tmp": tmp, "data": data, "cfg": cfg, "run": tmp / "run", "ckpt": ckpt}
 
 
 class Loader:

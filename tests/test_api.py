@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import write_config, write_corpus
+from helpers import train_tiny
 
 import lm
 from lm.api import Model
@@ -126,11 +126,7 @@ def test_encode_decode_roundtrip_and_prompt_continuation():
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("api")
-    data = write_corpus(tmp / "data")
-    cfg = write_config(tmp / "cfg.yaml", tmp / "run", data, tmp / "cache", adaptive=True, cutoffs=[10])
-    assert main(["fit", "--config", str(cfg)]) == 0
-    return tmp / "run" / "checkpoints" / "last.ckpt"
+    return train_tiny(tmp_path_factory.mktemp("api"), adaptive=True, cutoffs=[10])["ckpt"]
 
 
 def test_export_of_a_fit_checkpoint_is_weights_only_and_exact(fitted, tmp_path, capsys):

@@ -18,7 +18,7 @@ import yaml
 from lm.cli import main, user_error
 from lm.errors import ConfigError, LMError
 
-from helpers import write_config, write_corpus  # noqa: F401  (re-exported for older imports)
+from helpers import train_tiny, write_config, write_corpus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -26,13 +26,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny `lm fit` run (2 steps) shared by the checkpoint cases."""
-    tmp = tmp_path_factory.mktemp("trained")
-    data = write_corpus(tmp / "data")
-    cfg = write_config(tmp / "cfg.yaml", tmp / "run", data, tmp / "cache")
-    assert main(["fit", "--config", str(cfg)]) == 0
-    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
-    return {"tmp": tmp, "data": data, "cfg": cfg, "ckpt": ckpt}
+    return train_tiny(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_cli import write_config, write_corpus
+from helpers import train_tiny, write_config
 
 import lm.utils
 from lm.cli import main
@@ -32,14 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One tiny trained run (2 steps), its data and caches, an evaluation result; shared by every case."""
-    tmp = tmp_path_factory.mktemp("hostile")
-    data = write_corpus(tmp / "data")
-    cfg = write_config(tmp / "cfg.yaml", tmp / "run", data, tmp / "cache")
-    assert main(["fit", "--config", str(cfg)]) == 0
-    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
-    assert main(["test", "--config", str(cfg), "--ckpt_path", str(ckpt)]) == 0
-    (tmp / "a_file").write_text("not a folder\n")
-    return {"tmp": tmp, "data": data, "cfg": cfg, "ckpt": ckpt, "run": tmp / "run"}
+    world = train_tiny(tmp_path_factory.mktemp("hostile"))
+    assert main(["test", "--config", str(world["cfg"]), "--ckpt_path", str(world["ckpt"])]) == 0
+    (world["tmp"] / "a_file").write_text("not a folder\n")
+    return world
 
 
 def snapshot(root: Path) -> dict[str, str]:

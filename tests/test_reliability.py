@@ -31,65 +31,14 @@ import yaml
 
 import lm.utils
 from helpers import write_corpus as cli_write_corpus  # the shared tiny WikiText-2 generator
+from run_callbacks import subprocess_env
 
 from lm.cli import main
 from lm.config import AttentionConfig, ModelConfig
 from lm.data.datamodule import LMDataModule
 from lm.model.transformer import TransformerLM
 
-REPO = Path(__file__).resolve().parents[1]
 
-# Callbacks the runs below plug in through the config (class_path), importable from tmp_path.
-HELPERS = '''
-import time
-
-import torch
-from lightning.pytorch.callbacks import Callback
-
-
-class Sleep(Callback):
-    """Slows every step down so that a test can kill the run between steps."""
-
-    def __init__(self, seconds: float = 0.25):
-        self.seconds = seconds
-
-    def on_train_batch_end(self, *args, **kwargs):
-        time.sleep(self.seconds)
-
-
-class CrashAt(Callback):
-    """Dies right before optimizer step ``step`` (after the checkpoint of the step before was written)."""
-
-    def __init__(self, step: int = 3):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"simulated crash before step {self.step}")
-
-
-class PoisonGradAt(Callback):
-    """Sets the first gradient to NaN after the backward pass of optimizer step ``step`` (finite loss)."""
-
-    def __init__(self, step: int = 3):
-        self.step = step
-
-    def on_after_backward(self, trainer, pl_module):
-        if trainer.global_step == self.step:
-            next(pl_module.parameters()).grad.fill_(float("nan"))
-
-
-class PoisonAt(Callback):
-    """Sets every embedding weight to NaN right before optimizer step ``step``."""
-
-    def __init__(self, step: int = 3):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            with torch.no_grad():
-                next(pl_module.parameters()).fill_(float("nan"))
-'''
 
 
 def write_corpus(root: Path, seed: int = 0, n_words: int = 40) -> Path:
@@ -140,8 +89,6 @@ def fit(*args: str) -> int:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     write_corpus(tmp_path / "data")
-    (tmp_path / "lmtest_helpers.py").write_text(HELPERS)
-    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -163,8 +110,8 @@ def test_kill_9_then_resume_matches_uninterrupted_run(workdir):
     assert sorted(full) == list(range(n)) and all(math.isfinite(v) for v in full.values())
 
     sleepy = write_config(tmp, "part", steps=n, model=model,
-                          extra_callbacks=[{"class_path": "lmtest_helpers.Sleep", "init_args": {"seconds": 0.3}}])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp), str(REPO), os.environ.get("PYTHONPATH", "")])}
+                          extra_callbacks=[{"class_path": "run_callbacks.Sleep", "init_args": {"seconds": 0.3}}])
+    env = subprocess_env(tmp)
     log = open(tmp / "part.log", "wb")  # a file, not a pipe: a full pipe would stall the run
     proc = subprocess.Popen([sys.executable, "-m", "lm.cli", "fit", "--config", str(sleepy)], cwd=tmp, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -201,7 +148,7 @@ def test_resume_restores_memories_stream_position_and_rng(workdir):
     losses as an uninterrupted run, step for step (dropout on). The checkpoint holds what makes this
     possible, and leaving out the memories would show."""
     tmp, model = workdir, {"dropout": 0.1}
-    crash = [{"class_path": "lmtest_helpers.CrashAt", "init_args": {"step": 3}}]
+    crash = [{"class_path": "run_callbacks.CrashAt", "init_args": {"step": 3}}]
     assert fit("--config", str(write_config(tmp, "full", steps=6, model=model))) == 0
     with pytest.raises(RuntimeError, match="simulated crash before step 3"):
         fit("--config", str(write_config(tmp, "part", steps=6, model=model, extra_callbacks=crash)))
@@ -298,7 +245,7 @@ def test_non_finite_training_stops_with_step_and_intact_last_checkpoint(workdir,
     """NaN weights (-> NaN loss) or NaN gradients under a finite loss before step 3: exit code 2, one
     paragraph naming the step and the last good checkpoint, which is the step-3 one, finite, and usable."""
     cfg = write_config(workdir, "run", steps=8,
-                       extra_callbacks=[{"class_path": f"lmtest_helpers.{poison}", "init_args": {"step": 3}}])
+                       extra_callbacks=[{"class_path": f"run_callbacks.{poison}", "init_args": {"step": 3}}])
     assert fit("--config", str(cfg)) == 2
     err = capsys.readouterr().err
     last = workdir / "run" / "checkpoints" / "last.ckpt"

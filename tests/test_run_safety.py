@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,55 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from run_callbacks import subprocess_env
 from test_reliability import ckpt_step, fit, losses, write_config, write_corpus
 
-REPO = Path(__file__).resolve().parents[1]
 
-BEAT = '''
-import time
-from pathlib import Path
-
-import torch
-from lightning.pytorch.callbacks import Callback
-
-
-class Beat(Callback):
-    """After every optimizer step, writes the step to ``path`` (so a test knows how far the run got), then
-    sleeps so that a signal lands between steps."""
-
-    def __init__(self, path: str, seconds: float = 0.2):
-        self.path, self.seconds = Path(path), seconds
-
-    def on_train_batch_end(self, trainer, *args, **kwargs):
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(str(trainer.global_step))
-        tmp.replace(self.path)
-        time.sleep(self.seconds)
-
-
-class WorseVal(Callback):
-    """Makes every validation loss higher than the one before: the module's running mean NLL gets a large,
-    growing extra term (callbacks' on_validation_epoch_end runs before the module's, which logs val/loss)."""
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        pl_module.eval_nll.update(torch.tensor(10.0 + trainer.global_step), weight=1e6)
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int = 3):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"simulated crash before step {self.step}")
-'''
 
 
 @pytest.fixture
 def work(tmp_path, monkeypatch):
     write_corpus(tmp_path / "data")
-    (tmp_path / "safety_helpers.py").write_text(BEAT)
-    monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -82,7 +41,7 @@ def beat_config(tmp: Path, run: str, steps: int = 400, **kw) -> Path:
     """The tiny model, no validation, only the CLI's default RunCheckpoint (no checkpoint before the epoch ends,
     ~80 steps: a stop must save its own), and the Beat callback."""
     return only_default_checkpointing(write_config(tmp, run, steps=steps, extra_callbacks=[
-        {"class_path": "safety_helpers.Beat", "init_args": {"path": str(tmp / f"{run}.beat")}}], **kw))
+        {"class_path": "run_callbacks.Beat", "init_args": {"path": str(tmp / f"{run}.beat")}}], **kw))
 
 
 def only_default_checkpointing(cfg: Path) -> Path:
@@ -95,7 +54,7 @@ def only_default_checkpointing(cfg: Path) -> Path:
 
 
 def start_fit(tmp: Path, cfg: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(tmp)
     log = tmp / f"{cfg.stem}.log"
     with open(log, "wb") as f:  # a file, not a pipe: a full pipe would stall the run
         proc = subprocess.Popen([sys.executable, "-m", "lm.cli", "fit", "--config", str(cfg), *extra], cwd=tmp,
@@ -254,8 +213,8 @@ def test_last_ckpt_follows_every_validation_and_stale_tmp_is_removed(work):
     the last validation. A temp file that a kill during a save left behind is removed by the next fit."""
     cfg = only_default_checkpointing(write_config(
         work, "run", steps=8, limit_val_batches=1, val_check_interval=1,
-        extra_callbacks=[{"class_path": "safety_helpers.WorseVal"},
-                         {"class_path": "safety_helpers.CrashAt", "init_args": {"step": 5}}]))
+        extra_callbacks=[{"class_path": "run_callbacks.WorseVal"},
+                         {"class_path": "run_callbacks.CrashAt", "init_args": {"step": 5}}]))
     with pytest.raises(RuntimeError, match="simulated crash before step 5"):
         fit("--config", str(cfg))
     ckpts = work / "run" / "checkpoints"

@@ -118,20 +118,28 @@ def test_attribution_report_gaps_and_verdicts(tmp_path):
 
 def test_curve_report_slopes(tmp_path):
     rows = []
-    for seed, jitter in ((1, 0.0), (2, 0.2)):  # seed 2: every slope 0.2 higher
-        for v, k in (("softmax", 1.0), ("elliptical", 1.02), ("quest", 3.0)):
-            ppl = {f"word_swap:{r:g}": 100 * math.exp(k * r + jitter * r) for r in study.WORD_RATES}
+    slopes = {"softmax": (1.0, 1.2), "elliptical": (1.05, 1.19), "quest": (3.0, 3.3)}  # per seed 1, 2
+    for v, per_seed in slopes.items():
+        for seed, k in zip((1, 2), per_seed):
+            ppl = {f"word_swap:{r:g}": 100 * math.exp(k * r) for r in study.WORD_RATES}
             ppl.update({f"char_swap:{r:g}": 100 * math.exp(2 * k * r) for r in study.CHAR_RATES})
             rows.append({**row("base", v, seed, 100.0, **ppl), "part": "curve"})
     a = args(tmp_path)
     text = sr.curve(rows, tmp_path, a, planned=6)
-    # pooled slopes: the mean of the two seeds' (same rates); residuals +-0.1 r, so se = 0.1 / sqrt(dof) = 0.1 / 3
-    # elliptical - softmax = 0.02 < t(9) * hypot(se, se) = 2.262 * 0.0471; quest - softmax = 2.0 far beyond
-    assert "- elliptical: 1.12 vs 1.10: within noise." in text
-    assert "- quest: 3.10 vs 1.10: beyond noise." in text
+    # Pooled fit over both seeds (same rates): b = the mean of the seeds' slopes; residuals +-d*r with
+    # d = half their difference, so se = d / sqrt(dof), dof = 2 * 5 - 1 = 9 (t = 2.262).
     b, se, dof = sr.curve_fit(rows, "quest")
-    assert b == pytest.approx(3.1) and se == pytest.approx(0.1 / 3) and dof == 2 * len(study.WORD_RATES) - 1
-    assert f"| 1.10 ± {2.262 * 0.1 / 3:.2f} |" in text  # softmax's slope column: b ± t * se
+    assert b == pytest.approx(3.15) and se == pytest.approx(0.15 / 3) and dof == 2 * len(study.WORD_RATES) - 1
+    assert f"| 1.10 ± {2.262 * 0.1 / 3:.2f} | 1.00, 1.20 |" in text  # softmax: b ± t * se, then the seeds' slopes
+    assert sr.seed_slopes(rows, "elliptical") == pytest.approx({1: 1.05, 2: 1.19})
+    # Paired by seed: elliptical - softmax = +0.05, -0.01: mean 0.02, sd 0.0424, se 0.03, t(1) = 12.706 -> 0.38;
+    # quest - softmax = 2.0, 2.1: mean 2.05, se 0.05 -> half-width 0.64.
+    m, hw, n = sr.paired_slope_difference(sr.seed_slopes(rows, "elliptical"), sr.seed_slopes(rows, "softmax"))
+    assert (m, hw, n) == (pytest.approx(0.02), pytest.approx(12.706 * 0.03), 2)
+    # pooled: 0.02 < 2.262 * hypot(0.1, 0.07) / 3 = 0.092 -> within; quest 2.05 far beyond either way
+    assert "- elliptical: 1.12 vs 1.10; paired difference +0.02 ± 0.38 over 2 seeds: within noise (pooled fits: within" in text
+    assert "- quest: 3.15 vs 1.10; paired difference +2.05 ± 0.64 over 2 seeds: beyond noise (pooled fits: beyond" in text
+    assert sr.paired_slope_difference({1: 1.0}, {1: 2.0}) is None
     assert (tmp_path / "curve.png").exists()
 
 
