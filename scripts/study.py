@@ -113,7 +113,10 @@ def plan(part: str, a) -> list[Run]:
                 runs.append(Run(part, "small", v, seed, fit, specs, a.small_steps, root))
     else:
         raise SystemExit(f"study: error: unknown part {part!r}; choose attribution, curve or small")
-    return [reuse(r, Path(a.out)) for r in runs]
+    runs = [reuse(r, Path(a.out)) for r in runs]
+    # Training first, then the runs that only evaluate another part's checkpoint: a study stopped early has
+    # spent its hours on what cannot be done quickly later.
+    return sorted(runs, key=lambda r: r.train_dir != r.dir)
 
 
 def reuse(run: Run, out: Path) -> Run:

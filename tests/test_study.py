@@ -158,7 +158,9 @@ def test_curve_reuses_an_identical_finished_attribution_run(tmp_path):
     finish(other, 599, other.fit)  # unfinished: trained again by the curve
     changed = attribution["base-softmax-s2"]
     finish(changed, 600, [*changed.fit, "--model.dropout", "0.2"])  # a different recipe: not reused
-    curve = {r.name: r for r in study.plan("curve", a)}
+    order = study.plan("curve", a)
+    assert order[-1].name == "base-softmax-s1" and all(r.train_dir == r.dir for r in order[:-1])  # trainings first
+    curve = {r.name: r for r in order}
     assert curve["base-softmax-s1"].train_dir == src.dir and study.trained(curve["base-softmax-s1"])
     assert curve["base-softmax-s1"].dir != src.dir  # its evaluation and row.json stay in the curve's folder
     for name in ("base-elliptical-s1", "base-softmax-s2", "base-quest-s1"):
