@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm.utils import atomic_write_text, cpu_bf16_native  # noqa: E402
-from reproduce import StudyError, ckpt_step, sh  # noqa: E402  (scripts/ is sys.path[0] when run as a script)
+from reproduce import StudyError, ckpt_step, sh, trained as trained_at  # noqa: E402  (scripts/ is sys.path[0] when run as a script)
 from study_report import REPORTS  # noqa: E402
 
 TINY = ["--config", "configs/wikitext2/tiny.yaml"]
@@ -128,7 +128,7 @@ def reuse(run: Run, out: Path) -> Run:
         if part == run.part or not (other / "row.json").is_file():
             continue
         row = json.loads((other / "row.json").read_text())
-        if row.get("fit_args") == run.fit and row.get("seed") == run.seed and trained_dir(other, run.steps):
+        if row.get("fit_args") == run.fit and row.get("seed") == run.seed and trained_at(other, run.steps):
             run.train_dir = other
             break
     return run
@@ -138,19 +138,15 @@ def _lm(args: list[str], threads: int) -> None:
     sh([sys.executable, "-m", "lm.cli", *args], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
-def trained_dir(path: Path, steps: int) -> bool:
-    step = ckpt_step(path / "checkpoints" / "last.ckpt")
-    return step is not None and step >= steps
-
-
 def trained(run: Run) -> bool:
-    return trained_dir(run.train_dir, run.steps)
+    return trained_at(run.train_dir, run.steps)
 
 
 def execute(run: Run, threads: int) -> dict:
     """Train (or resume), evaluate, and write the run's row.json; returns the row."""
     ckpt = run.train_dir / "checkpoints" / "last.ckpt"
     if not trained(run):
+        (run.dir / "done").unlink(missing_ok=True)
         resume = ["--ckpt_path", "last"] if ckpt.exists() else []
         _lm(["fit", *run.fit, "--seed_everything", str(run.seed), "--trainer.default_root_dir", str(run.dir),
              *resume], threads)

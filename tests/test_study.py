@@ -1,6 +1,6 @@
 """scripts/study.py (issue 20's study driver) and scripts/study_report.py: the plan flips one factor at a time,
 the slopes and intervals match hand computations, the reports recompute gaps and verdicts from synthetic rows,
-and a run counts as trained only when its checkpoint holds the target step."""
+and a run counts as trained only when its checkpoint holds the target step and its `done` marker exists."""
 
 from __future__ import annotations
 
@@ -61,14 +61,17 @@ def test_bf16_cell_skipped_without_bf16_hardware(tmp_path, monkeypatch):
     assert [r for r in study.plan("attribution", args(tmp_path, allow_slow_bf16=True)) if r.cell == "bf16"]
 
 
-def test_trained_needs_the_target_step(tmp_path):
+def test_trained_needs_the_target_step_and_the_done_marker(tmp_path):
     run = study.plan("attribution", args(tmp_path))[0]
     assert not study.trained(run)
     (run.dir / "checkpoints").mkdir(parents=True)
+    (run.dir / "done").write_text("")
     torch.save({"global_step": 599}, run.dir / "checkpoints" / "last.ckpt")
     assert not study.trained(run)
     torch.save({"global_step": 600}, run.dir / "checkpoints" / "last.ckpt")
     assert study.trained(run)
+    (run.dir / "done").unlink()  # `lm fit` exited but the driver died before marking it: not trusted
+    assert not study.trained(run)
     small = overrides(study.plan("small", args(tmp_path))[0].fit)
     assert small["--trainer.max_steps"] == "800" and small["--model.optim.warmup_steps"] == "80"
     assert small["--data.corpus"] == "wikitext-2"
@@ -151,6 +154,7 @@ def test_curve_reuses_an_identical_finished_attribution_run(tmp_path):
     def finish(run, step, fit):
         (run.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         torch.save({"global_step": step}, run.dir / "checkpoints" / "last.ckpt")
+        (run.dir / "done").write_text("")
         (run.dir / "row.json").write_text(json.dumps({"seed": run.seed, "fit_args": fit}))
 
     finish(src, 600, src.fit)
