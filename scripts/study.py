@@ -12,7 +12,8 @@ corruption seed = the training seed, the paper's TextAttack word-swap sampling).
 the part's `rows.json` + `report.md` are rebuilt from all of them after every run. A run whose recipe and seed
 another part already trained to the end (e.g. the curve's softmax/Elliptical at the base cell, trained by the
 attribution) evaluates that checkpoint instead of training again. Resumable: a run counts as
-trained only when its last.ckpt holds the target step; an unfinished one resumes from last.ckpt. `--workers 2` runs two single-threaded runs at once:
+trained only with its `done` marker and a last.ckpt at the target step (`reproduce.trained`); an unfinished one
+resumes from last.ckpt. `--workers 2` runs two single-threaded runs at once:
 on this 2-core CPU that trains ~1.3x more tokens per second in total than one run on two threads, so the
 tokens/s columns are per single-threaded run, not comparable with the quickstart's.
 """
@@ -164,6 +165,10 @@ def execute(run: Run, threads: int) -> dict:
     row = {"part": run.part, "cell": run.cell, "variant": run.variant, "seed": run.seed,
            "steps": ckpt_step(ckpt), "threads": threads, "train_wall_s": t.get("wall_s"),
            "train_tokens_per_s": t.get("tokens_per_s"), "ppl": {k: v["ppl"] for k, v in res.items()},
+           # The measured word rate (swaps / words) beside the nominal one: TextAttack's sampling swaps at least
+           # one word per line, so word_swap:0.005 changes ~1.2% of the words; the curve is fitted against this.
+           "effective_rate": {k: v["corruption"]["effective_rate"] for k, v in res.items()
+                              if (v.get("corruption") or {}).get("effective_rate") is not None},
            "fit_args": run.fit, **({"trained_in": str(run.train_dir)} if run.train_dir != run.dir else {})}
     atomic_write_text(run.dir / "row.json", json.dumps(row, indent=2))
     return row

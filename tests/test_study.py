@@ -146,6 +146,21 @@ def test_curve_report_slopes(tmp_path):
     assert (tmp_path / "curve.png").exists()
 
 
+def test_curve_is_fitted_against_the_measured_rate(tmp_path):
+    # PPL ratios exactly exp(2 * measured rate), with the measured rate off the nominal one as TextAttack's
+    # one-word-per-line floor makes it (0.5% -> 1.2%): the slope is 2 only if the fit uses the measured rate.
+    measured = {0.005: 0.012, 0.015: 0.016, 0.025: 0.0245, 0.05: 0.048, 0.1: 0.0975}
+    ppl = {f"word_swap:{r:g}": 100 * math.exp(2 * m) for r, m in measured.items()}
+    eff = {f"word_swap:{r:g}": m for r, m in measured.items()}
+    rows = [{**row("base", "softmax", 1, 100.0, **ppl), "part": "curve", "effective_rate": eff}]
+    b, se, _ = sr.curve_fit(rows, "softmax")
+    assert b == pytest.approx(2.0) and se == pytest.approx(0.0, abs=1e-12)
+    nominal = sr.curve_fit([{k: v for k, v in rows[0].items() if k != "effective_rate"}], "softmax")
+    assert abs(nominal[0] - 2.0) > 0.02 and nominal[1] > 0.01  # the nominal x: another slope, points off the line
+    text = sr.curve(rows, tmp_path, args(tmp_path), planned=1)
+    assert "| measured rate | | | 1.20% | 1.60% | 2.45% | 4.80% | 9.75% |" in text
+
+
 def test_curve_reuses_an_identical_finished_attribution_run(tmp_path):
     a = args(tmp_path)
     attribution = {r.name: r for r in study.plan("attribution", a)}
