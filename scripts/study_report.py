@@ -170,7 +170,7 @@ def curve(rows: list[dict], root: Path, a, planned: int) -> str:
              "unit rate), pooled over seeds, with a 95% t interval. Character swap on this word-level vocabulary: an edited word is almost never a word of the "
              "vocabulary (docs/study.md counts them) and becomes "
              "`<unk>`, a frequent and easy target, so PPL falls (ratio < 1): that column measures the `<unk>` "
-             "mapping, not robustness (the paper's character swap is on EnWik8, a character-level corpus).", "",
+             "mapping, not robustness (a character-level model, e.g. on EnWik8, sees the edit itself).", "",
              "| variant | seeds | clean PPL | " + " | ".join(f"x {s.replace('_swap:', ' ')}" for s in specs)
              + " | slope (95% CI) | slope per seed |", "|---|---|---|" + "---|" * len(specs) + "---|---|"]
     measured = [[rate(r, sp) for r in rows if sp in r["ppl"]] for sp in specs]
