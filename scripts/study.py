@@ -29,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm.utils import atomic_write_text, cpu_bf16_native  # noqa: E402
-from reproduce import StudyError, ckpt_step, sh, trained as trained_at  # noqa: E402  (scripts/ is sys.path[0] when run as a script)
+# scripts/ is sys.path[0] when run as a script; one definition of "trained" (done marker + target step) for both.
+from reproduce import StudyError, ckpt_step, sh, trained as trained_at  # noqa: E402
 from study_report import REPORTS  # noqa: E402
 
 TINY = ["--config", "configs/wikitext2/tiny.yaml"]

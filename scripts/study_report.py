@@ -167,8 +167,8 @@ def curve(rows: list[dict], root: Path, a, planned: int) -> str:
              "the paper's TextAttack sampling, character swap; corruption seed = training seed. Cells: PPL ratio "
              "corrupted / clean, mean ± std over seeds. Slope: least squares of log(PPL ratio) on the measured "
              "word-swap rate (swaps / words, the row 'measured rate') through the origin (extra nats per token per "
-             "unit rate), pooled over seeds, with a 95% t interval. Character swap on this word-level vocabulary: an edited word is almost never a word of the "
-             "vocabulary (docs/study.md counts them) and becomes "
+             "unit rate), pooled over seeds, with a 95% t interval. Character swap on this word-level vocabulary: "
+             "an edited word is almost never a word of the vocabulary (docs/study.md counts them) and becomes "
              "`<unk>`, a frequent and easy target, so PPL falls (ratio < 1): that column measures the `<unk>` "
              "mapping, not robustness (a character-level model, e.g. on EnWik8, sees the edit itself).", "",
              "| variant | seeds | clean PPL | " + " | ".join(f"x {s.replace('_swap:', ' ')}" for s in specs)
