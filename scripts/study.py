@@ -152,7 +152,7 @@ def execute(run: Run, threads: int) -> dict:
         resume = ["--ckpt_path", "last"] if ckpt.exists() else []
         _lm(["fit", *run.fit, "--seed_everything", str(run.seed), "--trainer.default_root_dir", str(run.dir),
              *resume], threads)
-        if not trained(run):
+        if (ckpt_step(ckpt) or 0) < run.steps:  # not trained(run): that also wants the marker written below
             raise StudyError(f"{run.dir} ended at step {ckpt_step(ckpt)} of {run.steps} although `lm fit` exited "
                              f"0; rerun the study to resume it from last.ckpt.")
         (run.dir / "done").write_text("")

@@ -186,3 +186,22 @@ def test_curve_reuses_an_identical_finished_attribution_run(tmp_path):
         assert curve[name].train_dir == curve[name].dir and not study.trained(curve[name]), name
     # a curve at another step count is another recipe
     assert study.plan("curve", args(tmp_path, steps=300))[0].train_dir != src.dir
+
+
+def test_execute_marks_a_finished_fit_done(tmp_path, monkeypatch):
+    # A fake `lm`: fit writes last.ckpt at the target step, evaluate writes results.json.
+    run = study.plan("attribution", args(tmp_path))[0]
+
+    def fake_lm(argv, threads):
+        if argv[0] == "fit":
+            (run.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            torch.save({"global_step": run.steps}, run.dir / "checkpoints" / "last.ckpt")
+        else:
+            (run.dir / "evaluate").mkdir(parents=True, exist_ok=True)
+            res = {"clean": {"ppl": 200.0}, "word_swap:0.015": {"ppl": 210.0, "corruption": {"effective_rate": 0.016}}}
+            (run.dir / "evaluate" / "results.json").write_text(json.dumps({"rows": [{"results": res}]}))
+
+    monkeypatch.setattr(study, "_lm", fake_lm)
+    row = study.execute(run, 1)
+    assert (run.dir / "done").exists() and study.trained(run)
+    assert row["ppl"] == {"clean": 200.0, "word_swap:0.015": 210.0} and row["effective_rate"] == {"word_swap:0.015": 0.016}
