@@ -67,24 +67,33 @@ def trained(run: Path, steps: int) -> bool:
     return (run / "done").exists() and step is not None and step >= steps
 
 
+def fit_to(run: Path, steps: int, fit) -> bool:
+    """Train ``run`` to ``steps`` unless it already is (``trained``); ``fit(resume_args)`` runs `lm fit`. The marker
+    is cleared first and written only once last.ckpt holds the target step. Returns whether it trained now."""
+    ckpt = run / "checkpoints" / "last.ckpt"
+    if trained(run, steps):
+        return False
+    (run / "done").unlink(missing_ok=True)
+    fit(["--ckpt_path", "last"] if ckpt.exists() else [])
+    step = ckpt_step(ckpt)
+    if step is None or step < steps:
+        raise StudyError(f"{run} ended at step {step} of {steps} although `lm fit` exited 0; it is not marked done. "
+                         f"Rerun the command to resume it from last.ckpt.")
+    (run / "done").write_text("")
+    return True
+
+
 def run_one(variant: str, seed: int, root: Path, a) -> dict:
     run = root / "runs" / f"{variant}-s{seed}"
     ckpt = run / "checkpoints" / "last.ckpt"
     # Shorter runs keep the recipe's shape: warm-up is at most a fifth of training, then cosine to the end.
     extra = ["--trainer.max_steps", str(a.steps), "--model.optim.warmup_steps", str(min(200, a.steps // 5))]
-    if not trained(run, a.steps):
-        (run / "done").unlink(missing_ok=True)
-        resume = ["--ckpt_path", "last"] if ckpt.exists() else []
-        lm("fit", "--config", "configs/wikitext2/tiny.yaml", "--config", f"configs/wikitext2/variants/{variant}.yaml",
-           "--seed_everything", str(seed),
-           "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false", *extra, *resume)
-        step = ckpt_step(ckpt)
-        if step is None or step < a.steps:
-            raise StudyError(f"{run} ended at step {step} of {a.steps} although `lm fit` exited 0; it is not marked "
-                             f"done. Rerun the command to resume it from last.ckpt.")
+    if fit_to(run, a.steps, lambda resume: lm(
+            "fit", "--config", "configs/wikitext2/tiny.yaml", "--config", f"configs/wikitext2/variants/{variant}.yaml",
+            "--seed_everything", str(seed), "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar",
+            "false", *extra, *resume)):
         # The efficiency columns depend on what else ran: keep the load beside them.
         (run / "load_after_fit.txt").write_text(f"{os.getloadavg()[0]:.2f}")
-        (run / "done").write_text("")
     ev = run / "evaluate" / "results.json"
     if not ev.exists():
         specs = ",".join(f"word_swap:{r}" for r in RATES)

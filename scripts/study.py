@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm.utils import atomic_write_text, cpu_bf16_native  # noqa: E402
 # scripts/ is sys.path[0] when run as a script; one definition of "trained" (done marker + target step) for both.
-from reproduce import StudyError, ckpt_step, sh, trained as trained_at  # noqa: E402
+from reproduce import StudyError, ckpt_step, fit_to, sh, trained as trained_at  # noqa: E402
 from study_report import REPORTS  # noqa: E402
 
 TINY = ["--config", "configs/wikitext2/tiny.yaml"]
@@ -147,15 +147,9 @@ def trained(run: Run) -> bool:
 def execute(run: Run, threads: int) -> dict:
     """Train (or resume), evaluate, and write the run's row.json; returns the row."""
     ckpt = run.train_dir / "checkpoints" / "last.ckpt"
-    if not trained(run):
-        (run.dir / "done").unlink(missing_ok=True)
-        resume = ["--ckpt_path", "last"] if ckpt.exists() else []
-        _lm(["fit", *run.fit, "--seed_everything", str(run.seed), "--trainer.default_root_dir", str(run.dir),
-             *resume], threads)
-        if (ckpt_step(ckpt) or 0) < run.steps:  # not trained(run): that also wants the marker written below
-            raise StudyError(f"{run.dir} ended at step {ckpt_step(ckpt)} of {run.steps} although `lm fit` exited "
-                             f"0; rerun the study to resume it from last.ckpt.")
-        (run.dir / "done").write_text("")
+    fit_to(run.train_dir, run.steps, lambda resume: _lm(
+        ["fit", *run.fit, "--seed_everything", str(run.seed), "--trainer.default_root_dir", str(run.train_dir),
+         *resume], threads))
     ev = run.dir / "evaluate" / "results.json"
     if not ev.exists():
         _lm(["evaluate", "--ckpts", str(ckpt), "--corruptions", ",".join(run.specs), "--seed", str(run.seed),

@@ -117,3 +117,31 @@ def test_sh_reports_a_signal_exit_in_one_line():
 
     with pytest.raises(reproduce.StudyError, match=r"exited with 143 \(stopped by SIGTERM\)"):
         reproduce.sh([sys.executable, "-c", "import sys; sys.exit(143)"])
+
+
+def test_fit_to_marks_done_only_at_the_target_step(tmp_path):
+    # One definition of "finished" for reproduce.py and study.py: the marker is written only once last.ckpt
+    # holds the target step; a fit that exits early leaves no marker and the next call resumes with --ckpt_path.
+    import pytest
+    import torch
+
+    run, calls = tmp_path / "run", []
+
+    def fit_to_step(step):
+        def fit(resume):
+            calls.append(resume)
+            (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+            torch.save({"global_step": step}, run / "checkpoints" / "last.ckpt")
+        return fit
+
+    with pytest.raises(reproduce.StudyError, match="ended at step 250 of 600"):
+        reproduce.fit_to(run, 600, fit_to_step(250))  # e.g. a SIGTERM that lm fit answered with exit 0
+    assert calls == [[]] and not (run / "done").exists() and not reproduce.trained(run, 600)
+    assert reproduce.fit_to(run, 600, fit_to_step(600)) is True
+    assert calls[-1] == ["--ckpt_path", "last"] and (run / "done").exists() and reproduce.trained(run, 600)
+    assert reproduce.fit_to(run, 600, fit_to_step(0)) is False and len(calls) == 2  # trained: no second fit
+    # a stale marker beside a short checkpoint is not trusted: cleared, and the fit resumes
+    torch.save({"global_step": 100}, run / "checkpoints" / "last.ckpt")
+    with pytest.raises(reproduce.StudyError):
+        reproduce.fit_to(run, 600, lambda resume: calls.append(resume))
+    assert calls[-1] == ["--ckpt_path", "last"] and not (run / "done").exists()
