@@ -3,7 +3,9 @@
 The ``datasets`` cache keys local files by path and mtime, so an edited or replaced file can be
 served stale; here the key is sha256(source bytes) + vocab sha256 + format version. Each entry is an
 ``.npy`` plus a ``.json`` sidecar with the key and the sha256 of the ``.npy`` bytes; both are checked
-on load, and a stale or corrupted entry is logged and rebuilt, never used.
+on load, and a stale or corrupted entry is logged and rebuilt, never used. Entries are named by label,
+vocabulary and source content, so an edited file gets a new entry (the old one stays until the cache directory
+is deleted; ``.cache/tokens`` is safe to delete at any time).
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ class TokenCache:
 
     def load_or_build(self, label: str, source: bytes, vocab_sha: str, build: Callable[[], np.ndarray]) -> np.ndarray:
         """Cached ``build()`` for ``source`` under ``vocab_sha``; ``label`` only names the files."""
-        key = hashlib.sha256(f"v{FORMAT_VERSION}:{hashlib.sha256(source).hexdigest()}:{vocab_sha}".encode()).hexdigest()
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + f".{vocab_sha[:12]}"
+        source_sha = hashlib.sha256(source).hexdigest()
+        key = hashlib.sha256(f"v{FORMAT_VERSION}:{source_sha}:{vocab_sha}".encode()).hexdigest()
+        # One entry per (content, vocabulary), not per label: the study evaluates a dozen corrupted test files
+        # under one label, and a per-label slot rebuilt each of them every time (and let two processes race).
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + f".{vocab_sha[:12]}.{source_sha[:12]}"
         npy, meta = self.dir / f"{stem}.npy", self.dir / f"{stem}.json"
         if meta.exists():
             data, problem = self._read(npy, meta, key)
