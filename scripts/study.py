@@ -57,7 +57,7 @@ SMALL = {"softmax": "configs/wikitext103/small.yaml", "elliptical": "configs/wik
 # batch 16 x 256 instead of 96 x 256. The budget is in steps, not minutes, so that it does not depend on how many
 # runs share the CPU.
 SMALL_DATA = ["--data.corpus", "wikitext-2", "--model.cutoffs", "[2000, 10000]", "--data.batch_size", "16",
-              "--trainer.val_check_interval", "200", "--trainer.limit_val_batches", "20"]
+              "--trainer.val_check_interval", "200", "--trainer.limit_val_batches", "20", "--trainer.log_every_n_steps", "10"]
 
 
 class Run:
