@@ -64,9 +64,10 @@ class Run:
     """One training run of the study and how to evaluate it."""
 
     def __init__(self, part: str, cell: str, variant: str, seed: int, fit: list[str], specs: list[str],
-                 steps: int, root: Path):
+                 steps: int, root: Path, eval_args: tuple[str, ...] = ()):
         self.part, self.cell, self.variant, self.seed, self.fit, self.specs, self.steps = (
             part, cell, variant, seed, fit, specs, steps)
+        self.eval_args = list(eval_args)  # extra `lm evaluate` arguments (the small model: a prefix of test)
         self.dir = root / "runs" / f"{cell}-{variant}-s{seed}"
         # Where the checkpoint comes from: this run's folder, unless another part already trained the very same
         # recipe and seed (see reuse()); evaluation and row.json always live in self.dir.
@@ -112,7 +113,9 @@ def plan(part: str, a) -> list[Run]:
                 fit = ["--config", cfg, *SMALL_DATA, "--trainer.precision", a.small_precision,
                        "--trainer.max_steps", str(a.small_steps), "--model.optim.warmup_steps",
                        str(a.small_steps // 10), *common]
-                runs.append(Run(part, "small", v, seed, fit, specs, a.small_steps, root))
+                # Scoring all of test costs a 16-layer model ~6 min per condition at one thread: a prefix of it.
+                ev = ("--limit_batches", str(a.small_eval_batches)) if a.small_eval_batches else ()
+                runs.append(Run(part, "small", v, seed, fit, specs, a.small_steps, root, ev))
     else:
         raise SystemExit(f"study: error: unknown part {part!r}; choose attribution, curve or small")
     runs = [reuse(r, Path(a.out)) for r in runs]
@@ -153,7 +156,7 @@ def execute(run: Run, threads: int) -> dict:
     ev = run.dir / "evaluate" / "results.json"
     if not ev.exists():
         _lm(["evaluate", "--ckpts", str(ckpt), "--corruptions", ",".join(run.specs), "--seed", str(run.seed),
-             "--out", str(run.dir / "evaluate")], threads)
+             "--out", str(run.dir / "evaluate"), *run.eval_args], threads)
     res = json.loads(ev.read_text())["rows"][0]["results"]
     train = run.train_dir / "results" / "train.json"
     t = json.loads(train.read_text()) if train.exists() else {}
@@ -192,8 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS), help="attribution cells")
     ap.add_argument("--cell", default="base", choices=list(CELLS), help="the recipe the curve trains")
     ap.add_argument("--variants", nargs="+", default=CURVE_VARIANTS, help="curve variants")
-    ap.add_argument("--small_steps", type=int, default=800,
-                    help="training steps per small-model run (batch 16 x 256 tokens; about 45 min each on 2 cores)")
+    ap.add_argument("--small_steps", type=int, default=150,
+                    help="training steps per small-model run (batch 16 x 256 tokens; 150 = about 45 min per run "
+                         "at ~230 tokens/s, two runs at a time on this project's 2-core AVX2 CPU)")
+    ap.add_argument("--small_eval_batches", type=int, default=30,
+                    help="score this many test batches of 16 x 256 tokens per condition (0: all 60 of WikiText-2)")
     ap.add_argument("--small_precision", default="32-true")
     ap.add_argument("--allow_slow_bf16", action="store_true",
                     help="run the bf16 cell even on a CPU without bf16 matrix instructions (about 200x slower)")

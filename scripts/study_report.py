@@ -244,13 +244,19 @@ def small(rows: list[dict], root: Path, a, planned: int) -> str:
              "16 layers, d_model 128, 8 heads x 16, d_inner 2048, window 256 (configs/wikitext103/small*.yaml on "
              f"WikiText-2, cutoffs 2000/10000), {a.small_steps} steps of batch 16 x 256 in {a.small_precision}, the "
              "paper's Adam 2.5e-4 and Transformer-XL cosine shortened to them (warm-up a tenth). WikiText-2 test, "
-             "segments protocol (window 256); word swap with the paper's TextAttack sampling.", "",
-             "| variant | seeds | steps | clean PPL | x swap 1.5% | x swap 5% |", "|---|---|---|---|---|---|"]
+             "segments protocol (window 256), "
+             + (f"the first {a.small_eval_batches} batches of 16 x 256 tokens ({a.small_eval_batches * 4096:,} "
+                "tokens, the same positions clean and corrupted)" if a.small_eval_batches else "all of it")
+             + "; word swap with the paper's TextAttack sampling, swap seed = training seed. Gap = Elliptical / "
+             "softmax - 1 in clean PPL, paired by seed.", "",
+             "| variant | seeds | steps | clean PPL | gap | x swap 1.5% | x swap 5% |", "|---|---|---|---|---|---|---|"]
+    soft = _by(rows, variant="softmax")
     for v in ("softmax", "elliptical"):
         rs = _by(rows, variant=v)
         if rs:
+            gap = fmt(_paired_gaps(rs, soft), 1, pct=True) if v != "softmax" else ""
             lines.append(f"| {v} | {len(rs)} | {fmt([r['steps'] for r in rs], 0)} | "
-                         f"{fmt([r['ppl']['clean'] for r in rs])} | "
+                         f"{fmt([r['ppl']['clean'] for r in rs])} | {gap} | "
                          + " | ".join(fmt([r["ppl"][s] / r["ppl"]["clean"] for r in rs], 3)
                                       for s in ("word_swap:0.015", "word_swap:0.05")) + " |")
     return "\n".join(lines + ["", _throughput(rows), ""])

@@ -18,7 +18,8 @@ import study_report as sr
 
 def args(tmp_path, **kw):
     base = dict(out=str(tmp_path), cells=list(study.CELLS), seeds=[1, 2], steps=600, allow_slow_bf16=True,
-                cell="base", variants=["softmax", "elliptical", "quest"], small_steps=800, small_precision="32-true")
+                cell="base", variants=["softmax", "elliptical", "quest"], small_steps=800, small_precision="32-true",
+                small_eval_batches=30)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -72,9 +73,23 @@ def test_trained_needs_the_target_step_and_the_done_marker(tmp_path):
     assert study.trained(run)
     (run.dir / "done").unlink()  # `lm fit` exited but the driver died before marking it: not trusted
     assert not study.trained(run)
-    small = overrides(study.plan("small", args(tmp_path))[0].fit)
+    small_run = study.plan("small", args(tmp_path))[0]
+    small = overrides(small_run.fit)
     assert small["--trainer.max_steps"] == "800" and small["--model.optim.warmup_steps"] == "80"
-    assert small["--data.corpus"] == "wikitext-2"
+    assert small["--data.corpus"] == "wikitext-2" and small_run.eval_args == ["--limit_batches", "30"]
+    assert study.plan("small", args(tmp_path, small_eval_batches=0))[0].eval_args == []  # 0: all of test
+
+
+def test_small_report_gap_paired_by_seed(tmp_path):
+    rows = []
+    for seed, (s, e) in {1: (800.0, 808.0), 2: (900.0, 927.0)}.items():  # gaps +1%, +3%
+        rows += [row("small", "softmax", seed, s, **{"word_swap:0.015": s * 1.02, "word_swap:0.05": s * 1.1}),
+                 row("small", "elliptical", seed, e, **{"word_swap:0.015": e * 1.03, "word_swap:0.05": e * 1.1})]
+    text = sr.small(rows, tmp_path, args(tmp_path), planned=4)
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert f"| +2.0% ± {100 * statistics.stdev([0.01, 0.03]):.1f} |" in lines["elliptical"]
+    assert "| 850.00 ± 70.71 |  |" in lines["softmax"] and "1.030 ± 0.000" in lines["elliptical"]
+    assert "first 30 batches of 16 x 256 tokens (122,880 tokens" in text
 
 
 def test_slope_through_origin_by_hand():
