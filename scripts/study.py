@@ -161,7 +161,7 @@ def execute(run: Run, threads: int) -> dict:
     train = run.train_dir / "results" / "train.json"
     t = json.loads(train.read_text()) if train.exists() else {}
     row = {"part": run.part, "cell": run.cell, "variant": run.variant, "seed": run.seed,
-           "steps": ckpt_step(ckpt), "threads": threads, "train_wall_s": t.get("wall_s"),
+           "steps": ckpt_step(ckpt), "threads": threads, "tokens_scored": res["clean"].get("tokens_scored"), "train_wall_s": t.get("wall_s"),
            "train_tokens_per_s": t.get("tokens_per_s"), "ppl": {k: v["ppl"] for k, v in res.items()},
            # The measured word rate (swaps / words) beside the nominal one: TextAttack's sampling swaps at least
            # one word per line, so word_swap:0.005 changes ~1.2% of the words; the curve is fitted against this.
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="training steps per small-model run (batch 16 x 256 tokens; 150 = about 45 min per run "
                          "at ~230 tokens/s, two runs at a time on this project's 2-core AVX2 CPU)")
     ap.add_argument("--small_eval_batches", type=int, default=30,
-                    help="score this many test batches of 16 x 256 tokens per condition (0: all 60 of WikiText-2)")
+                    help="score this many evaluation batches (10 x 256 tokens each) per condition; 0: all of test")
     ap.add_argument("--small_precision", default="32-true")
     ap.add_argument("--allow_slow_bf16", action="store_true",
                     help="run the bf16 cell even on a CPU without bf16 matrix instructions (about 200x slower)")

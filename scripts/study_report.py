@@ -239,14 +239,15 @@ def _curve_plot(rows, root: Path, a, word_rates, char_rates) -> None:
 
 
 def small(rows: list[dict], root: Path, a, planned: int) -> str:
+    scored = "/".join(f"{n:,}" for n in sorted({r["tokens_scored"] for r in rows if r.get("tokens_scored")})) or "?"
     lines = [f"# The paper's small model on WikiText-2 ({len(rows)} of {planned} runs)", "",
              f"Command: `python scripts/study.py small --small_steps {a.small_steps} --seeds {' '.join(map(str, a.seeds))}`. "
              "16 layers, d_model 128, 8 heads x 16, d_inner 2048, window 256 (configs/wikitext103/small*.yaml on "
              f"WikiText-2, cutoffs 2000/10000), {a.small_steps} steps of batch 16 x 256 in {a.small_precision}, the "
              "paper's Adam 2.5e-4 and Transformer-XL cosine shortened to them (warm-up a tenth). WikiText-2 test, "
              "segments protocol (window 256), "
-             + (f"the first {a.small_eval_batches} batches of 16 x 256 tokens ({a.small_eval_batches * 4096:,} "
-                "tokens, the same positions clean and corrupted)" if a.small_eval_batches else "all of it")
+             + (f"its first {a.small_eval_batches} evaluation batches ({scored} tokens scored, the same positions "
+                "clean and corrupted)" if a.small_eval_batches else f"all of it ({scored} tokens scored)")
              + "; word swap with the paper's TextAttack sampling, swap seed = training seed. Gap = Elliptical / "
              "softmax - 1 in clean PPL, paired by seed.", "",
              "| variant | seeds | steps | clean PPL | gap | x swap 1.5% | x swap 5% |", "|---|---|---|---|---|---|---|"]

@@ -89,7 +89,9 @@ def test_small_report_gap_paired_by_seed(tmp_path):
     lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
     assert f"| +2.0% ± {100 * statistics.stdev([0.01, 0.03]):.1f} |" in lines["elliptical"]
     assert "| 850.00 ± 70.71 |  |" in lines["softmax"] and "1.030 ± 0.000" in lines["elliptical"]
-    assert "first 30 batches of 16 x 256 tokens (122,880 tokens" in text
+    assert "its first 30 evaluation batches (?" in text  # rows without tokens_scored (older rows)
+    text = sr.small([{**r, "tokens_scored": 76800} for r in rows], tmp_path, args(tmp_path), planned=4)
+    assert "its first 30 evaluation batches (76,800 tokens scored, the same positions clean and corrupted)" in text
 
 
 def test_slope_through_origin_by_hand():
