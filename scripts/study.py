@@ -57,7 +57,8 @@ SMALL = {"softmax": "configs/wikitext103/small.yaml", "elliptical": "configs/wik
 # batch 16 x 256 instead of 96 x 256. The budget is in steps, not minutes, so that it does not depend on how many
 # runs share the CPU.
 SMALL_DATA = ["--data.corpus", "wikitext-2", "--model.cutoffs", "[2000, 10000]", "--data.batch_size", "16",
-              "--trainer.val_check_interval", "200", "--trainer.limit_val_batches", "20", "--trainer.log_every_n_steps", "10"]
+              "--trainer.val_check_interval", "200", "--trainer.limit_val_batches", "20",
+              "--trainer.log_every_n_steps", "10"]
 
 
 class Run:
@@ -143,10 +144,6 @@ def _lm(args: list[str], threads: int) -> None:
     sh([sys.executable, "-m", "lm.cli", *args], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
-def trained(run: Run) -> bool:
-    return trained_at(run.train_dir, run.steps)
-
-
 def execute(run: Run, threads: int) -> dict:
     """Train (or resume), evaluate, and write the run's row.json; returns the row."""
     ckpt = run.train_dir / "checkpoints" / "last.ckpt"
@@ -161,7 +158,8 @@ def execute(run: Run, threads: int) -> dict:
     train = run.train_dir / "results" / "train.json"
     t = json.loads(train.read_text()) if train.exists() else {}
     row = {"part": run.part, "cell": run.cell, "variant": run.variant, "seed": run.seed,
-           "steps": ckpt_step(ckpt), "threads": threads, "tokens_scored": res["clean"].get("tokens_scored"), "train_wall_s": t.get("wall_s"),
+           "steps": ckpt_step(ckpt), "threads": threads, "tokens_scored": res["clean"].get("tokens_scored"),
+           "train_wall_s": t.get("wall_s"),
            "train_tokens_per_s": t.get("tokens_per_s"), "ppl": {k: v["ppl"] for k, v in res.items()},
            # The measured word rate (swaps / words) beside the nominal one: TextAttack's sampling swaps at least
            # one word per line, so word_swap:0.005 changes ~1.2% of the words; the curve is fitted against this.

@@ -23,6 +23,11 @@ def args(tmp_path, **kw):
     return argparse.Namespace(**{**base, **kw})
 
 
+def trained(run: study.Run) -> bool:
+    """The driver's test of a finished run: reproduce.trained on the folder the checkpoint comes from."""
+    return study.trained_at(run.train_dir, run.steps)
+
+
 def overrides(fit: list[str]) -> dict[str, str]:
     """The last value of every `--key value` pair after the config files (later ones win, as in jsonargparse)."""
     out, i = {}, 0
@@ -64,15 +69,15 @@ def test_bf16_cell_skipped_without_bf16_hardware(tmp_path, monkeypatch):
 
 def test_trained_needs_the_target_step_and_the_done_marker(tmp_path):
     run = study.plan("attribution", args(tmp_path))[0]
-    assert not study.trained(run)
+    assert not trained(run)
     (run.dir / "checkpoints").mkdir(parents=True)
     (run.dir / "done").write_text("")
     torch.save({"global_step": 599}, run.dir / "checkpoints" / "last.ckpt")
-    assert not study.trained(run)
+    assert not trained(run)
     torch.save({"global_step": 600}, run.dir / "checkpoints" / "last.ckpt")
-    assert study.trained(run)
+    assert trained(run)
     (run.dir / "done").unlink()  # `lm fit` exited but the driver died before marking it: not trusted
-    assert not study.trained(run)
+    assert not trained(run)
     small_run = study.plan("small", args(tmp_path))[0]
     small = overrides(small_run.fit)
     assert small["--trainer.max_steps"] == "800" and small["--model.optim.warmup_steps"] == "80"
@@ -197,10 +202,10 @@ def test_curve_reuses_an_identical_finished_attribution_run(tmp_path):
     order = study.plan("curve", a)
     assert order[-1].name == "base-softmax-s1" and all(r.train_dir == r.dir for r in order[:-1])  # trainings first
     curve = {r.name: r for r in order}
-    assert curve["base-softmax-s1"].train_dir == src.dir and study.trained(curve["base-softmax-s1"])
+    assert curve["base-softmax-s1"].train_dir == src.dir and trained(curve["base-softmax-s1"])
     assert curve["base-softmax-s1"].dir != src.dir  # its evaluation and row.json stay in the curve's folder
     for name in ("base-elliptical-s1", "base-softmax-s2", "base-quest-s1"):
-        assert curve[name].train_dir == curve[name].dir and not study.trained(curve[name]), name
+        assert curve[name].train_dir == curve[name].dir and not trained(curve[name]), name
     # a curve at another step count is another recipe
     assert study.plan("curve", args(tmp_path, steps=300))[0].train_dir != src.dir
 
@@ -215,10 +220,11 @@ def test_execute_marks_a_finished_fit_done(tmp_path, monkeypatch):
             torch.save({"global_step": run.steps}, run.dir / "checkpoints" / "last.ckpt")
         else:
             (run.dir / "evaluate").mkdir(parents=True, exist_ok=True)
-            res = {"clean": {"ppl": 200.0}, "word_swap:0.015": {"ppl": 210.0, "corruption": {"effective_rate": 0.016}}}
+            res = {"clean": {"ppl": 200.0},
+                   "word_swap:0.015": {"ppl": 210.0, "corruption": {"effective_rate": 0.016}}}
             (run.dir / "evaluate" / "results.json").write_text(json.dumps({"rows": [{"results": res}]}))
 
     monkeypatch.setattr(study, "_lm", fake_lm)
     row = study.execute(run, 1)
-    assert (run.dir / "done").exists() and study.trained(run)
+    assert (run.dir / "done").exists() and trained(run)
     assert row["ppl"] == {"clean": 200.0, "word_swap:0.015": 210.0} and row["effective_rate"] == {"word_swap:0.015": 0.016}
