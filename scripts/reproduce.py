@@ -46,8 +46,10 @@ def sh(args: list[str], env: dict | None = None) -> None:
                          f"command to resume it.")
 
 
-def lm(*args: str) -> None:
-    sh([sys.executable, "-m", "lm.cli", *args])
+def lm(*args: str, threads: int | None = None) -> None:
+    """Run `python -m lm.cli *args`; ``threads`` pins OMP_NUM_THREADS (the study runs two jobs on two cores)."""
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    sh([sys.executable, "-m", "lm.cli", *args], env=env)
 
 
 def ckpt_step(path: Path) -> int | None:

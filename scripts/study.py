@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm.utils import atomic_write_text, cpu_bf16_native  # noqa: E402
 # scripts/ is sys.path[0] when run as a script; one definition of "trained" (done marker + target step) for both.
-from reproduce import StudyError, ckpt_step, fit_to, sh, trained as trained_at  # noqa: E402
+from reproduce import StudyError, ckpt_step, fit_to, lm, trained as trained_at  # noqa: E402
 from study_report import REPORTS  # noqa: E402
 
 TINY = ["--config", "configs/wikitext2/tiny.yaml"]
@@ -140,20 +140,16 @@ def reuse(run: Run, out: Path) -> Run:
     return run
 
 
-def _lm(args: list[str], threads: int) -> None:
-    sh([sys.executable, "-m", "lm.cli", *args], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-
-
 def execute(run: Run, threads: int) -> dict:
     """Train (or resume), evaluate, and write the run's row.json; returns the row."""
     ckpt = run.train_dir / "checkpoints" / "last.ckpt"
-    fit_to(run.train_dir, run.steps, lambda resume: _lm(
-        ["fit", *run.fit, "--seed_everything", str(run.seed), "--trainer.default_root_dir", str(run.train_dir),
-         *resume], threads))
+    fit_to(run.train_dir, run.steps, lambda resume: lm(
+        "fit", *run.fit, "--seed_everything", str(run.seed), "--trainer.default_root_dir", str(run.train_dir),
+        *resume, threads=threads))
     ev = run.dir / "evaluate" / "results.json"
     if not ev.exists():
-        _lm(["evaluate", "--ckpts", str(ckpt), "--corruptions", ",".join(run.specs), "--seed", str(run.seed),
-             "--out", str(run.dir / "evaluate"), *run.eval_args], threads)
+        lm("evaluate", "--ckpts", str(ckpt), "--corruptions", ",".join(run.specs), "--seed", str(run.seed),
+           "--out", str(run.dir / "evaluate"), *run.eval_args, threads=threads)
     res = json.loads(ev.read_text())["rows"][0]["results"]
     train = run.train_dir / "results" / "train.json"
     t = json.loads(train.read_text()) if train.exists() else {}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
@@ -89,7 +90,7 @@ def test_a_run_short_of_its_target_step_is_never_marked_done(tmp_path, monkeypat
     calls = []
 
     def fake_lm(step, code=0):
-        def sh(argv):
+        def sh(argv, env=None):
             calls.append(argv)
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"global_step": step}, ckpt)
@@ -110,6 +111,16 @@ def test_a_run_short_of_its_target_step_is_never_marked_done(tmp_path, monkeypat
     assert not reproduce.trained(run, 30)
     torch.save({"global_step": 30}, ckpt)
     assert reproduce.trained(run, 30)
+
+
+def test_lm_pins_threads_only_when_asked(monkeypatch):
+    seen = []
+    monkeypatch.setattr(reproduce, "sh", lambda argv, env=None: seen.append((argv[1:], env)))
+    reproduce.lm("fit", "--x")
+    reproduce.lm("evaluate", threads=1)
+    assert seen[0] == (["-m", "lm.cli", "fit", "--x"], None)  # inherits the caller's environment untouched
+    assert seen[1][0] == ["-m", "lm.cli", "evaluate"] and seen[1][1]["OMP_NUM_THREADS"] == "1"
+    assert seen[1][1]["PATH"] == os.environ["PATH"]  # the rest of the environment is kept
 
 
 def test_sh_reports_a_signal_exit_in_one_line():

@@ -214,7 +214,8 @@ def test_execute_marks_a_finished_fit_done(tmp_path, monkeypatch):
     # A fake `lm`: fit writes last.ckpt at the target step, evaluate writes results.json.
     run = study.plan("attribution", args(tmp_path))[0]
 
-    def fake_lm(argv, threads):
+    def fake_lm(*argv, threads):
+        assert threads == 1
         if argv[0] == "fit":
             (run.dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             torch.save({"global_step": run.steps}, run.dir / "checkpoints" / "last.ckpt")
@@ -224,7 +225,7 @@ def test_execute_marks_a_finished_fit_done(tmp_path, monkeypatch):
                    "word_swap:0.015": {"ppl": 210.0, "corruption": {"effective_rate": 0.016}}}
             (run.dir / "evaluate" / "results.json").write_text(json.dumps({"rows": [{"results": res}]}))
 
-    monkeypatch.setattr(study, "_lm", fake_lm)
+    monkeypatch.setattr(study, "lm", fake_lm)
     row = study.execute(run, 1)
     assert (run.dir / "done").exists() and trained(run)
     assert row["ppl"] == {"clean": 200.0, "word_swap:0.015": 210.0} and row["effective_rate"] == {"word_swap:0.015": 0.016}
