@@ -3,4 +3,5 @@
 # Locally, `bash scripts/test.sh -m "not slow"` skips the slow ones.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-python -m pytest -q -p no:cacheprovider "$@"
+# --durations: every CI log names its slowest tests, so a suite creeping past 10 minutes shows where.
+python -m pytest -q -p no:cacheprovider --durations=15 "$@"
