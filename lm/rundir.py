@@ -151,37 +151,20 @@ class StopSignals:
         return signal.Signals(self.received or signal.SIGTERM).name
 
 
-def machine_memory(device) -> tuple[int, str]:
-    """Bytes of memory on the device a run uses, and its name (GPU memory for CUDA, else physical RAM)."""
-    import torch
-
-    if getattr(device, "type", "cpu") == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory), f"GPU {device}"
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "RAM"
-
-
 def check_window_memory(model, stage: str, device, train_batch: int = 1) -> None:
-    """Refuse a segment/window the machine cannot hold: one layer's attention scores alone take
-    batch x heads x T x (T + memory) x 4 bytes. (``data.tgt_len 10000000`` once scored a whole split as one
-    window and grew to 10.7 GB before it was stopped.) Only a need above the whole device is refused: the
-    estimate is a lower bound for the materialised path, and fused kernels may need less."""
+    """Refuse a segment/window the machine cannot hold, before anything is written: the guard shared with
+    ``lm evaluate`` and ``lm analyze`` (``lm.data.window_memory``), for the training segment (fit) and the
+    evaluation window."""
+    from lm.data.window_memory import Window, check_windows
+
     cfg, e = model.cfg, model.eval_cfg
     windows = []
     if stage == "fit":
-        windows.append(("data.tgt_len", "data.batch_size", train_batch, model.tgt_len,
-                        cfg.mem_len))
-    w = e.tgt_len or model.tgt_len
-    windows.append(("data.eval.tgt_len (default: data.tgt_len)", "data.eval.batch_size", e.batch_size, w,
-                    (e.mem_len if e.mem_len is not None else cfg.mem_len) if e.protocol == "memory" else 0))
-    have, where = machine_memory(device)
-    for t_name, b_name, batch, T, M in windows:
-        need = int(batch) * cfg.n_head * int(T) * (int(T) + int(M)) * 4
-        if need > have:
-            raise ConfigError(
-                f"A window of {T} tokens needs at least {need / 2**30:,.0f} GiB for one layer's attention scores "
-                f"({b_name} {batch} x {cfg.n_head} heads x {T} x {T + M} keys x 4 bytes), more than this machine's "
-                f"{have / 2**30:,.0f} GiB {where}. Lower {t_name} (the paper uses 256-512) or {b_name}."
-            )
+        windows.append(Window("data.tgt_len", "data.batch_size", model.tgt_len, train_batch, cfg.mem_len))
+    mem = (e.mem_len if e.mem_len is not None else cfg.mem_len) if e.protocol == "memory" else 0
+    windows.append(Window("data.eval.tgt_len (default: data.tgt_len)", "data.eval.batch_size",
+                          e.tgt_len or model.tgt_len, e.batch_size, mem))
+    check_windows(windows, cfg.n_head, device)
 
 
 # Model settings that do not change what an evaluation computes, or that the data sets (linked).

@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-if ! "$PY" -c "import jsonargparse, omegaconf, datasets" >/dev/null 2>&1 && ls .whl/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import jsonargparse, omegaconf, pyarrow" >/dev/null 2>&1 && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p .whl
 for spec in jsonargparse docstring-parser typeshed-client importlib-resources omegaconf antlr4-python3-runtime==4.9.3 \
-            datasets dill multiprocess pyarrow-hotfix; do
+            pyarrow; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl "$spec" || python3 -m pip download -q --no-deps -d .whl "$spec"

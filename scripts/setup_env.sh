@@ -21,7 +21,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0"
   python -m pip install -q torch==2.13.0
 fi
-if ! python -c "import lm, corruptions, lightning, jsonargparse, tokenizers, datasets, pytest, xdist" >/dev/null 2>&1 \
+if ! python -c "import lm, corruptions, lightning, jsonargparse, tokenizers, pyarrow, huggingface_hub, pytest, xdist" >/dev/null 2>&1 \
    || [ setup.cfg -nt .venv/.installed ]; then
   echo "[setup] installing the package (editable) and its dependencies"
   python -m pip install -q -e ".[test,plot]"

@@ -1,5 +1,6 @@
-"""Data on a fresh machine: downloads for real over HTTP from a server on 127.0.0.1 (generated zip and
-parquet files); only the Hugging Face hub lookup is replaced, by a plain parquet download from that server."""
+"""Data on a fresh machine: downloads for real over HTTP from servers on 127.0.0.1 (generated zip and
+parquet files); the Hugging Face hub is a stand-in (tests/hub_server.py) that huggingface_hub talks to through
+$HF_ENDPOINT."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import lm.data.download as download
 from lm.data.datamodule import LMDataModule
 from lm.data.sst2 import find_sst2, read_tsv
 from lm.errors import DataError
+
+from hub_server import HubServer, parquet_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,24 +70,17 @@ def fresh(tmp_path, monkeypatch):
     return tmp_path
 
 
-def hub_from(server_url: str, cache: Path, expected_path: str):
-    """Stand-in for the hub: the named dataset's split is a parquet file on the local server, loaded by
-    ``datasets`` itself over HTTP."""
-    import datasets
-
-    def load(path, config, split):
-        assert path == expected_path
-        return datasets.load_dataset("parquet", data_files={split: f"{server_url}{config}/{split}.parquet"},
-                                     split=split, cache_dir=str(cache))
-    return load
+@pytest.fixture
+def hub(monkeypatch):
+    """A Hugging Face hub stand-in on 127.0.0.1, with $HF_ENDPOINT pointing at it."""
+    with HubServer() as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        yield h
 
 
-def write_parquet(path: Path, columns: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(columns), path)
+def hub_parquet(hub, repo: str, config: str, split: str, columns: dict) -> None:
+    hub.add(repo, f"{config}/{split}-00000-of-00001.parquet", parquet_bytes(columns))
 
 
 def enwik8_bytes(n=4000) -> bytes:
@@ -135,43 +131,42 @@ def wikitext_rows():
             "test": [" a cat \n", ""]}
 
 
-def test_wikitext_from_hub_parquet_rebuilds_the_original_files(server, fresh, monkeypatch):
-    url, www, gets = server
+def test_wikitext_from_hub_parquet_rebuilds_the_original_files(hub, fresh, monkeypatch):
     for split, rows in wikitext_rows().items():
-        write_parquet(www / "wikitext-2-v1" / f"{split}.parquet", {"text": rows})
+        hub_parquet(hub, "Salesforce/wikitext", "wikitext-2-v1", split, {"text": rows})
     expected = {"train": b" \n = A = \n \n the cat sat \n", "valid": b" \n the dog \n", "test": b" a cat \n \n"}
     for split, data in expected.items():  # pin the generated files as the canonical ones
         monkeypatch.setitem(download.PINNED, f"wikitext-2/wiki.{split}.tokens", hashlib.sha256(data).hexdigest())
-    monkeypatch.setattr(download, "hub_split", hub_from(url, fresh / "hf", "Salesforce/wikitext"))
     root = fresh / "data"
     dm = LMDataModule(corpus="wikitext-2", root=str(root), cache_dir=str(fresh / "cache"))
     assert dm.vocab_size == 7  # <eos> + 5 distinct train words (=, A, the, cat, sat) + <unk>
     for split, data in expected.items():
         assert (root / "wikitext-2" / f"wiki.{split}.tokens").read_bytes() == data
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".wikitext")) == []  # staging removed
-    assert len([g for g in gets if g.endswith(".parquet")]) >= 3
+    assert sorted(p.name for p in (root / "wikitext-2").iterdir()) == [f"wiki.{s}.tokens" for s in ("test", "train",
+                                                                                                     "valid")]
+    assert len([g for g in hub.gets if g.endswith(".parquet")]) == 3
 
 
-def test_wikitext_checksum_mismatch_writes_nothing(server, fresh, monkeypatch):
-    url, www, _ = server
+def test_wikitext_checksum_mismatch_writes_nothing(hub, fresh):
     for split, rows in wikitext_rows().items():
-        write_parquet(www / "wikitext-2-v1" / f"{split}.parquet", {"text": rows})
-    monkeypatch.setattr(download, "hub_split", hub_from(url, fresh / "hf", "Salesforce/wikitext"))
+        hub_parquet(hub, "Salesforce/wikitext", "wikitext-2-v1", split, {"text": rows})
     root = fresh / "data"
     with pytest.raises(DataError, match=r"(?s)rebuilt from Salesforce/wikitext/wikitext-2-v1 has sha256.*by hand"):
         corpora.find_corpus("wikitext-2", str(root), source="download")
     assert not (root / "wikitext-2").exists()
+    assert [p.name for p in root.iterdir()] == [".lm-download.lock"]  # no staging or parquet left
 
 
-def test_sst2_from_hub_parquet(server, fresh, monkeypatch):
-    url, www, _ = server
-    write_parquet(www / "sst2" / "train.parquet", {"sentence": ["a fine film ", "dull , dull "], "label": [1, 0],
-                                                   "idx": [0, 1]})
-    write_parquet(www / "sst2" / "validation.parquet", {"sentence": ["it 's good "], "label": [1], "idx": [0]})
-    monkeypatch.setattr(download, "hub_split", hub_from(url, fresh / "hf", "nyu-mll/glue"))
+def test_sst2_from_hub_parquet(hub, fresh):
+    hub_parquet(hub, "nyu-mll/glue", "sst2", "train", {"sentence": ["a fine film ", "dull , dull "], "label": [1, 0],
+                                                      "idx": [0, 1]})
+    hub_parquet(hub, "nyu-mll/glue", "sst2", "validation", {"sentence": ["it 's good "], "label": [1], "idx": [0]})
+    hub_parquet(hub, "nyu-mll/glue", "sst2", "test", {"sentence": ["unlabelled "], "label": [-1], "idx": [0]})
     files = find_sst2(str(fresh / "data"), "auto")
     assert files["train"].read_text() == "sentence\tlabel\na fine film \t1\ndull , dull \t0\n"  # GLUE's layout
     assert read_tsv(files["dev"]) == (["it 's good"], [1])
+    assert not any("/test-" in g for g in hub.gets)  # the unlabelled test split is never fetched
 
 
 def test_local_never_downloads_and_names_the_urls(fresh, monkeypatch):

@@ -112,15 +112,12 @@ def test_hub_offline_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    # `datasets` and `huggingface_hub` read the offline flags once, at import: in the suite another test has
-    # imported them already, and without this they would try the network for ~25 s (a fresh `lm` process, which
-    # is what a user runs, reads the environment above).
-    import datasets.config
+    # `huggingface_hub` reads the offline flag once, at import: in the suite another test has imported it
+    # already, and without this it would try the network (a fresh `lm` process, which is what a user runs,
+    # reads the environment above).
     import huggingface_hub.constants
 
-    for mod, name in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
-                      (huggingface_hub.constants, "HF_HUB_OFFLINE")):
-        monkeypatch.setattr(mod, name, True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     dm = SST2DataModule(root=str(tmp_path / "data"), source="download", vocab="fresh")
     with pytest.raises(DataError, match="(?s)SST-2 is not on this machine and could not be downloaded.*nyu-mll/glue"):
         dm.files

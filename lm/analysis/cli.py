@@ -7,6 +7,7 @@ split and writes ``analysis.json``, PNG plots (if matplotlib is installed) and T
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ import torch
 from lm.analysis.metrics import attention_entropy, collapse, head_redundancy
 from lm.errors import ConfigError
 from lm.utils import atomic_write_text
+
+ANALYZE_BATCH = 4  # windows per forward pass
 
 
 @torch.no_grad()
@@ -103,6 +106,8 @@ def analyze(
     if passage_start < 0:
         raise ConfigError(f"--passage_start must be >= 0, got {passage_start}.")
     model, vocab, ckpt_dict = load_language_model(ckpt)
+    _check_finite(model, ckpt)
+    _check_windows(model, seq_len, n_sequences, passage_len)
     p = Path(ckpt).resolve()
     out_dir = Path(out) if out else (p.parent.parent if p.parent.name == "checkpoints" else p.parent) / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, before the work
@@ -113,16 +118,51 @@ def analyze(
         vocab.save(tok)
         tokens = LMDataModule(corpus=corpus, root=root, source=source, base_url=base_url,
                               tokenizer=str(tok)).tokens(split)
-    result = analyze_model(model, tokens, seq_len, n_sequences)
+    if passage_start >= tokens.numel():  # an empty passage plotted as blank panels, with exit 0
+        raise ConfigError(f"--passage_start {passage_start} is beyond the {split} split, which has {tokens.numel():,} "
+                          f"tokens: give an offset below {tokens.numel():,} (default 0). Nothing was written.")
+    result = analyze_model(model, tokens, seq_len, n_sequences, batch_size=ANALYZE_BATCH)
     result.update({"checkpoint": ckpt, "split": split, "corpus": corpus})
     passage = tokens[passage_start:passage_start + passage_len]
     maps = attention_maps(model, passage)
     words = [vocab.id_to_token(int(i)) for i in passage]
     result["plots"] = _plots(out_dir, result, maps, words)
-    atomic_write_text(out_dir / "analysis.json", json.dumps(result, indent=2))
+    # Strict JSON: a NaN/inf metric (a degenerate window) is written as null, never as the invalid `NaN`.
+    atomic_write_text(out_dir / "analysis.json", json.dumps(_finite_or_null(result), indent=2, allow_nan=False))
     _tensorboard(out_dir, result)
     print(json.dumps({k: v for k, v in result.items() if k != "entropy_per_layer_head"}, indent=2))
     return result
+
+
+def _check_finite(model, ckpt: str) -> None:
+    """Non-finite weights give NaN everywhere: refused, as ``lm test`` and ``lm evaluate`` refuse them."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ConfigError(f"The weights of {ckpt} are non-finite ({len(bad)} tensors, e.g. {bad[0]}): it was saved "
+                          f"after training diverged, and every metric would be NaN. Analyze an earlier checkpoint "
+                          f"(a best-* file, or one saved before the loss became NaN). Nothing was written.")
+
+
+def _check_windows(model, seq_len: int, n_sequences: int, passage_len: int) -> None:
+    """The window-memory guard of every command (``lm.data.window_memory``): here every layer's attention
+    weights are kept at once (``need_weights``), for ``--seq_len`` windows and for the ``--passage_len`` map."""
+    from lm.data.window_memory import Window, check_windows
+
+    n_layer = model.cfg.n_layer
+    check_windows([Window("--seq_len", f"--n_sequences ({ANALYZE_BATCH} windows per batch)", seq_len,
+                          min(ANALYZE_BATCH, n_sequences), 0, n_layer),
+                   Window("--passage_len", "", passage_len, 1, 0, n_layer)],
+                  model.cfg.n_head, next(model.parameters()).device)
+
+
+def _finite_or_null(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _plots(out_dir: Path, result: dict, maps: list[torch.Tensor], words: list[str]) -> list[str]:

@@ -22,6 +22,8 @@ CORPORA = WORD_CORPORA + ("enwik8",)
 # Standard EnWik8 split, as fractions of the file so a small generated file splits the same way;
 # for the real 100,000,000-byte file this is exactly [0, 90M) / [90M, 95M) / [95M, 100M).
 ENWIK8_PERCENT = {"train": (0, 90), "valid": (90, 95), "test": (95, 100)}
+# The real file is exactly 10^8 bytes; nothing larger is inflated from a zip into memory.
+ENWIK8_BYTES = ENWIK8_MAX_BYTES = 100_000_000
 HOW_TO_GET = {
     "wikitext-2": "fetch " + BY_HAND["wikitext-2"] + " so that <root>/wikitext-2/wiki.{train,valid,test}.tokens exist",
     "wikitext-103": "fetch " + BY_HAND["wikitext-103"] + " so that <root>/wikitext-103/wiki.{train,valid,test}.tokens exist",
@@ -127,7 +129,7 @@ def _read_file(p: Path) -> bytes:
                 if member is None:
                     raise DataError(f"{p} has no member named 'enwik8' (members: {names[:5]}). Use the "
                                     f"original enwik8.zip from mattmahoney.net.")
-                return z.read(member)
+                return _inflate_capped(z, member, p)
         except zipfile.BadZipFile as e:
             raise DataError(f"{p} is not a valid zip file ({e}). Re-download enwik8.zip.") from None
     try:
@@ -137,6 +139,25 @@ def _read_file(p: Path) -> bytes:
     if not data:
         raise DataError(f"{p} is empty. Re-download or re-extract the file.")
     return data
+
+
+def _inflate_capped(z: zipfile.ZipFile, member: str, p: Path) -> bytes:
+    """The member's bytes, never more than ``ENWIK8_MAX_BYTES``: a zip whose member inflates to a gigabyte (a
+    zip bomb, or another file named enwik8) is refused from its declared size before anything is inflated, and
+    the inflation itself is capped (a declared size can lie; zipfile stops at it, this does not rely on that)."""
+    info = z.getinfo(member)
+    too_big = (f"{p}: its member {member!r} {{}}: it is not the enwik8 "
+               f"file (a different or damaged archive). Use the original enwik8.zip from mattmahoney.net "
+               f"(sha256 547994d9...534bc).")
+    if info.file_size > ENWIK8_MAX_BYTES:
+        raise DataError(too_big.format(f"declares {info.file_size:,} bytes, more than enwik8's {ENWIK8_BYTES:,}"))
+    out = bytearray()
+    with z.open(info) as f:
+        while chunk := f.read(min(1 << 24, ENWIK8_MAX_BYTES + 1 - len(out))):
+            out += chunk
+            if len(out) > ENWIK8_MAX_BYTES:
+                raise DataError(too_big.format(f"inflates to more than enwik8's {ENWIK8_BYTES:,} bytes"))
+    return bytes(out)
 
 
 def _word_paths(name: str, roots: list[Path]) -> tuple[dict, dict, dict]:

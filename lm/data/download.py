@@ -1,16 +1,20 @@
 """Getting the benchmark data onto a fresh machine (``data.source: auto`` and ``download``).
 
 - WikiText-2/103: the Hugging Face ``Salesforce/wikitext`` copy (``wikitext-2-v1`` / ``wikitext-103-v1``,
-  which are the tokenized ``.tokens`` files) through ``datasets``, written back as the original files.
-- SST-2: ``nyu-mll/glue`` (``sst2``) through ``datasets``, written as GLUE's train.tsv / dev.tsv.
-- EnWik8: the canonical ``enwik8.zip`` over plain HTTP (the hub copy is a script dataset that current
-  ``datasets`` refuses), from ``data.base_url`` (default mattmahoney.net), sha256 pinned.
+  which are the tokenized ``.tokens`` files): its parquet files through ``huggingface_hub`` + ``pyarrow``
+  (``hub_split``), written back as the original files.
+- SST-2: ``nyu-mll/glue`` (``sst2``), the same way, written as GLUE's train.tsv / dev.tsv after every row
+  is checked (``sst2_tsv``).
+- EnWik8: the canonical ``enwik8.zip`` over plain HTTP (the hub copy is a script dataset, not parquet),
+  from ``data.base_url`` (default mattmahoney.net), sha256 pinned.
 
 Everything lands in the data root (``data.root``, else $LM_DATA_DIR, else ./data) exactly as a manual
 download would, so later runs read it as local files and never download again. A corpus is written to a
 hidden folder and renamed into place in one step, and files are checked against the pinned sha256
 where the canonical value is known, so an interrupted or corrupted download never looks like data.
-A file lock in the data root makes concurrent processes (e.g. DDP ranks) download once.
+A file lock in the data root makes concurrent processes (e.g. DDP ranks) download once; the process holding
+it first removes what killed downloads left behind (``.part`` files, ``.partial`` folders): no live
+download can own them.
 """
 
 from __future__ import annotations
@@ -79,16 +83,34 @@ def not_found(name: str, expected: list[str], looked: list[Path], why: str | Non
 
 @contextlib.contextmanager
 def _locked(root: Path):
-    """An exclusive lock on ``<root>/.lm-download.lock`` (POSIX), held while one process downloads."""
+    """An exclusive lock on ``<root>/.lm-download.lock`` (POSIX), held while one process downloads; yields
+    whether the lock is real (on Windows only the atomic renames keep files whole)."""
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows)
+        fcntl = None
     with open(root / ".lm-download.lock", "a+") as f:
-        try:
-            import fcntl
-
+        if fcntl is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover (Windows): the atomic renames still keep files whole
-            pass
-        yield
+        yield fcntl is not None
+
+
+def remove_stale_partials(dest: Path) -> list[Path]:
+    """Remove what killed downloads left in the data root: ``.<file>.*.part`` files (``fetch``) and
+    ``.<name>.partial.*`` / ``.<name>.hub.partial.*`` folders (hub downloads). Call only while holding
+    ``_locked(dest)``: every download into ``dest`` writes them under that lock, so none belongs to a live
+    download (the kernel drops the lock of a killed process; ``kill -9`` included)."""
+    gone = []
+    for p in [*dest.glob(".*.partial.*"), *dest.glob("*/.*.part")]:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p)
+    if gone:
+        _say(f"removed {len(gone)} unfinished download(s) left by an interrupted run: {', '.join(map(str, gone[:3]))}")
+    return gone
 
 
 def _say(msg: str) -> None:
@@ -140,26 +162,62 @@ def _check_pinned(rel: str, data: bytes, origin: str) -> None:
                       f"{want[:12]}... (nothing was written)")
 
 
-def hub_split(path: str, config: str, split: str):
-    """One split of a hub dataset (the only network call that is not plain HTTP)."""
-    import datasets
-
-    if not os.environ.get("HF_HUB_OFFLINE") and not os.environ.get("HF_DATASETS_OFFLINE"):
-        # One quick request first: offline, ``datasets`` retries for about half a minute before failing.
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        urllib.request.urlopen(f"{endpoint}/api/datasets/{path}", timeout=15).close()
-    return datasets.load_dataset(path, config, split=split)
+def _endpoint() -> str | None:
+    # Read at call time: huggingface_hub reads $HF_ENDPOINT once, at import, and a mirror set later (or a test's
+    # stand-in server) would be ignored.
+    return os.environ.get("HF_ENDPOINT") or None
 
 
-def _hub_text(name: str, split: str) -> bytes:
+def hub_split(repo: str, config: str, split: str, columns: list[str], workdir: Path) -> dict[str, list]:
+    """``columns`` of one split of a hub dataset (the only network call that is not plain HTTP): its parquet
+    files, ``<config>/<split>-NNNNN-of-NNNNN.parquet`` (the layout of the hub's parquet datasets), downloaded
+    into ``workdir`` with huggingface_hub (tokens, mirrors via $HF_ENDPOINT, offline mode) and read with pyarrow.
+
+    Why not ``datasets``: it was used only for this one-time download, and it pulls in pandas, aiohttp, its
+    own cache (a second copy of every file) and retries for half a minute offline. Why pyarrow stays: every
+    parquet reader needs a native library (the hub's files are snappy/zstd-compressed), and pyarrow is the one
+    that huggingface_hub's own tooling and the hub's parquet converter write with."""
+    import pyarrow.parquet as pq
+    from huggingface_hub import HfApi, hf_hub_download
+
+    endpoint = _endpoint()
+    prefix = f"{config}/{split}-"
+    names = sorted(f.path for f in HfApi(endpoint=endpoint).list_repo_tree(repo, config, repo_type="dataset")
+                   if f.path.startswith(prefix) and f.path.endswith(".parquet") and "/" not in f.path[len(prefix):])
+    if not names:
+        raise OSError(f"the hub dataset {repo} has no {prefix}*.parquet file (its layout changed?)")
+    tables = [pq.read_table(hf_hub_download(repo, n, repo_type="dataset", local_dir=workdir, endpoint=endpoint),
+                            columns=columns) for n in names]
+    return {c: [v for t in tables for v in t.column(c).to_pylist()] for c in columns}
+
+
+def _hub_text(name: str, split: str, workdir: Path) -> bytes:
     path, config = HUB[name]
-    rows = hub_split(path, config, split)["text"]
+    rows = hub_split(path, config, split, ["text"], workdir)["text"]
     out = []
     for r in rows:
         # HF keeps each line's '\n' and turns whitespace-only lines into ''; the files hold ' ' there.
         r = r[:-1] if r.endswith("\n") else r
         out.append((r or " ") + "\n")
     return "".join(out).encode("utf-8")
+
+
+def sst2_tsv(sentences: list, labels: list, where: str) -> bytes:
+    """GLUE's TSV layout of the hub's SST-2 rows, each row checked first: a sentence with a line break would
+    split its row, and a label other than 0/1 (GLUE's unlabelled test rows carry -1) is not a training label.
+    Published files are trusted by every later run (``auto`` never downloads again), so nothing bad is written."""
+    if len(sentences) != len(labels) or not sentences:
+        raise ValueError(f"{where} has {len(sentences)} sentences and {len(labels)} labels (nothing was written)")
+    rows = []
+    for i, (s, y) in enumerate(zip(sentences, labels)):
+        if not isinstance(s, str) or not s.strip() or "\n" in s or "\r" in s:
+            raise ValueError(f"row {i} of {where} has an empty sentence or one with a line break: {str(s)[:60]!r} "
+                             f"(nothing was written)")
+        if isinstance(y, bool) or y not in (0, 1):
+            raise ValueError(f"row {i} of {where} has the label {y!r}, not 0 or 1 (nothing was written)")
+        # GLUE's TSVs end every sentence with a space before the tab; tabs inside would break a row.
+        rows.append(f"{s.replace(chr(9), ' ').strip()} \t{int(y)}\n")
+    return ("sentence\tlabel\n" + "".join(rows)).encode("utf-8")
 
 
 def materialise(name: str, root: str | os.PathLike | None = None, base_url: str | None = None,
@@ -169,7 +227,9 @@ def materialise(name: str, root: str | os.PathLike | None = None, base_url: str 
     root) and the manual URLs."""
     dest = download_root(root)
     expected = _expected(name)
-    with _locked(dest):
+    with _locked(dest) as exclusive:
+        if exclusive:
+            remove_stale_partials(dest)
         if all((dest / e).is_file() for e in expected) or (name == "enwik8" and (dest / "enwik8" / "enwik8").is_file()):
             return dest  # another process (or an earlier run) finished it, or it is there unzipped
         try:
@@ -199,25 +259,26 @@ def _download(name: str, dest: Path, base_url: str | None) -> None:
     path, config = HUB[name]
     _say(f"downloading {name} from the Hugging Face hub ({path}, {config}) into {dest}")
     staging = Path(tempfile.mkdtemp(dir=dest, prefix=f".{name}.partial."))
+    hub = Path(tempfile.mkdtemp(dir=dest, prefix=f".{name}.hub.partial."))  # the parquet files, removed after
     try:
         if name == "sst2":
             for split, hub_name in (("train", "train"), ("dev", "validation")):
-                ds = hub_split(path, config, hub_name)
-                # GLUE's TSVs end every sentence with a space before the tab; tabs inside would break a row.
-                rows = "".join(f"{str(s).replace(chr(9), ' ').strip()} \t{int(y)}\n"
-                               for s, y in zip(ds["sentence"], ds["label"]))
-                (staging / f"{split}.tsv").write_bytes(("sentence\tlabel\n" + rows).encode("utf-8"))
+                cols = hub_split(path, config, hub_name, ["sentence", "label"], hub)
+                (staging / f"{split}.tsv").write_bytes(sst2_tsv(cols["sentence"], cols["label"],
+                                                                f"{path}/{config} {hub_name}"))
             (dest / "glue").mkdir(exist_ok=True)
             _publish(staging, dest / "glue" / "SST-2")
         else:
             for split, hub_name in (("train", "train"), ("valid", "validation"), ("test", "test")):
-                data = _hub_text(name, hub_name)
+                data = _hub_text(name, hub_name, hub)
                 _check_pinned(f"{name}/wiki.{split}.tokens", data, f"{path}/{config}")
                 (staging / f"wiki.{split}.tokens").write_bytes(data)
             _publish(staging, dest / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(hub, ignore_errors=True)
     _say(f"{name} is in {dest}; later runs read it from there")
 
 
-__all__ = ["SOURCES", "download_root", "fetch", "materialise", "not_found", "resolve_base_url"]
+__all__ = ["SOURCES", "download_root", "fetch", "materialise", "not_found", "remove_stale_partials", "resolve_base_url",
+           "sst2_tsv"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lm.data.corpora import resolve_roots
-from lm.data.download import SOURCES, materialise, not_found
+from lm.data.download import BY_HAND, SOURCES, materialise, not_found
 from lm.errors import DataError, unknown
 
 SPLITS = ("train", "dev")
@@ -23,7 +23,17 @@ def find_sst2(root: str | None = None, source: str = "auto") -> dict[str, Path]:
     corpora: ``auto`` downloads them into the data root when no root has them)."""
     if source not in SOURCES:
         raise unknown("data.source", source, SOURCES)
-    roots = [materialise("sst2", root)] if source == "download" else resolve_roots(root)
+    # An explicit root is a statement of where the data is (as for the corpora, lm.data.corpora.find_corpus):
+    # one that does not exist is an error with `local`, and with `auto` SST-2 is downloaded INTO it; another
+    # place's copy is never used instead.
+    explicit_missing = root is not None and not Path(root).expanduser().is_dir()
+    if explicit_missing and source == "local":
+        raise DataError(f"SST-2 was not found (data.source: local never downloads): data.root names a folder that "
+                        f"does not exist, and no other place is searched instead. Expected glue/SST-2/train.tsv and "
+                        f"glue/SST-2/dev.tsv under {root}. Point data.root at the folder that holds glue/SST-2/ (e.g. "
+                        f"../shared/data), leave it unset to search $LM_DATA_DIR, ./data and ../shared/data, set "
+                        f"data.source: auto to download SST-2 into it, or fetch {BY_HAND['sst2']} by hand.")
+    roots = ([materialise("sst2", root)] if source == "download" or explicit_missing else resolve_roots(root))
 
     def found(r: Path) -> bool:
         return all((r / "glue" / "SST-2" / f"{s}.tsv").is_file() for s in SPLITS)

@@ -88,7 +88,7 @@ def evaluate(
     # Everything is checked before the first (long) evaluation: every checkpoint readable, the output folder
     # writable. A missing second checkpoint or an unusable --out used to surface only after the first ran.
     for c in ckpts:  # one model in memory at a time, here and in the loop below
-        _check_checkpoint(c)
+        _check_windows(_check_checkpoint(c), ecfg, accelerator)
     out_dir = Path(out) if out else default_out(ckpts)
     _check_writable(out_dir)
     rows, step = [], 0
@@ -153,14 +153,24 @@ def _report(rows: list[dict], ecfg: EvalConfig, split: str, seed: int, done: boo
             "corruption_seed": seed, "complete": done, "rows": rows}
 
 
-def _check_checkpoint(path: str) -> None:
+def _check_checkpoint(path: str):
     """Readable, an LM checkpoint with its vocabulary, and its weights fit its architecture (a full load:
     shape mismatches show now, not after the first checkpoints' evaluations)."""
     from lm import checkpoint
     from lm.tasks.lm_module import LanguageModel
 
     checkpoint.check_model_class(checkpoint.read(path), path, LanguageModel)
-    load_language_model(path)
+    return load_language_model(path)[0]
+
+
+def _check_windows(model, ecfg: EvalConfig, accelerator: str) -> None:
+    """The window-memory guard of every command (``lm.data.window_memory``), before any data is read."""
+    from lm.data.window_memory import Window, check_windows, resolve_device
+
+    mem = (ecfg.mem_len if ecfg.mem_len is not None else model.cfg.mem_len) if ecfg.protocol == "memory" else 0
+    check_windows([Window("--tgt_len (default: the training segment length)", "--batch_size",
+                          ecfg.tgt_len or model.tgt_len, ecfg.batch_size, mem)],
+                  model.cfg.n_head, resolve_device(accelerator))
 
 
 def default_out(ckpts: list[str]) -> Path:
