@@ -248,12 +248,21 @@ def test_stale_partial_downloads_are_removed_by_the_next_download(fresh, tmp_pat
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(www)))
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
+    url, found = f"http://127.0.0.1:{httpd.server_address[1]}/", {}
     try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
-        files = corpora.find_corpus("enwik8", str(root), source="auto", base_url=url)
+        # A live download (here: this thread) holds the root's lock: its `.part` files are left alone; the next
+        # download waits for the lock and only then clears what a killed holder left.
+        with download._locked(root):
+            later = threading.Thread(target=lambda: found.update(
+                files=corpora.find_corpus("enwik8", str(root), source="auto", base_url=url)))
+            later.start()
+            later.join(timeout=1.0)
+            assert later.is_alive() and all(p.exists() for p in stale)
+        later.join(timeout=60)
     finally:
         httpd.shutdown()
         httpd.server_close()
+    files = found["files"]
     assert files.read_bytes("train") == raw[: len(raw) * 90 // 100]
     assert sorted(p.name for p in root.iterdir()) == [".lm-download.lock", "enwik8"]
     assert sorted(p.name for p in (root / "enwik8").iterdir()) == ["enwik8.zip"]
