@@ -15,6 +15,8 @@ from typing import Any
 from lm.errors import ConfigError, unknown
 
 LayerSpec = str | int | list[int]
+FFN_KINDS = ("moe", "dense", "none")  # ffn.layout entries: MoE, dense FFN, no FFN (attention only)
+LAYOUTS = ("glam_authors", "glam_alternating", "all_moe")  # ffn.layout presets (FFNConfig.layer_kinds)
 
 
 def select_layers(spec: LayerSpec | None, n_layer: int, what: str = "layers") -> list[int]:
@@ -81,9 +83,20 @@ class AttentionConfig:
 class FFNConfig:
     """Feed-forward layers: ``dense``, ``switch`` (top-1, every layer) or ``glam`` (top-2, every other).
 
-    ``layers`` selects which layers are MoE (None: the variant's default). ``capacity_factor`` None
-    means dropless (no capacity limit). ``router_bias``: the router is ``Linear(d_model, n_experts)``
+    ``layers`` selects which layers are MoE, the others dense (None: the variant's default). ``capacity_factor``
+    None means dropless (no capacity limit). ``router_bias``: the router is ``Linear(d_model, n_experts)``
     with a bias (the MoE authors' ``nn.Linear`` gate) instead of without one (Switch's router).
+
+    ``layout`` (instead of ``layers``): the FFN kind of every layer, ``moe`` / ``dense`` / ``none`` (attention
+    only), as a list of ``n_layer`` kinds or a preset (``LAYOUTS``; formulas in ``layer_kinds``):
+    ``glam_authors`` is the MoE authors' GLaM as their ``TransformerSeq`` builds it (docs/parity.md),
+    ``glam_alternating`` the published GLaM (dense, MoE, dense, MoE, ...), ``all_moe`` Switch's.
+    ``nested_norm``: the MoE sub-layer carries its own residual and LayerNorm, as the authors'
+    ``CustomizedMoEPositionwiseFF``: the block's FFN half is ``LN2(h + LN_m(h + MoE(h)))`` instead of
+    ``LN2(h + MoE(h))`` (post-norm only). ``expert_init``: ``model`` (default) draws the experts like the
+    model's other Linear weights (``model.weight_init``); ``fmoe`` is FastMoE's ``FMoELinear``:
+    ``kaiming_uniform_(a=sqrt(5))`` on each stacked ``[E, out, in]`` weight, whose fan-in is ``out * in``
+    (bound ``1/sqrt(d_model * d_expert)``), and zero biases.
     """
 
     name: str = "dense"
@@ -97,9 +110,25 @@ class FFNConfig:
     jitter: float = 0.0
     d_expert: int | None = None
     router_bias: bool = False
+    layout: str | list[str] | None = None
+    nested_norm: bool = False
+    expert_init: str = "model"
 
     def __post_init__(self) -> None:
         _check_choice("ffn", self.name, ("dense", "switch", "glam"))
+        _check_choice("ffn.expert_init", self.expert_init, ("model", "fmoe"))
+        if self.layout is not None:
+            if self.layers is not None:
+                raise ConfigError("ffn.layers and ffn.layout both say where the MoE layers are: keep one "
+                                  "(ffn.layout also names dense and attention-only layers).")
+            if isinstance(self.layout, str):
+                _check_choice("ffn.layout", self.layout, LAYOUTS)
+            else:
+                for kind in self.layout:
+                    _check_choice("ffn.layout entry", kind, FFN_KINDS)
+            if self.name == "dense" and (isinstance(self.layout, str) or "moe" in self.layout):  # presets have MoE
+                raise ConfigError("ffn.layout puts MoE layers in a model with ffn.name: dense; set ffn.name: "
+                                  "switch (top-1 default) or glam (top-2 default).")
         if self.name != "dense":
             if self.n_experts < 1:
                 raise ConfigError(f"ffn.n_experts must be >= 1, got {self.n_experts}.")
@@ -116,10 +145,40 @@ class FFNConfig:
         return self.top_k if self.top_k is not None else (1 if self.name == "switch" else 2)
 
     def moe_layers(self, n_layer: int) -> list[int]:
-        if self.name == "dense":
+        return [i for i, kind in enumerate(self.layer_kinds(n_layer)) if kind == "moe"]
+
+    def layer_kinds(self, n_layer: int | None) -> list[str]:
+        """The FFN kind (``moe`` / ``dense`` / ``none``) of each of ``n_layer`` layers.
+
+        Presets: ``all_moe``: every layer MoE. ``glam_alternating``: MoE in the odd layers, dense in the even
+        ones (GLaM, Du et al. 2021; the project's ``glam`` default). ``glam_authors``: the MoE authors'
+        ``TransformerSeq(base_arch="glam")`` appends, for each pair i, a layer with the letters
+        ``arch[2i], arch[2i+1]`` (MoE if the second is ``g``) and one with ``arch[2i+2], arch[2i+3]`` (dense
+        if the second is ``f``); their arch strings repeat ``sgsf`` (``rgef``), so the letter at 2i+1 is ``g``
+        for even i and ``f`` for odd i. Layer 4j is MoE, 4j+1 dense, 4j+2 and 4j+3 attention only (GLaM-S:
+        moe, dense, none, none, moe, dense). ``n_layer`` None: a list layout as given (for validation).
+        """
+        if isinstance(self.layout, list):
+            if n_layer is not None and len(self.layout) != n_layer:
+                raise ConfigError(f"ffn.layout lists {len(self.layout)} FFN kinds for a {n_layer}-layer model; "
+                                  f"give one of {FFN_KINDS} per layer, or a preset {LAYOUTS}.")
+            return list(self.layout)
+        if n_layer is None:
             return []
+        if self.layout == "all_moe":
+            return ["moe"] * n_layer
+        if self.layout == "glam_alternating":
+            return ["moe" if i % 2 else "dense" for i in range(n_layer)]
+        if self.layout == "glam_authors":
+            if n_layer % 2:
+                raise ConfigError(f"ffn.layout glam_authors builds (MoE-or-none, dense-or-none) pairs, so "
+                                  f"model.n_layer must be even (their --nlayers x 2), got {n_layer}.")
+            return [("moe", "dense", "none", "none")[i % 4] for i in range(n_layer)]
+        if self.name == "dense":
+            return ["dense"] * n_layer
         default = "all" if self.name == "switch" else "odd"
-        return select_layers(self.layers if self.layers is not None else default, n_layer, "ffn.layers")
+        moe = set(select_layers(self.layers if self.layers is not None else default, n_layer, "ffn.layers"))
+        return ["moe" if i in moe else "dense" for i in range(n_layer)]
 
 
 @dataclass
@@ -133,6 +192,15 @@ class ModelConfig:
     ``pos_seq = arange(klen-1, -1, -1)``; under a key mask the last real token is 0). ``ln_init``: ``ones`` (default, PyTorch's LayerNorm weight 1)
     or ``normal``: weights drawn from N(1, ``init_std``) as the paper's (XL's) ``weights_init`` does;
     biases stay 0 either way.
+
+    ``dropout_placement`` (where ``dropout`` applies besides the attention weights' ``dropatt``): ``xl``
+    (default, Transformer-XL's) on the embeddings, the relative position embeddings, the attention output
+    before its residual, after the FFN's ReLU and on its output (each expert's, in MoE layers) and on the
+    final hidden states; ``authors`` (the MoE authors' ``models.py``) only after the FFN's / each expert's
+    ReLU and once on the combined MoE output (``CustomizedMoEPositionwiseFF``'s ``dropout(core_out)``).
+    ``weight_init``: ``normal`` (default) draws every Linear weight of the blocks from N(0, ``init_std``) with
+    zero biases; ``torch`` keeps PyTorch's own ``nn.Linear`` initialisation (the MoE authors' code applies
+    none). The embedding and softmax tables initialise themselves either way.
     """
 
     n_layer: int = 16
@@ -155,6 +223,8 @@ class ModelConfig:
     init_std: float = 0.02
     ln_init: str = "ones"
     abs_pos_order: str = "up"
+    dropout_placement: str = "xl"
+    weight_init: str = "normal"
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
 
@@ -168,6 +238,12 @@ class ModelConfig:
         _check_choice("model.norm", self.norm, ("post", "pre"))
         _check_choice("model.ln_init", self.ln_init, ("ones", "normal"))
         _check_choice("model.abs_pos_order", self.abs_pos_order, ("up", "down"))
+        _check_choice("model.dropout_placement", self.dropout_placement, ("xl", "authors"))
+        _check_choice("model.weight_init", self.weight_init, ("normal", "torch"))
+        if self.ffn.nested_norm and self.norm != "post":
+            raise ConfigError("ffn.nested_norm wraps the MoE output in its own residual + LayerNorm inside a "
+                              "post-LayerNorm block (the MoE authors' layer); with model.norm: pre there is no "
+                              "such block. Set model.norm: post or ffn.nested_norm: false.")
         if self.abs_pos_order == "down" and self.pos != "absolute":
             raise ConfigError("model.abs_pos_order 'down' numbers absolute positions; with model.pos: relative "
                               "there are none (distances are counted by the attention). Remove "
@@ -199,7 +275,7 @@ class ModelConfig:
         # Layer selections, variant names and their options are validated here, so a typo fails when
         # the config is built, not halfway through building the model.
         self.attention_layers()
-        self.ffn.moe_layers(self.n_layer)
+        self.ffn.layer_kinds(self.n_layer)
         from lm.model.attention import ATTENTION
 
         for name in {self.attention.name, self.attention.default}:

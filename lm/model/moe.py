@@ -43,17 +43,18 @@ class DenseFFN(nn.Module):
     """Transformer-XL's PositionwiseFF core: Linear - ReLU - Dropout - Linear - Dropout.
 
     Returns only the FFN output (no residual, no LayerNorm) so that dense and MoE layers are drop-in
-    replacements for each other inside a block.
+    replacements for each other inside a block. ``out_dropout=False`` leaves out the last Dropout (the MoE
+    authors' ``FeedForwardLayer``: dropout after the ReLU only); the state dict is the same either way.
     """
 
-    def __init__(self, d_model: int, d_inner: int, dropout: float) -> None:
+    def __init__(self, d_model: int, d_inner: int, dropout: float, out_dropout: bool = True) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(d_model, d_inner),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(d_inner, d_model),
-            nn.Dropout(dropout),
+            nn.Dropout(dropout) if out_dropout else nn.Identity(),
         )
         # Same interface as MoEFFN, so the model can sum aux losses without isinstance checks.
         self.aux_loss = None
@@ -89,6 +90,12 @@ class MoEFFN(nn.Module):
             Weights are never renormalised after capacity drops: a dropped assignment contributes zero.
         router_bias: give the router Linear a bias (the MoE authors' gate is ``nn.Linear(d_model, E)``,
             bias included; Switch's router has none).
+        dropout_at: ``"expert"`` (default): dropout after each expert's ReLU and on each expert's output,
+            before the combine weights. ``"output"`` (FastMoE as the MoE authors use it): after each expert's
+            ReLU and once on the combined output (one mask per token, not one per expert).
+        expert_init: ``"linear"`` (default): each expert like an ``nn.Linear`` pair (uniform +-1/sqrt(fan_in)
+            for weights and biases). ``"fmoe"``: FastMoE's ``FMoELinear``: ``kaiming_uniform_(a=sqrt(5))`` on
+            the stacked 3-D weight and zero biases (see ``reset_parameters``).
 
     Expert weights are stacked into four Parameters ``w1 [E, d_model, d_expert]``, ``b1 [E, d_expert]``,
     ``w2 [E, d_expert, d_model]``, ``b2 [E, d_model]``.
@@ -118,6 +125,8 @@ class MoEFFN(nn.Module):
         jitter: float = 0.0,
         gate: str = "auto",
         router_bias: bool = False,
+        dropout_at: str = "expert",
+        expert_init: str = "linear",
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= n_experts:
@@ -130,6 +139,10 @@ class MoEFFN(nn.Module):
                 raise ValueError(f"{name} must be >= 0 or None (dropless), got {cf}")
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        if dropout_at not in ("expert", "output") or expert_init not in ("linear", "fmoe"):
+            raise ValueError(f"dropout_at must be 'expert' or 'output' and expert_init 'linear' or 'fmoe', got "
+                             f"{dropout_at!r}, {expert_init!r}")
+        self.dropout_at, self.expert_init = dropout_at, expert_init
         self.d_model, self.d_expert = d_model, d_expert
         self.n_experts, self.top_k = n_experts, top_k
         self.capacity_factor = capacity_factor
@@ -154,10 +167,18 @@ class MoEFFN(nn.Module):
         self.stats: dict[str, torch.Tensor] = {}
 
     def reset_parameters(self) -> None:
-        # Each expert is initialised exactly like an nn.Linear pair (uniform +-1/sqrt(fan_in) for weight
-        # and bias), so one expert is distributed like a DenseFFN of the same size. The router keeps
-        # nn.Linear's default init; a host model that applies its own init scheme may override both.
+        # "linear": each expert is initialised exactly like an nn.Linear pair (uniform +-1/sqrt(fan_in) for
+        # weight and bias), so one expert is distributed like a DenseFFN of the same size. "fmoe": FastMoE's
+        # FMoELinear calls kaiming_uniform_(a=sqrt(5)) on its [E, out, in] weight; torch takes a 3-D tensor's
+        # fan-in as size(1) * size(2) = out * in, so the bound is 1/sqrt(out * in), not 1/sqrt(in). Our
+        # stacked weights are [E, in, out]: the same product, hence the same call and the same bound. Biases 0.
+        # The router keeps nn.Linear's default init; a host model that applies its own init scheme may
+        # override both.
         for w, b, fan_in in ((self.w1, self.b1, self.d_model), (self.w2, self.b2, self.d_expert)):
+            if self.expert_init == "fmoe":
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                nn.init.zeros_(b)
+                continue
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
@@ -167,7 +188,8 @@ class MoEFFN(nn.Module):
         return (
             f"d_model={self.d_model}, d_expert={self.d_expert}, n_experts={self.n_experts}, "
             f"top_k={self.top_k}, gate={self.resolved_gate}, capacity_factor={self.capacity_factor}, "
-            f"eval_capacity_factor={self.eval_capacity_factor}, jitter={self.jitter}"
+            f"eval_capacity_factor={self.eval_capacity_factor}, jitter={self.jitter}, dropout_at={self.dropout_at}, "
+            f"expert_init={self.expert_init}"
         )
 
     # ------------------------------------------------------------------------------------------ router
@@ -262,7 +284,8 @@ class MoEFFN(nn.Module):
             if chunk.shape[0] == 0:
                 continue  # idle expert: nothing to compute (see the graph note below)
             hid = self.drop(F.relu(torch.addmm(b1[e], chunk, w1[e])))
-            outs.append(self.drop(torch.addmm(b2[e], hid, w2[e])))
+            y_e = torch.addmm(b2[e], hid, w2[e])
+            outs.append(self.drop(y_e) if self.dropout_at == "expert" else y_e)
 
         # Idle experts and data parallelism: the experts live in four stacked Parameters, so as soon as
         # ANY expert runs, all of w1/b1/w2/b2 are in the autograd graph and an idle expert's slice simply
@@ -277,6 +300,8 @@ class MoEFFN(nn.Module):
             idle = w1.sum() + b1.sum() + w2.sum() + b2.sum() + sum(p.sum() for p in self.router.parameters()).to(dtype)
             out = h.new_zeros(n_tok, shape[-1]) + 0 * idle
 
+        if self.dropout_at == "output":
+            out = self.drop(out)
         self.aux_loss = balance + z
         dropped = (n_tok * k - n_kept) / max(n_tok * k, 1)  # 0.0 for an empty batch
         self.stats = {

@@ -24,13 +24,22 @@ from lm.model.positions import attention_mask, padding_mask, relative_positions,
 
 
 class Block(nn.Module):
-    """attention + FFN, each with residual and LayerNorm (post-LN as in the paper, or pre-LN)."""
+    """attention + FFN, each with residual and LayerNorm (post-LN as in the paper, or pre-LN).
 
-    def __init__(self, attn: nn.Module, ffn: nn.Module, d_model: int, dropout: float, pre_norm: bool):
+    ``ffn`` None: an attention-only layer (the MoE authors' GLaM has some): no FFN and no second LayerNorm.
+    ``nested_norm`` (post-LN only): the FFN sub-layer has its own residual + LayerNorm ``norm_ffn`` inside the
+    block's, ``norm2(h + norm_ffn(h + ffn(h)))`` (the authors' ``CustomizedMoEPositionwiseFF``).
+    ``attn_dropout`` False: no dropout on the attention output before its residual (the authors' layer).
+    """
+
+    def __init__(self, attn: nn.Module, ffn: nn.Module | None, d_model: int, dropout: float, pre_norm: bool,
+                 nested_norm: bool = False, attn_dropout: bool = True):
         super().__init__()
         self.attn, self.ffn, self.pre_norm = attn, ffn, pre_norm
-        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.drop = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model) if ffn is not None else None
+        self.norm_ffn = nn.LayerNorm(d_model) if nested_norm and ffn is not None else None
+        self.drop = nn.Dropout(dropout) if attn_dropout else nn.Identity()
 
     def forward(self, h: Tensor, mem: Tensor | None, ctx: AttnContext, prev: LayerState | None,
                 token_mask: Tensor | None = None):
@@ -38,10 +47,15 @@ class Block(nn.Module):
         if self.pre_norm:
             a, state = self.attn(self.norm1(h), None if mem is None else self.norm1(mem), ctx, prev)
             h = h + self.drop(a)
-            return h + self.ffn(self.norm2(h), token_mask), state
+            return (h if self.ffn is None else h + self.ffn(self.norm2(h), token_mask)), state
         a, state = self.attn(h, mem, ctx, prev)
         h = self.norm1(h + self.drop(a))
-        return self.norm2(h + self.ffn(h, token_mask)), state
+        if self.ffn is None:
+            return h, state
+        f = self.ffn(h, token_mask)
+        if self.norm_ffn is not None:
+            f = self.norm_ffn(h + f)
+        return self.norm2(h + f), state
 
 
 @dataclass
@@ -66,14 +80,17 @@ class TransformerLM(nn.Module):
         self.embed = AdaptiveEmbedding(vocab_size, d_embed, d, cutoffs, cfg.div_val, cfg.init_std)
         self.head = AdaptiveLogSoftmax(vocab_size, d_embed, d, cutoffs, cfg.div_val,
                                        tie_to=self.embed if cfg.tie_weight else None, init_std=cfg.init_std)
-        self.drop = nn.Dropout(cfg.dropout)
-        names, moe_layers = cfg.attention_layers(), set(cfg.ffn.moe_layers(cfg.n_layer))
+        xl_dropout = cfg.dropout_placement == "xl"  # else the MoE authors': inside the FFNs only
+        # Embeddings, relative position embeddings and the final hidden states (Transformer-XL's sites).
+        self.drop = nn.Dropout(cfg.dropout) if xl_dropout else nn.Identity()
+        names, kinds = cfg.attention_layers(), cfg.ffn.layer_kinds(cfg.n_layer)
         blocks = []
         for i, name in enumerate(names):
             options = cfg.attention.options if name == cfg.attention.name else {}
             attn = build_attention(name, d_model=d, n_head=cfg.n_head, d_head=cfg.d_head, dropatt=cfg.dropatt,
                                    layer_idx=i, relative=relative, options=options)
-            blocks.append(Block(attn, self._ffn(cfg, i in moe_layers), d, cfg.dropout, cfg.norm == "pre"))
+            blocks.append(Block(attn, self._ffn(cfg, kinds[i]), d, cfg.dropout, cfg.norm == "pre",
+                                nested_norm=cfg.ffn.nested_norm and kinds[i] == "moe", attn_dropout=xl_dropout))
         self.layers = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(d) if cfg.norm == "pre" else nn.Identity()
         self.apply(self._init)
@@ -83,24 +100,30 @@ class TransformerLM(nn.Module):
             self.head = None
 
     @staticmethod
-    def _ffn(cfg: ModelConfig, moe: bool) -> nn.Module:
-        f = cfg.ffn
-        if not moe:
-            return DenseFFN(cfg.d_model, cfg.d_inner, cfg.dropout)
+    def _ffn(cfg: ModelConfig, kind: str) -> nn.Module | None:
+        f, xl_dropout = cfg.ffn, cfg.dropout_placement == "xl"
+        if kind == "none":
+            return None
+        if kind == "dense":
+            return DenseFFN(cfg.d_model, cfg.d_inner, cfg.dropout, out_dropout=xl_dropout)
         return MoEFFN(cfg.d_model, f.d_expert or cfg.d_inner, cfg.dropout, f.n_experts, f.resolved_top_k,
                       f.capacity_factor, f.eval_capacity_factor, f.balance_loss_weight, f.z_loss_weight, f.jitter,
-                      router_bias=f.router_bias)
+                      router_bias=f.router_bias, dropout_at="expert" if xl_dropout else "output",
+                      expert_init="fmoe" if f.expert_init == "fmoe" else "linear")
 
     def _init(self, m: nn.Module) -> None:
-        # Embedding/softmax tables initialise themselves (adaptive.py); here the blocks.
-        if isinstance(m, nn.Linear):
+        # Embedding/softmax tables initialise themselves (adaptive.py); here the blocks. weight_init "torch"
+        # keeps what each module drew when it was built (nn.Linear's default; experts per ffn.expert_init).
+        normal = self.cfg.weight_init == "normal"
+        if isinstance(m, nn.Linear) and normal:
             nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm) and self.cfg.ln_init == "normal":  # the paper's weights_init
             nn.init.normal_(m.weight, 1.0, self.cfg.init_std)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, MoEFFN):  # stacked expert weights: same init as the dense FFN's Linears
+        elif isinstance(m, MoEFFN) and normal and self.cfg.ffn.expert_init == "model":
+            # stacked expert weights: same init as the dense FFN's Linears
             for w in (m.w1, m.w2):
                 nn.init.normal_(w, 0.0, self.cfg.init_std)
             for b in (m.b1, m.b2):

@@ -69,6 +69,8 @@ class LanguageModel(L.LightningModule):
         init_std: float = 0.02,
         ln_init: str = "ones",
         abs_pos_order: str = "up",
+        dropout_placement: str = "xl",
+        weight_init: str = "normal",
         attention: AttentionConfig | None = None,
         ffn: FFNConfig | None = None,
         optim: OptimConfig | None = None,
