@@ -251,29 +251,31 @@ def test_router_bias_present_or_absent(bias):
 # ---------------------------------------------------------------------------------------- recipes
 MOE = dict(dropout=0.1, dropatt=0.1, pos="relative", same_length=True, top_k=2, capacity_factor=None,
            eval_capacity_factor=None, balance_loss_weight=0.0, z_loss_weight=0.0, router_bias=True,
-           schedule="constant", schedule_convention="standard", clip=None, n_experts=16, n_head=8)
+           schedule="constant", schedule_convention="standard", clip=None, n_experts=16, n_head=8,
+           dropout_placement="authors", weight_init="torch", nested_norm=True, expert_init="fmoe")
 # The authors' scripts (lazizcodes/smoe_expertcount scripts/pretraining/...): --nlayers (x2 for glam), --hid-sz,
 # --nheads (d_head = hid/heads), --inner-hid-sz, --attn-span, --lr, --lr-warmup, --niter x --nbatches,
-# --batch-sz, --block-sz; glam pairs = (MoE, dense) -> MoE layers 0, 2, 4, ...
+# --batch-sz, --block-sz; their glam pairs take overlapping arch letters -> MoE layers 0, 4, 8 (issue 29;
+# the layout itself is re-derived from their loop in tests/test_moe_parity.py).
 AUTHORS = {
     "wikitext103/switch_medium": dict(MOE, n_layer=6, d_model=352, d_head=44, d_expert=352, mem_len=1024, lr=7e-4,
                                       warmup_steps=4000, max_steps=80000, batch_size=48, tgt_len=512,
-                                      moe_layers=list(range(6)), elliptical=True),
+                                      moe_layers=list(range(6)), layout="all_moe", elliptical=True),
     "wikitext103/switch_medium_softmax": dict(MOE, n_layer=6, d_model=352, d_head=44, d_expert=352, mem_len=1024,
                                               lr=7e-4, warmup_steps=4000, max_steps=80000, batch_size=48, tgt_len=512,
-                                              moe_layers=list(range(6)), elliptical=False),
+                                              moe_layers=list(range(6)), layout="all_moe", elliptical=False),
     "wikitext103/switch_large": dict(MOE, n_layer=12, d_model=512, d_head=64, d_expert=512, mem_len=2048, lr=7e-4,
                                      warmup_steps=5000, max_steps=80000, batch_size=24, tgt_len=1024,
-                                     moe_layers=list(range(12)), elliptical=True),
+                                     moe_layers=list(range(12)), layout="all_moe", elliptical=True),
     "wikitext103/glam_small": dict(MOE, n_layer=6, d_model=144, d_head=18, d_expert=144, mem_len=2048, lr=7e-4,
                                    warmup_steps=3000, max_steps=60000, batch_size=48, tgt_len=512,
-                                   moe_layers=[0, 2, 4], elliptical=True),
+                                   moe_layers=[0, 4], layout="glam_authors", elliptical=True),
     "wikitext103/glam_medium": dict(MOE, n_layer=12, d_model=352, d_head=44, d_expert=352, mem_len=2048, lr=7e-5,
                                     warmup_steps=4000, max_steps=80000, batch_size=48, tgt_len=512,
-                                    moe_layers=[0, 2, 4, 6, 8, 10], elliptical=True),
+                                    moe_layers=[0, 4, 8], layout="glam_authors", elliptical=True),
     "enwik8/switch_medium": dict(MOE, n_layer=8, d_model=352, d_head=44, d_expert=352, mem_len=2048, lr=7e-4,
                                  warmup_steps=4000, max_steps=80000, batch_size=48, tgt_len=512,
-                                 moe_layers=list(range(8)), elliptical=True),
+                                 moe_layers=list(range(8)), layout="all_moe", elliptical=True),
 }
 # The Elliptical paper's WikiText code (train.py / mem_transformer.py) and Transformer-XL's train.py.
 PAPER = dict(schedule="cosine", schedule_convention="xl", ln_init="normal", clip=0.25)
