@@ -6,6 +6,7 @@
     lm finetune                SST-2 sequence classification from a pretrained checkpoint
     lm analyze                 representation collapse, head redundancy, attention entropy/maps
     lm generate / lm export    continue a prompt; write a checkpoint as safetensors + config + tokenizer
+    lm summary                 a recipe's model layer by layer with parameter counts (lm/summary.py)
 
 Config flows one way: YAML (omegaconf interpolation) -> jsonargparse -> typed signatures/dataclasses.
 Errors caused by user input are printed as one paragraph, without a traceback, exit code 2: an
@@ -36,6 +37,7 @@ COMMANDS = {  # `lm --help`: every subcommand, one line each
     "analyze": "representation collapse, head redundancy and attention maps of a checkpoint",
     "generate": "continue a prompt with a checkpoint or an exported model",
     "export": "write a checkpoint as model.safetensors + config.json + tokenizer.json + model card",
+    "summary": "a recipe's model layer by layer with parameter counts, without data (--vocab_size N)",
 }
 # Third-party messages that carry no information for a user of `lm` and bury its output; silenced
 # here (the CLI), one exact message each, never in the library or the tests.
@@ -357,6 +359,10 @@ def _dispatch(cmd: str | None, argv: list[str], from_console: bool) -> int:
             from lm.analysis.cli import analyze_cli
 
             analyze_cli(argv[1:])
+        elif cmd == "summary":
+            from lm.summary import summary_cli
+
+            summary_cli(argv[1:])
         elif cmd in ("generate", "export"):
             from lm.export import export_cli, generate_cli
 

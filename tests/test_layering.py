@@ -24,7 +24,7 @@ LAYERS = [
     ("corruptions", ["corruptions"]),  # text to text: may use only the base (errors, atomic writes)
     ("eval", ["lm.eval"]),
     ("analysis", ["lm.analysis"]),
-    ("cli", ["lm.cli", "lm.api", "lm.export", "lm.__main__", "lm.rundir", "lm.trainer"]),
+    ("cli", ["lm.cli", "lm.api", "lm.export", "lm.__main__", "lm.rundir", "lm.trainer", "lm.summary"]),
 ]
 # Layers a layer may NOT use although they are lower (side branches).
 FORBIDDEN = {"corruptions": {"attention", "config", "model", "data", "tasks"}}
