@@ -424,3 +424,13 @@ def test_authors_network_fits_and_finetunes(recipe, kinds, tmp_path, monkeypatch
         assert len(got) == 1
     none = [i for i, k in enumerate(kinds) if k == "none"]
     assert not any(re.search(rf"layers\.{i}\.(ffn|norm2)\.", k) for k in fstate for i in none)
+
+
+def test_finetuning_decoder_drops_same_length_with_the_memory():
+    """The MoE recipes pretrain with same_length (every query sees mem_len keys); the classifier's decoder has no
+    memory, and ModelConfig refuses same_length without one: decoder_config must drop both together."""
+    from lm.tasks.pretrained import decoder_config
+
+    cfg = ModelConfig(n_layer=2, pos="relative", mem_len=16, same_length=True, cutoffs=[10])
+    out = decoder_config(cfg, fresh_vocab=True, dropout=None, dropless_moe=True)
+    assert out.mem_len == 0 and out.same_length is False

@@ -22,7 +22,8 @@ def test_help_lists_every_command_once_and_no_predict(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     listed = re.findall(r"^  lm (\w+) ", out, flags=re.M)
-    assert listed == ["fit", "validate", "test", "corrupt", "evaluate", "finetune", "analyze", "generate", "export"]
+    assert listed == ["fit", "validate", "test", "corrupt", "evaluate", "finetune", "analyze", "generate", "export",
+                      "summary"]
     assert list(COMMANDS) == listed and "predict" not in out
     assert main([]) == 2  # no command: the same listing, as an error
     assert "lm generate" in capsys.readouterr().out
