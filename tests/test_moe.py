@@ -526,7 +526,8 @@ def test_default_moe_layer_placement():
         assert [i for i, b in enumerate(net.layers) if isinstance(b.ffn, MoEFFN)] == expected
         assert all(isinstance(b.ffn, DenseFFN) for i, b in enumerate(net.layers) if i not in expected)
         assert all(b.ffn.top_k == (2 if name == "glam" else 1) for b in net.layers if isinstance(b.ffn, MoEFFN))
-    # The paper recipes (wikitext103/glam_*) follow the MoE authors' placement, layers 0, 2, ... (test_parity.py).
+    # The paper recipes (wikitext103/glam_*) use the MoE authors' layout instead (ffn.layout: glam_authors;
+    # tests/test_moe_parity.py).
     glam_recipes = sorted(_CONFIGS.glob("wikitext2/variants/*glam*.yaml"))
     assert glam_recipes
     for path in glam_recipes:  # the recipes' explicit placement is the documented default
