@@ -58,9 +58,11 @@ def corpus_vocab_size(data: dict[str, Any]) -> int:
     keep = ("corpus", "root", "cache_dir", "tokenizer")
     try:
         return LMDataModule(**{k: data[k] for k in keep if data.get(k) is not None}, source="local").vocab_size
-    except LMError as e:
-        raise ConfigError(f"{e}\nlm summary needs the vocabulary size only: pass --vocab_size N (WikiText-103: "
-                          f"267735, WikiText-2: 33278) to summarise the recipe without its corpus.") from None
+    except LMError as e:  # the data layer's message explains how to fetch a corpus; here one line of it is enough
+        first = str(e).strip().splitlines()[0].split(" Looked in")[0].rstrip(":. ")
+        raise ConfigError(f"{first} (lm summary counts the vocabulary on it unless told its size). Pass "
+                          f"--vocab_size N (WikiText-103: 267735, WikiText-2: 33278) to summarise the recipe "
+                          f"without the corpus.") from None
 
 
 def summarize(cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
@@ -128,5 +130,7 @@ def summary_cli(argv: list[str]) -> None:
             raise ConfigError(f"--vocab_size must be >= 1, got {args.vocab_size}.")
         vocab, note = args.vocab_size, "--vocab_size"
     else:
-        vocab, note = corpus_vocab_size(recipe.get("data") or {}), f"counted on {recipe['data']['corpus']}"
+        data = recipe.get("data") or {}
+        vocab = corpus_vocab_size(data)
+        note = "bytes" if data.get("corpus") == "enwik8" else f"counted on {data.get('corpus')}"
     print(format_summary(summarize(cfg, vocab), cfg, note), end="")

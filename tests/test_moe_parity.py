@@ -31,7 +31,7 @@ from lm.config import FFNConfig, ModelConfig
 from lm.errors import ConfigError
 from lm.model.moe import DenseFFN, MoEFFN
 from lm.model.transformer import TransformerLM
-from lm.summary import model_config, resolve_recipe, summarize
+from lm.summary import corpus_vocab_size, model_config, resolve_recipe, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -304,6 +304,22 @@ def test_summary_without_corpus_or_vocab_size_is_one_paragraph(tmp_path, capsys)
     assert "--vocab_size" in err and "Traceback" not in err
 
 
+def test_summary_counts_the_vocabulary_of_a_corpus_on_disk(tmp_path, capsys):
+    data = write_corpus(tmp_path / "data", n_words=40)
+    recipe = write_recipe(tmp_path / "r.yaml")
+    words = {w for split in ("train",) for w in (data / "wikitext-2" / f"wiki.{split}.tokens").read_text().split()}
+    with pytest.raises(SystemExit):  # lm summary takes --config and --vocab_size only: the data root is recipe text
+        main(["summary", "--config", str(recipe), "--data.root", str(data)])
+    capsys.readouterr()
+    over = tmp_path / "over.yaml"
+    over.write_text(yaml.safe_dump({"data": {"root": str(data), "cache_dir": str(tmp_path / "cache")}}))
+    assert main(["summary", "--config", str(recipe), "--config", str(over)]) == 0
+    out = capsys.readouterr().out
+    size = int(re.search(r"vocabulary ([\d,]+) \(counted on wikitext-2\)", out)[1].replace(",", ""))
+    assert size > len(words)  # the training words plus <eos>/<unk> and the like (the data module's Vocab)
+    assert size == corpus_vocab_size({"corpus": "wikitext-2", "root": str(data), "cache_dir": str(tmp_path / "c2")})
+
+
 def test_summary_of_an_overlay_stack(tmp_path, capsys):
     recipe = CONFIGS / "wikitext103" / "glam_small.yaml"
     s_authors = summarize(model_config(resolve_recipe([str(recipe)])["model"]), 267735)
@@ -366,7 +382,9 @@ def test_docs_table_parameter_counts(recipe):
     row = parity_table()[recipe]  # script | layout | authors' params | project params
     cfg = model_config(resolve_recipe([str(CONFIGS / f"{recipe}.yaml")])["model"])
     assert cfg.ffn.layer_kinds(cfg.n_layer) == kinds  # the recipe builds their layout
-    if vocab is None:  # EnWik8: their vocabulary is the bytes present in the file (not known here); no count
+    if vocab is None:  # EnWik8: their vocabulary is the symbols of their prepared files (not known here); ours: bytes
+        assert row[2].startswith("—")
+        assert number(row[3].split("(")[0]) == summarize(cfg, corpus_vocab_size({"corpus": "enwik8"}))["total"]
         return
     assert number(row[2]) == authors_params(vocab, H, inner, heads, span, kinds)
     assert number(row[3]) == summarize(cfg, vocab)["total"]
