@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from lm import checkpoint
 from lm.config import EvalConfig
 from lm.errors import CheckpointError, ConfigError
 
@@ -180,7 +181,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
     s = str(path)
     if s.startswith("hf://"):
         path = _hub_download(s[len("hf://"):])
-    p = Path(path)
+    p = checkpoint.local_path(path, "lm.load")  # file:// -> its path; other URLs refused, never fetched/unpickled
     if p.is_dir():
         from lm.export import load_exported
 

@@ -1,10 +1,18 @@
 """Checkpoint files: one reader, one set of messages, one answer to "does this state dict fit".
 
-Every place that opens a ``.ckpt`` (``--ckpt_path`` before LightningCLI loads it, ``lm evaluate``,
-``lm analyze``, ``model.pretrained`` of ``lm finetune`` for its vocabulary and weights, the quickstart
-table) reads it with ``read``, so a missing, truncated, unsafe or foreign file gets the same
-one-paragraph ``CheckpointError`` everywhere. Every model that loads a state dict checks it with
-``check_fits``, which lists every missing, unexpected and mis-shaped tensor at once.
+Every place that opens a ``.ckpt`` (``--ckpt_path`` before LightningCLI loads it, Lightning's own restore
+through ``AtomicCheckpointIO``, ``lm evaluate``, ``lm analyze``, ``lm export``/``generate``, ``lm.load``,
+``model.pretrained`` of ``lm finetune`` for its vocabulary and weights, the quickstart table) reads it with
+``read``, so a missing, truncated, unsafe or foreign file gets the same one-paragraph ``CheckpointError``
+everywhere.
+
+Untrusted files: a checkpoint is a pickle, and unpickling can run code. ``read`` is the only ``torch.load``
+in the package and always passes ``weights_only=True`` (tensors and plain containers only; a pickled object
+is refused, never built). ``local_path`` refuses URLs: Lightning would download an ``http(s)://`` path
+itself and unpickle it without weights_only (Lightning's default for URLs, ``lightning.fabric.utilities.cloud_io._load``).
+
+Every model that loads a state dict checks it with ``check_fits``, which lists every missing, unexpected and
+mis-shaped tensor at once.
 
 This module imports only torch and the package's errors, so every layer may use it.
 """
@@ -13,6 +21,9 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import re
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,33 +33,58 @@ from torch import Tensor
 from lm.errors import CheckpointError
 
 LM_FIT_CKPT = "a .ckpt written by `lm fit` (e.g. runs/<name>/checkpoints/last.ckpt)"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def read(path: str | Path, given_as: str = "Checkpoint", hint: str = f"Pass {LM_FIT_CKPT}.") -> dict[str, Any]:
-    """The checkpoint's contents (tensors memory-mapped: only what is used is read from disk).
+def local_path(path: str | Path, given_as: str = "Checkpoint") -> Path:
+    """``path`` as a local file path: ``file:///x`` becomes ``/x``; any other URL (``http(s)://``, ``s3://``,
+    Lightning's ``registry:``) is refused. Nothing is downloaded: a downloaded checkpoint is a file the user
+    chose to fetch and can look at, and the reader then opens it like any other local file."""
+    s = str(path)
+    if s.startswith("file://"):
+        url = urllib.parse.urlparse(s)
+        if url.netloc in ("", "localhost"):
+            return Path(urllib.request.url2pathname(url.path))
+    if _URL.match(s) or s.startswith("registry:"):
+        raise CheckpointError(
+            f"{given_as} {s} is not a local file. `lm` reads checkpoints only from local files (Lightning would "
+            f"fetch a URL itself and unpickle it without torch.load's weights_only protection, which lets the file "
+            f"run code on this machine). Download it first, from a source you trust (e.g. `curl -L -o model.ckpt "
+            f"'{s}'`), and pass the local path: it is then read with weights_only=True, tensors and plain values only."
+        )
+    return Path(s)
+
+
+def read(path: str | Path, given_as: str = "Checkpoint", hint: str = f"Pass {LM_FIT_CKPT}.",
+         mmap: bool = True) -> dict[str, Any]:
+    """The checkpoint's contents (with ``mmap``, tensors memory-mapped: only what is used is read from disk;
+    without, read into memory, as a training restore wants its optimizer state).
 
     ``given_as`` names where the path came from (``--ckpt_path``, ``model.pretrained``, ...), ``hint`` what
     to pass instead; both go into the error of a missing file.
     """
-    p = Path(path)
+    p = local_path(path, given_as)
     if not p.is_file():
         raise CheckpointError(f"{given_as} {path} does not exist (no such file). {hint}")
     try:
         try:  # mmap: only the pickled structure is read now, tensor data when it is used
-            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
         except RuntimeError as e:
             if "_use_new_zipfile_serialization" not in str(e):  # a legacy (non-zip) file cannot be mmapped
                 raise
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         gist = (str(e).strip().splitlines() or [""])[0][:200]
-        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+        # torch < 2.5: "Unsupported global: GLOBAL x"; 2.5+: "Weights only load failed ... unsupported GLOBAL x"
+        if isinstance(e, pickle.UnpicklingError) and ("unsupported global" in str(e).lower()
+                                                      or "weights only load failed" in str(e).lower()):
             # (LightningCLI itself reads the file's hyper-parameters with weights_only=True, whatever
             # --weights_only says, so there is no switch to offer.)
             raise CheckpointError(
-                f"Checkpoint {path} holds pickled Python objects, not only tensors and plain containers, so it "
-                f"cannot be loaded safely (torch.load weights_only). `lm` reads the checkpoints written by `lm fit` "
-                f"and `lm finetune fit`; re-save this one as a plain state (tensors, numbers, strings, dicts)."
+                f"Checkpoint {path} holds pickled Python objects (torch: \"unsupported GLOBAL\" {_global(e)}), not "
+                f"only tensors and plain containers, so it cannot be loaded safely: unpickling it could run code. It "
+                f"was NOT loaded. `lm` reads the checkpoints written by `lm fit` and `lm finetune fit`; if you trust "
+                f"this file's origin, re-save it as a plain state (tensors, numbers, strings, dicts)."
             ) from None
         raise CheckpointError(
             f"Cannot read checkpoint {path} ({type(e).__name__}: {gist}). The file is truncated (an interrupted "
@@ -59,6 +95,12 @@ def read(path: str | Path, given_as: str = "Checkpoint", hint: str = f"Pass {LM_
         raise CheckpointError(f"{path} is not a Lightning checkpoint (it holds no state_dict). Pass a .ckpt written "
                               f"by `lm fit` or `lm finetune fit`.")
     return ckpt
+
+
+def _global(e: Exception) -> str:
+    """The refused global's name in torch's weights_only message ("unsupported GLOBAL posix.system ...")."""
+    m = re.search(r"GLOBAL:?\s+([\w.]+)", str(e))
+    return m.group(1) if m else ""
 
 
 def vocab_state(ckpt: dict[str, Any], path: str | Path, hint: str = "") -> dict[str, Any]:

@@ -46,8 +46,6 @@ HARMLESS_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning vs newer torch pytree
 )
 HARMLESS_LOG_PREFIXES = ("💡 Tip: For seamless cloud",)  # Lightning's advertisement for its logger / registry
-# `--ckpt_path` values Lightning resolves itself (not file names).
-SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 
 
 def parser_kwargs() -> dict:
@@ -59,10 +57,11 @@ def parser_kwargs() -> dict:
 
 
 def check_ckpt_path(path: str | None, model_class: type | None = None) -> dict | None:
-    """Fail early, with one paragraph, on a ``--ckpt_path`` that is missing, unreadable (truncated, not a
-    checkpoint) or written for another model class. Without this, Lightning's own ``torch.load`` of the
-    file raises a raw OSError/RuntimeError/UnpicklingError deep inside ``LightningCLI``."""
-    if path is None or str(path) in SPECIAL_CKPT_PATHS or str(path).startswith("registry") or "://" in str(path):
+    """Fail early, with one paragraph, on a ``--ckpt_path`` that is a URL (never fetched: see
+    ``checkpoint.local_path``), missing, unreadable (truncated, pickled objects, not a checkpoint) or written for
+    another model class. Without this, Lightning's own load raises a raw OSError/RuntimeError/UnpicklingError deep
+    inside ``LightningCLI`` (and would unpickle a URL's contents without weights_only)."""
+    if path is None:
         return None
     ckpt = checkpoint.read(path, given_as="--ckpt_path", hint=f"Pass {checkpoint.LM_FIT_CKPT}, or `--ckpt_path "
                            f"last` to resume the run in --trainer.default_root_dir.")
@@ -86,7 +85,8 @@ class CheckedCkptPathMixin:
                 self._run_lock.release()
 
     def parse_arguments(self, parser, args) -> None:
-        from lm.rundir import RunLock, eval_checkpoint, other_rank, refuse_used_run_dir, warn_replaced_model_options
+        from lm.rundir import (RunLock, eval_checkpoint, other_rank, refuse_named_ckpt, refuse_used_run_dir,
+                               warn_replaced_model_options)
 
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
@@ -96,6 +96,7 @@ class CheckedCkptPathMixin:
         path = cfg.get("ckpt_path")
         root = cfg.get("trainer.default_root_dir") or "."
         if sub == "fit":
+            refuse_named_ckpt(sub, path, ("best", "hpc"))
             if path == "last":
                 # The run's own last.ckpt (RunCheckpoint's folder) when it is there, else a fresh start, as
                 # Lightning's `last`: resolved here so Lightning never has to search checkpoint folders.
@@ -103,16 +104,19 @@ class CheckedCkptPathMixin:
                 path = str(last) if last.is_file() else None
                 cfg["ckpt_path"] = path
             self._remember_vocab(check_ckpt_path(path, self.model_class))
+            if path is not None:  # a file:// URL as the local path it names (the only URL that is read)
+                cfg["ckpt_path"] = str(checkpoint.local_path(path))
             if not other_rank():  # DDP's other ranks re-run this command: rank 0 holds the run's lock
                 self._run_lock = RunLock(root)
                 self._run_lock.acquire()
                 if cfg.get("ckpt_path") is None:
                     refuse_used_run_dir(root)
             return
+        refuse_named_ckpt(sub, path, ("hpc",))
         path = eval_checkpoint(sub, path, root)
         ckpt = check_ckpt_path(path, self.model_class)
         self._remember_vocab(ckpt)
-        cfg["ckpt_path"] = path
+        cfg["ckpt_path"] = path = str(checkpoint.local_path(path))
         warn_replaced_model_options(cfg.get("model"), (ckpt or {}).get("hyper_parameters") or {}, path)
 
     def _remember_vocab(self, ckpt: dict | None) -> None:
@@ -313,7 +317,7 @@ def quiet_harmless_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from lm.rundir import StopSignals
+    from lm.rundir import StopRequested, StopSignals
 
     from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -325,10 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         quiet_harmless_warnings()
     with StopSignals() as stop:
         try:
-            return _dispatch(cmd, argv, from_console)
-        except SIGTERMException as exc:
-            # Lightning stopped at a batch boundary (SIGTERM, or the first Ctrl-C routed to it). Its exception is
-            # a SystemExit without a code, i.e. exit 0: a scheduler would take the run for finished.
+            code = _dispatch(cmd, argv, from_console)
+        except (SIGTERMException, StopRequested) as exc:
+            # Lightning stopped at a batch boundary (SIGTERM, or the first Ctrl-C routed to it), or a SIGTERM came
+            # outside a Trainer. Lightning's exception is a SystemExit without a code, i.e. exit 0: a scheduler
+            # would take the run for finished.
             notes = " ".join(getattr(exc, "__notes__", [])) or "Nothing was written at the stop."
             print(f"lm: stopped by {stop.name()}. {notes}", file=sys.stderr)
             return stop.exit_code()
@@ -340,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             if stop.received is not None and not exc.code:  # Lightning's own Ctrl-C path exits 0 or 1
                 return stop.exit_code()
             raise
+        if stop.received is not None:  # a stop Lightning let pass (an evaluation's last batch): never exit 0
+            print(f"lm: stopped by {stop.name()} as the command ended. Results written under it say "
+                  f"\"complete\": false.", file=sys.stderr)
+            return stop.exit_code()
+        return code
 
 
 def _dispatch(cmd: str | None, argv: list[str], from_console: bool) -> int:

@@ -31,6 +31,11 @@ class NonFiniteLossError(LMError):
     """Training produced NaN/inf; raised with the step and the last good checkpoint."""
 
 
+class StopRequested(BaseException):
+    """SIGTERM outside a running Trainer (``lm.rundir.StopSignals``): raised at once, a BaseException like
+    KeyboardInterrupt so that no ``except Exception`` swallows it; ``with`` blocks clean up, the CLI exits 143."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean 'x'?' for the closest valid name, or '' when nothing is close."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)

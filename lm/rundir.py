@@ -1,15 +1,18 @@
 """Checks the ``lm fit/validate/test`` and ``lm finetune`` command lines make before anything is written.
 
-* One writer per run directory: ``fit`` holds an exclusive ``flock`` on ``<run>/.lock`` from parsing to exit,
-  so a second concurrent ``fit`` into the same folder is refused instead of silently replacing the first's
-  files. (The kernel drops the lock when the process dies, ``kill -9`` included: no stale-lock cleanup.)
+* One writer per folder: ``fit`` holds an exclusive lock (``filelock``: ``flock`` on POSIX, ``msvcrt`` on Windows)
+  on ``<run>/.lock`` from parsing to exit, ``lm evaluate`` on ``<out>/.lock``, so a second concurrent run into
+  the same folder is refused instead of silently replacing the first's files. (The OS drops the lock when the
+  process dies, ``kill -9`` included: no stale-lock cleanup.)
 * A fresh ``fit`` into a folder that already holds checkpoints is refused before ``config.yaml`` or
   ``tokenizer.json`` are touched (``RunCheckpoint.on_fit_start`` refuses too, but only after those writes).
 * ``validate``/``test`` without ``--ckpt_path`` use the run's own ``last.ckpt`` or refuse: they never score
   the random weights of a freshly built model (and overwrite a real result with that).
 * Stop signals: SIGTERM ends a Lightning run at the next batch boundary (Lightning's own handler, then
   ``SIGTERMException``); the first Ctrl-C (SIGINT) is routed to that same graceful stop, a second one
-  interrupts at once. The CLI exits ``128 + signal`` (143 / 130), never 0.
+  interrupts at once. Outside a Trainer, SIGTERM raises ``StopRequested`` at once (``with`` blocks clean their
+  temporary folders). A stop Lightning swallows (one in an evaluation's last batch) is still recorded, so the
+  CLI exits ``128 + signal`` (143 / 130), never 0, and no result written under it claims ``complete``.
 * A window (``data.tgt_len``, ``data.eval.tgt_len``) whose attention scores exceed the machine is refused;
   ``--model.*`` values replaced by a checkpoint's hyper-parameters are named in a warning.
 * Write failures (full disk, read-only filesystem, a file in the way) become one paragraph (``write_error``).
@@ -17,77 +20,19 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import signal
 import sys
 from pathlib import Path
 
-from lm.errors import CheckpointError, ConfigError
-
-# Write failures caused by the machine or the paths given, not by a bug: reported in one paragraph.
-WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
-                errno.EEXIST: "a file of that name is in the way", errno.EISDIR: "it is a folder, not a file"}
-
-
-def write_error(exc: OSError) -> ConfigError | None:
-    """One paragraph for an ``OSError`` from writing a file or folder (full disk, read-only filesystem, a path
-    through a file); None for other OSErrors (those stay bugs with a traceback)."""
-    why = WRITE_ERRNOS.get(exc.errno)
-    if why is None:
-        return None
-    where = exc.filename or "(unknown path)"
-    return ConfigError(
-        f"Cannot write {where}: {why} ({exc.strerror}). Nothing half-written was left behind (files are written "
-        f"atomically). Free disk space, or point the option that names this path (--trainer.default_root_dir, "
-        f"--data.cache_dir, --out, ...) at a writable folder, then rerun; a fit resumes with --ckpt_path last."
-    )
-
+from lm.errors import CheckpointError, ConfigError, StopRequested
+from lm.utils import RunLock, write_error  # noqa: F401  (the CLI's names for them; they live in the base layer)
 
 def other_rank() -> bool:
     """True in a process that a distributed launcher started for a rank other than 0 (Lightning's DDP
     launcher re-runs the command with LOCAL_RANK set; torchrun/SLURM set RANK/NODE_RANK): the run directory
     belongs to rank 0, which takes its lock and makes its checks."""
     return any(int(os.environ.get(k) or 0) > 0 for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
-
-
-class RunLock:
-    """An exclusive, non-blocking ``flock`` on ``<run_dir>/.lock``. Creating the folder and the lock file also
-    proves the run directory is writable, before any real file is written."""
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.run_dir = Path(run_dir)
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        path = self.run_dir / ".lock"
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            err = write_error(e)
-            if err is None:
-                raise
-            raise ConfigError(f"The run directory {self.run_dir} cannot be used: {err}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(
-                f"Another `lm fit` is writing to {self.run_dir} right now (it holds {path}). Two runs in one folder "
-                f"would overwrite each other's checkpoints, config.yaml and tokenizer.json: wait for it to finish "
-                f"(or stop it), or train into another folder with --trainer.default_root_dir runs/NEW."
-            ) from None
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
 
 
 def refuse_used_run_dir(run_dir: str | os.PathLike) -> None:
@@ -100,10 +45,49 @@ def refuse_used_run_dir(run_dir: str | os.PathLike) -> None:
         )
 
 
+def refuse_named_ckpt(sub: str, ckpt_path: str | None, names: tuple[str, ...]) -> None:
+    """Lightning's ``--ckpt_path`` names that mean nothing for ``sub`` in ``lm`` (Lightning would raise a raw
+    ValueError after the run folder was touched): ``hpc`` (SLURM requeue files, which ``lm`` never writes) and,
+    for ``fit``, ``best`` (a fresh Trainer has no best checkpoint)."""
+    if ckpt_path not in names:
+        return
+    use = ("`--ckpt_path last` (resume the run in --trainer.default_root_dir) or the .ckpt file to start from"
+           if sub == "fit" else "`--ckpt_path best` or `last` (the run in --trainer.default_root_dir) or a .ckpt file")
+    what = ("names SLURM's requeue checkpoints (hpc_ckpt_*.ckpt), which `lm` never writes" if ckpt_path == "hpc"
+            else "has no meaning for a new fit: no checkpoint has been judged best yet")
+    raise CheckpointError(f"`lm {sub} --ckpt_path {ckpt_path}` {what}. Pass {use}. Nothing was written.")
+
+
+def best_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The run's best-by-validation checkpoint: what its ``last.ckpt`` records as ``best_model_path`` (moved
+    folders: the same file name beside it), else the only checkpoint in the folder other than ``last.ckpt``."""
+    from lm import checkpoint
+
+    ckpts = Path(run_dir) / "checkpoints"
+    last = ckpts / "last.ckpt"
+    if last.is_file():
+        for state in (checkpoint.read(last).get("callbacks") or {}).values():
+            best = (state or {}).get("best_model_path") if isinstance(state, dict) else None
+            for cand in (Path(best), ckpts / Path(best).name) if best else ():
+                if cand.is_file():
+                    return cand
+    others = [p for p in sorted(ckpts.glob("*.ckpt")) if p.name != "last.ckpt"]
+    return others[0] if len(others) == 1 else None
+
+
 def eval_checkpoint(sub: str, ckpt_path: str | None, run_dir: str | os.PathLike) -> str:
-    """The checkpoint ``validate``/``test`` score: the given one, or the run's ``last.ckpt`` for none/``last``.
-    Without one this is an error: a fresh model's random weights would be scored (and written as a result)."""
+    """The checkpoint ``validate``/``test`` score: the given one, the run's ``last.ckpt`` for none/``last``, its
+    best-by-validation one for ``best``. Without one this is an error: a fresh model's random weights would be
+    scored (and written as a result)."""
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if ckpt_path == "best":
+        best = best_checkpoint(run_dir)
+        if best is None:
+            raise CheckpointError(
+                f"`{sub} --ckpt_path best` needs the best-by-validation checkpoint of the run in {run_dir} "
+                f"(--trainer.default_root_dir), but {Path(run_dir) / 'checkpoints'} holds none that last.ckpt names "
+                f"and not exactly one besides last.ckpt. Pass the checkpoint file to score with --ckpt_path.")
+        return str(best)
     if ckpt_path not in (None, "last"):
         return ckpt_path
     if last.is_file():
@@ -117,29 +101,44 @@ def eval_checkpoint(sub: str, ckpt_path: str | None, run_dir: str | os.PathLike)
 
 
 class StopSignals:
-    """Routes the first SIGINT to Lightning's graceful SIGTERM stop while a Trainer runs; records which signal
-    arrived so the CLI can exit 128 + signal. Outside a Trainer, SIGINT stays a KeyboardInterrupt."""
+    """Records every SIGTERM/SIGINT so the CLI can exit 128 + signal and results can say they are incomplete.
+
+    While a Trainer runs, Lightning's SIGTERM handler is in charge (it stops at the next batch boundary and
+    calls ours, which only records); the first SIGINT is routed to that same graceful stop. Outside a Trainer
+    SIGTERM raises ``StopRequested`` and SIGINT ``KeyboardInterrupt``. Lightning ignores a SIGTERM in the last
+    batch of an evaluation (and every new Trainer resets its flag): ``received`` still has it."""
 
     def __init__(self):
         self.received: int | None = None
-        self._old = None
+        self._old: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
         try:
-            self._old = signal.signal(signal.SIGINT, self._on_sigint)
+            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
         except ValueError:  # not the main thread: leave signals alone
-            self._old = None
+            self._old = {}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _ours(self) -> bool:
+        """True when no Trainer runs: SIGTERM's handler is ours, not Lightning's (which calls ours after its own)."""
+        return getattr(signal.getsignal(signal.SIGTERM), "__func__", None) is StopSignals._on_sigterm
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.SIGTERM
+        if self._ours():
+            raise StopRequested(signal.SIGTERM)
 
     def _on_sigint(self, signum, frame) -> None:
         self.received = signal.SIGINT
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
         term = signal.getsignal(signal.SIGTERM)
-        if callable(term):  # Lightning's handler, installed while a Trainer runs: stop at the next batch end
+        if callable(term) and not self._ours():  # Lightning's handler, installed while a Trainer runs
             term(signal.SIGTERM, frame)
         else:
             raise KeyboardInterrupt

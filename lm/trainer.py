@@ -5,7 +5,29 @@ from __future__ import annotations
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from lm import checkpoint
 from lm.errors import ConfigError, LMError
+
+# `ckpt_path` values Lightning resolves to a local file of the run itself (not file names).
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
+
+
+def safe_restore_args(ckpt_path, weights_only):
+    """``(ckpt_path, True)`` for a Trainer entry point: every restore unpickles with ``weights_only=True``.
+
+    Why here and not (only) in the CLI: ``fit/validate/test/predict`` are where every restore starts (LightningCLI,
+    ``lm finetune``, a user's script), and Lightning hands ``weights_only`` on to whatever ``CheckpointIO`` or
+    sharded strategy loads the file. An explicit True also beats the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    environment variable, which overrides only an unset (None) weights_only, and Lightning's own default of
+    False for http(s) URLs. URLs are refused before Lightning sees them (``checkpoint.local_path``)."""
+    if weights_only is False:
+        raise ConfigError(
+            "--weights_only false would let the checkpoint run code while it is unpickled. `lm` always restores "
+            "with weights_only=True, and every checkpoint `lm fit` and `lm finetune fit` write loads that way: "
+            "drop --weights_only.")
+    if ckpt_path is not None and str(ckpt_path) not in LIGHTNING_CKPT_NAMES:
+        ckpt_path = str(checkpoint.local_path(ckpt_path, "--ckpt_path"))
+    return ckpt_path, True
 
 
 class Trainer(L.Trainer):
@@ -40,3 +62,28 @@ class Trainer(L.Trainer):
                 f"auto: only what this machine has), --trainer.devices and --trainer.precision; `lm fit --help` "
                 f"lists the options."
             ) from None
+
+    # Explicit signatures (not *args): LightningCLI builds each subcommand's options (--ckpt_path, ...) from them.
+    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None,
+            ckpt_path: str | None = None, weights_only: bool | None = None) -> None:
+        ckpt_path, weights_only = safe_restore_args(ckpt_path, weights_only)
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+
+    def validate(self, model=None, dataloaders=None, ckpt_path: str | None = None, verbose: bool = True,
+                 datamodule=None, weights_only: bool | None = None):
+        ckpt_path, weights_only = safe_restore_args(ckpt_path, weights_only)
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def test(self, model=None, dataloaders=None, ckpt_path: str | None = None, verbose: bool = True,
+             datamodule=None, weights_only: bool | None = None):
+        ckpt_path, weights_only = safe_restore_args(ckpt_path, weights_only)
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions: bool | None = None,
+                ckpt_path: str | None = None, weights_only: bool | None = None):
+        ckpt_path, weights_only = safe_restore_args(ckpt_path, weights_only)
+        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+
+
+for _name in ("fit", "validate", "test", "predict"):  # Lightning's docstrings: the options' help texts
+    getattr(Trainer, _name).__doc__ = getattr(L.Trainer, _name).__doc__

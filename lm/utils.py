@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+from lm.errors import ConfigError
+
 
 
 def _umask() -> int:
@@ -55,3 +59,67 @@ def cpu_bf16_native(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None
     if not flags:
         return None
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+# Write failures caused by the machine or the paths given, not by a bug: reported in one paragraph.
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
+                errno.EEXIST: "a file of that name is in the way", errno.EISDIR: "it is a folder, not a file"}
+
+
+def write_error(exc: OSError) -> ConfigError | None:
+    """One paragraph for an ``OSError`` from writing a file or folder (full disk, read-only filesystem, a path
+    through a file); None for other OSErrors (those stay bugs with a traceback)."""
+    why = WRITE_ERRNOS.get(exc.errno)
+    if why is None:
+        return None
+    where = exc.filename or "(unknown path)"
+    return ConfigError(
+        f"Cannot write {where}: {why} ({exc.strerror}). Nothing half-written was left behind (files are written "
+        f"atomically). Free disk space, or point the option that names this path (--trainer.default_root_dir, "
+        f"--data.cache_dir, --out, ...) at a writable folder, then rerun; a fit resumes with --ckpt_path last."
+    )
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on ``<run_dir>/.lock`` (``filelock``). Creating the folder and the lock file
+    also proves the folder is writable, before any real file is written. ``command`` and ``elsewhere`` (how to
+    pick another folder) go into the refusal."""
+
+    def __init__(self, run_dir: str | os.PathLike, command: str = "lm fit",
+                 elsewhere: str = "train into another folder with --trainer.default_root_dir runs/NEW"):
+        self.run_dir, self.command, self.elsewhere = Path(run_dir), command, elsewhere
+        self._lock = None
+
+    def acquire(self) -> None:
+        from filelock import FileLock, Timeout
+
+        path = self.run_dir / ".lock"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(path, mode=0o666)
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(
+                f"Another `{self.command}` is writing to {self.run_dir} right now (it holds {path}). Two runs in one "
+                f"folder would overwrite each other's files: wait for it to finish (or stop it), or {self.elsewhere}."
+            ) from None
+        except OSError as e:
+            err = write_error(e)
+            if err is None:
+                raise
+            raise ConfigError(f"The folder {self.run_dir} cannot be used: {err}") from None
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -15,9 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lm.config import EvalConfig
-from lm.errors import ConfigError
+from lm.errors import ConfigError, StopRequested
 from lm.tasks.pretrained import load_language_model
-from lm.utils import atomic_write_text
+from lm.utils import RunLock, atomic_write_text
 
 
 def evaluate(
@@ -63,16 +63,18 @@ def evaluate(
         seed: corruption seed (recorded in the manifests).
         out: output folder for ``table.md``, ``results.json`` and TensorBoard events (default: ``<run dir>/evaluate``
             for one checkpoint, ``results/evaluate-<date>-<time>`` for several: never a fixed folder that a later
-            evaluation would overwrite). ``results.json`` is rewritten after every finished checkpoint.
+            evaluation would overwrite). ``results.json`` is rewritten after every finished checkpoint, and on a
+            stop (``"complete": false``). One evaluation at a time writes to a folder (``<out>/.lock``).
         accelerator: Lightning accelerator.
         precision: Lightning precision, e.g. ``32-true`` or ``bf16-mixed``.
-        limit_batches: evaluate only this many (int) or this fraction (float) of batches (smoke tests).
+        limit_batches: evaluate only this many (int) or this fraction (float) of batches (smoke tests); the
+            result then records the limit and is never marked complete.
     """
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from corruptions.manifest import corrupt_file
     from corruptions.spec import parse_specs
-    from lm.data.datamodule import LMDataModule
     from lm.tasks.progress import LineProgress
 
     if isinstance(ckpts, str):
@@ -87,59 +89,56 @@ def evaluate(
                       batch_size=batch_size)
     # Everything is checked before the first (long) evaluation: every checkpoint readable, the output folder
     # writable. A missing second checkpoint or an unusable --out used to surface only after the first ran.
+    _check_limit(limit_batches)
+
+    def make_trainer(root: str):
+        return L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(),
+                         callbacks=[LineProgress(every_n_batches=100)], enable_model_summary=False,
+                         limit_test_batches=limit_batches, limit_val_batches=limit_batches, default_root_dir=root)
+
+    try:  # a Trainer writes nothing when built: bad settings are refused before any work, in one paragraph
+        make_trainer(tempfile.gettempdir())
+    except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as e:
+        raise ConfigError(f"Lightning rejected --accelerator {accelerator} / --precision {precision}: "
+                          f"{' '.join(str(e).split())[:300]} Use --precision 32-true, bf16-mixed or 16-mixed (see "
+                          f"`lm evaluate --help`) and an accelerator this machine has (cpu, gpu, auto).") from None
     for c in ckpts:  # one model in memory at a time, here and in the loop below
         _check_windows(_check_checkpoint(c), ecfg, accelerator)
     out_dir = Path(out) if out else default_out(ckpts)
     _check_writable(out_dir)
-    rows, step = [], 0
-    # The per-checkpoint tokenizers and Lightning folders are scratch: never left behind.
-    with tempfile.TemporaryDirectory(prefix="lm-eval-", ignore_cleanup_errors=True) as scratch:
-        tmp = Path(scratch)
-        for ckpt_path in ckpts:
-            name = _run_name(ckpt_path)
-            model, vocab, ckpt = load_language_model(ckpt_path, eval=ecfg, results_dir=str(tmp / name))
-            hp = ckpt.get("hyper_parameters", {})
-            data_hp = ckpt.get("lm_data", {})
-            tok_path = tmp / f"{name}-tokenizer.json"
-            vocab.save(tok_path)
-            dm_kwargs = dict(corpus=corpus or data_hp.get("corpus", "wikitext-2"), root=root, source=source,
-                             base_url=base_url, tokenizer=str(tok_path),
-                             tgt_len=hp.get("tgt_len", 128), batch_size=1, eval=ecfg)
-            clean_dm = LMDataModule(**dm_kwargs)
-            clean_file = clean_dm.split_file(split)
-            variants = [("clean", None, None)]
-            for spec in specs:
-                res = corrupt_file(clean_file, **spec.kwargs(), seed=seed,
-                                   format="enwik8" if vocab.unit == "byte" else "wikitext")
-                variants.append((spec.label, res.path, res.manifest))
-            row = {"checkpoint": ckpt_path, "name": name, "attention": hp.get("attention"), "ffn": hp.get("ffn"),
-                   "unit": vocab.unit, "results": {}}
-            for label, path, manifest in variants:
-                step += 1
-                print(f"lm evaluate [{step}/{len(ckpts) * (1 + len(specs))}] {name}: {label}", file=sys.stderr, flush=True)
-                kw = dict(dm_kwargs)
-                if path is not None:
-                    kw[f"{split}_file"] = str(path)
-                dm = LMDataModule(**kw)
-                trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
-                                    enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(),
-                                    callbacks=[LineProgress(every_n_batches=100)], enable_model_summary=False,
-                                    limit_test_batches=limit_batches, limit_val_batches=limit_batches,
-                                    default_root_dir=str(tmp / name))
-                (trainer.test if split == "test" else trainer.validate)(model, datamodule=dm, verbose=False)
-                r = dict(model.last_result)
-                if manifest is not None:
-                    r["corruption"] = {k: manifest.get(k) for k in (
-                        "recipe", "rate", "seed", "replacement", "sampling", "effective_rate", "swapped_line_fraction",
-                        "token_change_rate", "unk_swaps", "n_swaps", "source_sha256", "output_sha256")}
-                    r["corrupted_file"] = str(Path(path).resolve())
-                row["results"][label] = r
-            clean = row["results"]["clean"][row["results"]["clean"]["metric"]]
-            for r in row["results"].values():
-                r["ratio_vs_clean"] = r[r["metric"]] / clean if clean else None
-            rows.append(row)
-            report = _report(rows, ecfg, split, seed, done=len(rows) == len(ckpts))
-            atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=str))  # each row kept
+    rows, row, step = [], None, 0
+    # One evaluation per --out at a time (a second would replace the first's results.json); the per-checkpoint
+    # tokenizers and Lightning folders are scratch, removed on every exit (a stop signal included).
+    with RunLock(out_dir, "lm evaluate", "write to another folder with --out"), \
+            tempfile.TemporaryDirectory(prefix="lm-eval-", ignore_cleanup_errors=True) as scratch:
+        try:
+            for ckpt_path in ckpts:
+                row = {"checkpoint": ckpt_path, "name": _run_name(ckpt_path), "results": {}}
+                for label, n_variants, model, dm, extra in _variants(ckpt_path, row, specs, split, seed, corpus, root,
+                                                                      source, base_url, ecfg, Path(scratch)):
+                    step += 1
+                    print(f"lm evaluate [{step}/{len(ckpts) * n_variants}] {row['name']}: {label}", file=sys.stderr,
+                          flush=True)
+                    trainer = make_trainer(str(Path(scratch) / row["name"]))
+                    (trainer.test if split == "test" else trainer.validate)(model, datamodule=dm, verbose=False)
+                    if trainer.received_sigterm:  # Lightning lets a stop in the last batch pass: it is one
+                        raise SIGTERMException()
+                    row["results"][label] = {**model.last_result, **extra, "checkpoint": ckpt_path}
+                clean = row["results"]["clean"][row["results"]["clean"]["metric"]]
+                for r in row["results"].values():
+                    r["ratio_vs_clean"] = r[r["metric"]] / clean if clean else None
+                rows.append(row)
+                row = None
+                report = _report(rows, ecfg, split, seed, done=len(rows) == len(ckpts))
+                atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=str))  # rows kept
+        except (SIGTERMException, StopRequested):
+            # What was scored before the stop is kept, marked incomplete: never a file that looks finished.
+            partial = rows + ([row] if row and row["results"] else [])
+            report = _report(partial, ecfg, split, seed, done=False)
+            report["incomplete"] = "stopped by a signal (SIGTERM or Ctrl-C)"
+            atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2, default=str))
+            raise
     table = markdown_table(report)
     atomic_write_text(out_dir / "table.md", table)
     _tensorboard(out_dir, report, table)
@@ -148,9 +147,52 @@ def evaluate(
     return report
 
 
+def _variants(ckpt_path, row, specs, split, seed, corpus, root, source, base_url, ecfg, tmp: Path):
+    """``(label, number of variants, model, data module, corruption record)`` for the clean split and each
+    corruption of it; fills ``row``'s description of the model."""
+    from corruptions.manifest import corrupt_file
+    from lm.data.datamodule import LMDataModule
+
+    name = row["name"]
+    model, vocab, ckpt = load_language_model(ckpt_path, eval=ecfg, results_dir=str(tmp / name))
+    hp, data_hp = ckpt.get("hyper_parameters", {}), ckpt.get("lm_data", {})
+    row.update({"attention": hp.get("attention"), "ffn": hp.get("ffn"), "unit": vocab.unit})
+    tok_path = tmp / f"{name}-tokenizer.json"
+    vocab.save(tok_path)
+    dm_kwargs = dict(corpus=corpus or data_hp.get("corpus", "wikitext-2"), root=root, source=source,
+                     base_url=base_url, tokenizer=str(tok_path), tgt_len=hp.get("tgt_len", 128), batch_size=1, eval=ecfg)
+    clean_file = LMDataModule(**dm_kwargs).split_file(split)
+    variants = [("clean", None, None)]
+    for spec in specs:
+        res = corrupt_file(clean_file, **spec.kwargs(), seed=seed, format="enwik8" if vocab.unit == "byte" else "wikitext")
+        variants.append((spec.label, res.path, res.manifest))
+    for label, path, manifest in variants:
+        kw, extra = dict(dm_kwargs), {}
+        if path is not None:
+            kw[f"{split}_file"] = str(path)
+            extra = {"corruption": {k: manifest.get(k) for k in (
+                "recipe", "rate", "seed", "replacement", "sampling", "effective_rate", "swapped_line_fraction",
+                "token_change_rate", "unk_swaps", "n_swaps", "source_sha256", "output_sha256")},
+                "corrupted_file": str(Path(path).resolve())}
+        yield label, len(variants), model, LMDataModule(**kw), extra
+
+
+def _check_limit(limit) -> None:
+    if isinstance(limit, bool) or not (isinstance(limit, int) and limit >= 1 or isinstance(limit, float) and 0 < limit <= 1):
+        raise ConfigError(
+            f"--limit_batches {limit!r} scores nothing or is not a batch count: give a whole number of batches "
+            f"(20) or a fraction of the split in (0, 1] (0.25; 1.0, the default, scores all of it). A limited "
+            f"evaluation is recorded with its limit and \"complete\": false.")
+
+
 def _report(rows: list[dict], ecfg: EvalConfig, split: str, seed: int, done: bool) -> dict:
-    return {"protocol": rows[0]["results"]["clean"]["protocol"] if rows else asdict(ecfg), "split": split,
-            "corruption_seed": seed, "complete": done, "rows": rows}
+    """``complete``: every checkpoint done and every variant scored in full (no --limit_batches, no stop)."""
+    scored = [r for row in rows for r in row["results"].values() if "complete" in r]
+    first = next(iter(scored), {})
+    return {"protocol": first.get("protocol", asdict(ecfg)), "split": split, "corruption_seed": seed,
+            "precision": first.get("precision"), "limit_batches": first.get("limit_batches"),
+            "tokens_scored": sum(r.get("tokens_scored", 0) for r in scored),
+            "complete": done and all(r["complete"] for r in scored), "rows": rows}
 
 
 def _check_checkpoint(path: str):

@@ -21,6 +21,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
+from lm import checkpoint
 from lm.errors import ConfigError
 from lm.utils import atomic_write_bytes, atomic_write_text
 
@@ -40,6 +41,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
         atomic_write_bytes(strip_protocol(str(path)), buf.getbuffer())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        # Restores go through the package's one reader: local files only, weights_only=True, one-paragraph
+        # errors (lm.checkpoint). Tensors come back on the CPU; Lightning moves the model's state itself.
+        return checkpoint.read(path, given_as="--ckpt_path", mmap=False)
 
 
 def run_checkpoint_dir(default_root_dir: str | os.PathLike) -> str:

@@ -52,6 +52,7 @@ from lm.errors import ConfigError, unknown
 from lm.model.moe import MoEFFN
 from lm.tasks.lightning_compat import attached_trainer
 from lm.tasks.pretrained import build_decoder
+from lm.tasks.records import run_record
 from lm.tasks.sst2_head import build_pre_head
 from lm.utils import atomic_write_text
 
@@ -140,6 +141,8 @@ class SequenceClassifier(L.LightningModule):
         self.history: list[dict[str, Any]] = []
         self._t0: float | None = None
         self.result_path: str | None = None
+        self._ckpt_step: int | None = None  # global_step of a loaded checkpoint (validate records it)
+        self._last_entry: dict[str, Any] | None = None  # the fit's latest dev result, rewritten at the fit's end
 
     # ----- building and transferring -----------------------------------------------------------------
     def _warn_moe_capacity(self) -> None:
@@ -218,11 +221,29 @@ class SequenceClassifier(L.LightningModule):
         validate_only = self.trainer.state.fn == "validate"
         if not validate_only:
             self.history.append(entry)
+            self._last_entry = entry
         self._write_result(entry, validate_only)
 
-    def _write_result(self, entry: dict, validate_only: bool) -> None:
+    def on_fit_end(self):
+        # Only a fit that ran to its end gets here (a stop or a crash raises past it): its dev result is
+        # rewritten with the checkpoint it selected and, if nothing limited or stopped it, complete: true.
+        if self._last_entry is not None:
+            self._write_result(self._last_entry, validate_only=False, finished=True)
+
+    def _write_result(self, entry: dict, validate_only: bool, finished: bool = False) -> None:
         if not self.trainer.is_global_zero:
             return
+        if validate_only:
+            record = run_record(self.trainer, "val", self._ckpt_step)
+        else:
+            ckpt_cb = self.trainer.checkpoint_callback
+            best = getattr(ckpt_cb, "best_model_path", None) or getattr(ckpt_cb, "last_model_path", None) or None
+            record = run_record(self.trainer, "val", self.global_step, checkpoint=best if finished else None)
+            if not finished:
+                record["incomplete"] = "; ".join(
+                    [record.get("incomplete", ""), "the fit is still running (or was stopped): this file is "
+                     "rewritten with complete: true when it ends"]).lstrip("; ")
+                record["complete"] = False
         dm = self.trainer.datamodule
         data = dm.describe() if hasattr(dm, "describe") else {}
         best = min(self.history, key=lambda e: e["dev_loss"]) if self.history else None
@@ -233,7 +254,7 @@ class SequenceClassifier(L.LightningModule):
             "transfer": self.transfer,
             "hparams": {k: v for k, v in self.hparams.items() if not k.startswith("_")}, "data": data,
             "best_by_dev_loss": best, "history": self.history,
-            "checkpoint": getattr(self.trainer, "ckpt_path", None) if validate_only else None,
+            **record,
         }
         out_dir = Path(self.results_dir or self.trainer.default_root_dir) / "results"
         path = out_dir / ("sst2-dev-validate.json" if validate_only else "sst2-dev.json")
@@ -282,6 +303,7 @@ class SequenceClassifier(L.LightningModule):
             "saved in its run directory (lm finetune validate --config <run>/config.yaml --ckpt_path <ckpt>).",
             also=vocab)
         self.history = list(checkpoint.get("sst2_history") or [])
+        self._ckpt_step = checkpoint.get("global_step")
 
 
 __all__ = ["SequenceClassifier"]

@@ -20,6 +20,7 @@ from lm.config import AttentionConfig, EvalConfig, FFNConfig, ModelConfig, Optim
 from lm.errors import CheckpointError, ConfigError, NonFiniteLossError
 from lm.model.transformer import TransformerLM
 from lm.tasks.lightning_compat import attached_trainer, logger_writes_now
+from lm.tasks.records import run_record
 from lm.tasks.schedule import lr_factor
 from lm.utils import atomic_write_text
 
@@ -106,6 +107,7 @@ class LanguageModel(L.LightningModule):
         self._eval_mems: list[torch.Tensor] | None = None
         self.eval_nll = MeanMetric()
         self._eval_t0 = 0.0
+        self._ckpt_step: int | None = None  # global_step of the checkpoint loaded into this module (records)
 
     # ----- training --------------------------------------------------------------------------------
     def forward(self, tokens, mems=None, **kw):
@@ -233,6 +235,9 @@ class LanguageModel(L.LightningModule):
             "tokens_scored": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
             "protocol": self.protocol_description(),
+            # checkpoint, step, precision, batches scored, complete (false for a limited or stopped run)
+            **run_record(self.trainer, "test" if stage == "test" else "val",
+                         self.global_step if self.trainer.state.fn == "fit" else self._ckpt_step),
         }
         if stage == "test" or (stage == "val" and self.trainer.state.fn == "validate"):
             self._write_result(stage)
@@ -263,7 +268,6 @@ class LanguageModel(L.LightningModule):
         dm = self.trainer.datamodule
         result = dict(self.last_result)
         result["data"] = getattr(dm, "describe", lambda s: {})(stage)
-        result["checkpoint"] = getattr(self.trainer, "ckpt_path", None)
         out_dir = Path(self.results_dir or self.trainer.default_root_dir) / "results"
         fname = f"{stage}-{self.eval_cfg.protocol}.json"
         if result["data"].get("file_tag"):
@@ -317,6 +321,7 @@ class LanguageModel(L.LightningModule):
         return getattr(attached_trainer(self), "datamodule", None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._ckpt_step = checkpoint.get("global_step")
         dm, vocab = self._datamodule(), checkpoint.get("lm_vocab")
         if dm is not None and vocab is not None and hasattr(dm, "vocab") and vocab.get("sha256") != dm.vocab.sha256:
             raise CheckpointError(
