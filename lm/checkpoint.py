@@ -75,9 +75,9 @@ def read(path: str | Path, given_as: str = "Checkpoint", hint: str = f"Pass {LM_
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         gist = (str(e).strip().splitlines() or [""])[0][:200]
-        # torch < 2.5: "Unsupported global: GLOBAL x"; 2.5+: "Weights only load failed ... unsupported GLOBAL x"
-        if isinstance(e, pickle.UnpicklingError) and ("unsupported global" in str(e).lower()
-                                                      or "weights only load failed" in str(e).lower()):
+        # torch < 2.6: "Unsupported global: GLOBAL x"; 2.6+ (2.13 too): "... unsupported GLOBAL x whose module ..."
+        # (garbage bytes also fail as "Weights only load failed", with another reason: that is "cannot read")
+        if isinstance(e, pickle.UnpicklingError) and "unsupported global" in str(e).lower():
             # (LightningCLI itself reads the file's hyper-parameters with weights_only=True, whatever
             # --weights_only says, so there is no switch to offer.)
             raise CheckpointError(
