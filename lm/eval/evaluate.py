@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from lm import checkpoint
 from lm.config import EvalConfig
 from lm.errors import ConfigError, StopRequested
 from lm.tasks.pretrained import load_language_model
@@ -79,6 +80,7 @@ def evaluate(
 
     if isinstance(ckpts, str):
         ckpts = [c.strip() for c in ckpts.split(",") if c.strip()]
+    ckpts = [str(checkpoint.local_path(c, "--ckpts")) for c in ckpts]  # file:// as its path; other URLs refused
     if not ckpts:
         raise ConfigError("--ckpts names no checkpoint. Give one or more .ckpt files written by `lm fit`, "
                           "comma-separated (e.g. --ckpts runs/a/checkpoints/last.ckpt,runs/b/checkpoints/last.ckpt).")
@@ -198,7 +200,6 @@ def _report(rows: list[dict], ecfg: EvalConfig, split: str, seed: int, done: boo
 def _check_checkpoint(path: str):
     """Readable, an LM checkpoint with its vocabulary, and its weights fit its architecture (a full load:
     shape mismatches show now, not after the first checkpoints' evaluations)."""
-    from lm import checkpoint
     from lm.tasks.lm_module import LanguageModel
 
     checkpoint.check_model_class(checkpoint.read(path), path, LanguageModel)
