@@ -194,7 +194,7 @@ def test_finetune_records_complete_checkpoint_and_the_checkpoints_step(sst2, cap
                  "--trainer.max_epochs", "1"]) == 0
     fit = json.loads((run / "results" / "sst2-dev.json").read_text())
     last = run / "checkpoints" / "last.ckpt"
-    assert fit["complete"] is True and fit["checkpoint"] and Path(fit["checkpoint"]).is_file()
+    assert fit["complete"] is True and fit["checkpoint"] == str(last) and Path(fit["best_checkpoint"]).is_file()
     assert fit["precision"] == "32-true" and fit["step"] == ckpt_step(last) > 0
     assert main(["finetune", "validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(last)]) == 0
     val = json.loads((run / "results" / "sst2-dev-validate.json").read_text())

@@ -235,15 +235,16 @@ class SequenceClassifier(L.LightningModule):
             return
         if validate_only:
             record = run_record(self.trainer, "val", self._ckpt_step)
-        else:
-            ckpt_cb = self.trainer.checkpoint_callback
-            best = getattr(ckpt_cb, "best_model_path", None) or getattr(ckpt_cb, "last_model_path", None) or None
-            record = run_record(self.trainer, "val", self.global_step, checkpoint=best if finished else None)
+        else:  # the step of these dev numbers; at the fit's end the checkpoint holding them and the selected one
+            cb = self.trainer.checkpoint_callback
+            record = run_record(self.trainer, "val", entry["step"],
+                                checkpoint=(getattr(cb, "last_model_path", None) or None) if finished else None)
+            record["best_checkpoint"] = (getattr(cb, "best_model_path", None) or None) if finished else None
             if not finished:
-                record["incomplete"] = "; ".join(
-                    [record.get("incomplete", ""), "the fit is still running (or was stopped): this file is "
-                     "rewritten with complete: true when it ends"]).lstrip("; ")
                 record["complete"] = False
+                record["incomplete"] = "; ".join(filter(None, [record.get("incomplete"), (
+                    "the fit is still running, or was stopped: this file is rewritten with complete: true when the "
+                    "fit ends")]))
         dm = self.trainer.datamodule
         data = dm.describe() if hasattr(dm, "describe") else {}
         best = min(self.history, key=lambda e: e["dev_loss"]) if self.history else None
