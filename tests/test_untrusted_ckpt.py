@@ -206,6 +206,12 @@ def test_trainer_entry_points_force_weights_only(world, tmp_path, monkeypatch):
     assert world["hits"] == []
 
 
+def test_weights_only_false_on_the_command_line_is_refused(world, capsys):
+    msg = one_paragraph(capsys, main(["test", "--config", str(world["cfg"]), "--ckpt_path", str(world["ckpt"]),
+                                      "--weights_only", "false"]))
+    assert "--weights_only false" in msg and "drop --weights_only" in msg
+
+
 def test_the_restore_reads_through_the_one_reader(world, tmp_path):
     from lm.tasks.callbacks import AtomicCheckpointIO
 
