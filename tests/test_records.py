@@ -59,6 +59,25 @@ def ckpt_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
+# ----- lm fit ---------------------------------------------------------------------------------------------
+def test_train_json_is_complete_only_for_a_fit_that_ran_to_its_end(world, capsys, tmp_path, monkeypatch):
+    assert json.loads((world["run"] / "results" / "train.json").read_text())["complete"] is True
+    real = LanguageModel.training_step
+
+    def step(self, batch, batch_idx):
+        if self.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(LanguageModel, "training_step", step)
+    run = tmp_path / "stopped"
+    code = main(["fit", "--config", str(world["cfg"]), "--trainer.default_root_dir", str(run),
+                 "--trainer.max_steps", "5"])
+    assert code == 143, capsys.readouterr().err[-2000:]
+    summary = json.loads((run / "results" / "train.json").read_text())
+    assert summary["complete"] is False and summary["sessions"][-1]["ended"] == "SIGTERM"
+
+
 # ----- lm test / validate -------------------------------------------------------------------------------
 def test_test_json_names_checkpoint_step_precision_and_is_complete_only_unlimited(world, capsys):
     res = world["run"] / "results" / "test-segments.json"
@@ -123,6 +142,8 @@ def test_evaluate_limit_is_recorded_and_never_complete(world, capsys, tmp_path):
     c = lim["rows"][0]["results"]["clean"]
     assert lim["complete"] is False and c["complete"] is False and lim["limit_batches"] == 1
     assert c["batches_scored"] == 1 < c["batches_total"] and 0 < lim["tokens_scored"] < full["tokens_scored"]
+    assert "INCOMPLETE: limited to 1 batches" in (tmp_path / "lim" / "table.md").read_text()
+    assert "INCOMPLETE" not in (tmp_path / "full" / "table.md").read_text()
 
 
 @pytest.mark.parametrize("extra, needle", [(["--limit_batches", "0"], "--limit_batches 0"),

@@ -250,6 +250,9 @@ def markdown_table(report: dict) -> str:
                  f"memory {p.get('mem_len')}, batch {p.get('batch_size')}, normalised per {p.get('normalised_by')}; "
                  f"split {report['split']}; tokens scored {rows[0]['results']['clean']['tokens_scored']}; "
                  f"corruption seed {report['corruption_seed']}. 'x' = contaminated / clean.")
+    if not report.get("complete"):
+        why = sorted({r.get("incomplete", "") for row in rows for r in row["results"].values()} - {""})
+        lines.append(f"INCOMPLETE: {'; '.join(why) or 'not every checkpoint was scored'}.")
     return "\n".join(lines) + "\n"
 
 

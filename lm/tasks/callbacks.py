@@ -255,6 +255,8 @@ class TokenThroughput(Callback):
         summary = {"global_step": trainer.global_step, "tokens": tot_tokens, "train_s": round(tot_train, 6),
                    "wall_s": round(sum(x["wall_s"] for x in sessions), 2),
                    "tokens_per_s": round(tot_tokens / tot_train, 1) if tot_train > 0 else None,
+                   # the fit ran to its end (a SIGTERM in the last step lets it finish, but the CLI exits 143)
+                   "complete": ended == "finished" and not trainer.received_sigterm,
                    "sessions": sessions}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(summary, indent=2))
