@@ -45,7 +45,7 @@ def local_path(path: str | Path, given_as: str = "Checkpoint") -> Path:
         url = urllib.parse.urlparse(s)
         if url.netloc in ("", "localhost"):
             return Path(urllib.request.url2pathname(url.path))
-    if _URL.match(s) or s.startswith("registry:"):
+    if _URL.match(s) or s == "registry" or s.startswith("registry:"):  # Lightning's model-registry download
         raise CheckpointError(
             f"{given_as} {s} is not a local file. `lm` reads checkpoints only from local files (Lightning would "
             f"fetch a URL itself and unpickle it without torch.load's weights_only protection, which lets the file "

@@ -177,7 +177,7 @@ def test_file_url_is_read_as_its_local_path(world, capsys):
 
 
 @pytest.mark.parametrize("url", ["https://example.com/m.ckpt", "s3://bucket/m.ckpt", "file://otherhost/m.ckpt",
-                                 "registry:org/model"])
+                                 "registry:org/model", "registry"])
 def test_other_urls_are_refused_without_network(url):
     with pytest.raises(CheckpointError, match="not a local file"):
         checkpoint.read(url)
