@@ -28,6 +28,7 @@ from pathlib import Path
 from lm.errors import CheckpointError, ConfigError, StopRequested
 from lm.utils import RunLock, write_error  # noqa: F401  (the CLI's names for them; they live in the base layer)
 
+
 def other_rank() -> bool:
     """True in a process that a distributed launcher started for a rank other than 0 (Lightning's DDP
     launcher re-runs the command with LOCAL_RANK set; torchrun/SLURM set RANK/NODE_RANK): the run directory

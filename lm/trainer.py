@@ -31,7 +31,7 @@ def safe_restore_args(ckpt_path, weights_only):
 
 
 class Trainer(L.Trainer):
-    """Lightning's Trainer with three differences for the CLI. The ``limit_*_batches`` options are typed
+    """Lightning's Trainer with four differences for the CLI. The ``limit_*_batches`` options are typed
     ``int | float`` instead of Lightning's ``float | int``. jsonargparse tries a union's types in order, so with
     Lightning's order ``--trainer.limit_val_batches 1`` became 1.0 = 100% of the batches; here an integer
     (``1``, ``20``) is a number of batches and a decimal (``1.0``, ``0.25``) a fraction, as in Lightning's docs.
@@ -40,7 +40,9 @@ class Trainer(L.Trainer):
     unset) ``val_check_interval`` and "count steps across epochs" for an integer one: the stock recipes' 500
     steps then work on any corpus (with 1, a corpus under 500 batches per epoch was a ValueError). And any error
     Lightning raises while building the Trainer from the given settings (an unknown or unavailable
-    accelerator, bad devices/precision) is reported as a configuration error, in one paragraph.
+    accelerator, bad devices/precision) is reported as a configuration error, in one paragraph. Every
+    ``fit/validate/test/predict`` restores its ``ckpt_path`` with ``weights_only=True`` and never from a URL
+    (``safe_restore_args``).
     """
 
     def __init__(self, limit_train_batches: int | float | None = None, limit_val_batches: int | float | None = None,
