@@ -9,7 +9,7 @@ everywhere.
 Untrusted files: a checkpoint is a pickle, and unpickling can run code. ``read`` is the only ``torch.load``
 in the package and always passes ``weights_only=True`` (tensors and plain containers only; a pickled object
 is refused, never built). ``local_path`` refuses URLs: Lightning would download an ``http(s)://`` path
-itself and unpickle it without weights_only (Lightning's default for URLs, ``lightning.fabric.utilities.cloud_io._load``).
+itself and unpickle it without weights_only (its default for URLs, ``lightning.fabric.utilities.cloud_io._load``).
 
 Every model that loads a state dict checks it with ``check_fits``, which lists every missing, unexpected and
 mis-shaped tensor at once.

@@ -162,11 +162,13 @@ def _variants(ckpt_path, row, specs, split, seed, corpus, root, source, base_url
     tok_path = tmp / f"{name}-tokenizer.json"
     vocab.save(tok_path)
     dm_kwargs = dict(corpus=corpus or data_hp.get("corpus", "wikitext-2"), root=root, source=source,
-                     base_url=base_url, tokenizer=str(tok_path), tgt_len=hp.get("tgt_len", 128), batch_size=1, eval=ecfg)
+                     base_url=base_url, tokenizer=str(tok_path), tgt_len=hp.get("tgt_len", 128), batch_size=1,
+                     eval=ecfg)
     clean_file = LMDataModule(**dm_kwargs).split_file(split)
     variants = [("clean", None, None)]
     for spec in specs:
-        res = corrupt_file(clean_file, **spec.kwargs(), seed=seed, format="enwik8" if vocab.unit == "byte" else "wikitext")
+        res = corrupt_file(clean_file, **spec.kwargs(), seed=seed,
+                           format="enwik8" if vocab.unit == "byte" else "wikitext")
         variants.append((spec.label, res.path, res.manifest))
     for label, path, manifest in variants:
         kw, extra = dict(dm_kwargs), {}
@@ -180,7 +182,8 @@ def _variants(ckpt_path, row, specs, split, seed, corpus, root, source, base_url
 
 
 def _check_limit(limit) -> None:
-    if isinstance(limit, bool) or not (isinstance(limit, int) and limit >= 1 or isinstance(limit, float) and 0 < limit <= 1):
+    whole = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+    if not (whole or isinstance(limit, float) and 0 < limit <= 1):
         raise ConfigError(
             f"--limit_batches {limit!r} scores nothing or is not a batch count: give a whole number of batches "
             f"(20) or a fraction of the split in (0, 1] (0.25; 1.0, the default, scores all of it). A limited "
