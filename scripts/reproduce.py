@@ -54,10 +54,10 @@ def lm(*args: str, threads: int | None = None) -> None:
 
 def ckpt_step(path: Path) -> int | None:
     """The optimizer step a checkpoint holds (None: missing or unreadable)."""
-    from lm import checkpoint  # the project's one reader (weights_only=True)
+    import torch
 
     try:
-        return int(checkpoint.read(path)["global_step"])
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
     except Exception:
         return None
 
