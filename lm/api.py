@@ -65,7 +65,7 @@ class Model:
     @property
     def context(self) -> int:
         """Tokens the model attends to: its segment length plus, in the relative setting, its memory."""
-        return self.tgt_len + (self.cfg.mem_len if self.cfg.pos == "relative" else 0)
+        return self.tgt_len + (self.cfg.mem_len if self.cfg.pos in ("relative", "span") else 0)
 
     # ----- text <-> ids ------------------------------------------------------------------------
     @property
@@ -99,14 +99,13 @@ class Model:
     def score(self, text: str, protocol: EvalConfig | None = None) -> Score:
         """NLL, perplexity, bits per character and token count of ``text`` under the model's evaluation
         protocol (or ``protocol``), batch size 1."""
-        from lm.data.protocols import eval_batches
+        from lm.data.protocols import MEMORY_PROTOCOLS, check_protocol, eval_batches
 
         ids = [self._newline] + self.encode(text)
         e = protocol or self.lm.eval_cfg
         e = dataclasses.replace(e, batch_size=1)
-        if e.protocol == "memory" and self.cfg.pos != "relative":
-            raise ConfigError("protocol 'memory' needs a model with relative positions; use 'segments' or 'sliding'.")
-        memory = e.protocol == "memory"
+        check_protocol(e, self.cfg)
+        memory = e.protocol in MEMORY_PROTOCOLS
         mem_len = (e.mem_len if e.mem_len is not None else self.cfg.mem_len) if memory else 0
         clamp_len = e.clamp_len if e.clamp_len is not None else self.cfg.clamp_len
         mems, nlls = None, []

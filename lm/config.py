@@ -185,7 +185,14 @@ class FFNConfig:
 class ModelConfig:
     """The decoder. ``pos='absolute'`` is the Elliptical paper's WikiText-103 setting (sinusoidal
     absolute positions, no memory); ``pos='relative'`` is Transformer-XL proper (relative positional
-    attention with ``mem_len`` segment memory).
+    attention with ``mem_len`` segment memory); ``pos='span'`` is the MoE authors' host, the
+    adaptive-span Transformer with a fixed span: every token attends to exactly the ``mem_len``
+    previous tokens (not itself) over a per-layer cache that starts as zeros, with a learned position
+    table ``key_pe [1, d_head, mem_len]`` shared by all layers and no u/v biases.
+
+    ``embed_scale``: multiply the input embedding by ``sqrt(d_model)`` (XL's, default) or not (the MoE
+    authors' plain ``nn.Embedding``; with ``adaptive: false, tie_weight: false`` the softmax is their
+    untied full ``nn.Linear``).
 
     ``abs_pos_order`` (absolute positions only): ``up`` (default) numbers a segment's tokens 0..T-1;
     ``down`` numbers them T-1..0, so the last token is position 0, as the paper's code does (XL's
@@ -225,6 +232,7 @@ class ModelConfig:
     abs_pos_order: str = "up"
     dropout_placement: str = "xl"
     weight_init: str = "normal"
+    embed_scale: bool = True
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
 
@@ -234,7 +242,7 @@ class ModelConfig:
             self.attention = AttentionConfig(**self.attention)
         if isinstance(self.ffn, dict):
             self.ffn = FFNConfig(**self.ffn)
-        _check_choice("model.pos", self.pos, ("absolute", "relative"))
+        _check_choice("model.pos", self.pos, ("absolute", "relative", "span"))
         _check_choice("model.norm", self.norm, ("post", "pre"))
         _check_choice("model.ln_init", self.ln_init, ("ones", "normal"))
         _check_choice("model.abs_pos_order", self.abs_pos_order, ("up", "down"))
@@ -245,7 +253,7 @@ class ModelConfig:
                               "post-LayerNorm block (the MoE authors' layer); with model.norm: pre there is no "
                               "such block. Set model.norm: post or ffn.nested_norm: false.")
         if self.abs_pos_order == "down" and self.pos != "absolute":
-            raise ConfigError("model.abs_pos_order 'down' numbers absolute positions; with model.pos: relative "
+            raise ConfigError(f"model.abs_pos_order 'down' numbers absolute positions; with model.pos: {self.pos} "
                               "there are none (distances are counted by the attention). Remove "
                               "model.abs_pos_order or set model.pos: absolute.")
         for name in ("n_layer", "d_model", "n_head", "d_head", "d_inner"):
@@ -282,6 +290,31 @@ class ModelConfig:
             if name not in ATTENTION:
                 raise unknown("attention variant", name, ATTENTION)
         ATTENTION[self.attention.name].parse_options(self.attention.options)
+        if self.pos == "span":
+            self._check_span()
+
+    @property
+    def has_memory(self) -> bool:
+        """The decoder carries per-layer memory across segments (Transformer-XL or the span host)."""
+        return self.pos in ("relative", "span") and self.mem_len > 0
+
+    def _check_span(self) -> None:
+        if self.mem_len < 1:
+            raise ConfigError("model.pos: span attends to the model.mem_len previous tokens (the authors' "
+                              "--attn-span) over a cache of that length; set model.mem_len >= 1 (e.g. 1024 or "
+                              "2048 as in the MoE scripts), or use model.pos: absolute for a model without memory.")
+        if self.same_length or self.clamp_len > 0:
+            raise ConfigError("model.same_length and model.clamp_len belong to Transformer-XL's relative positions; "
+                              "with model.pos: span every query already sees exactly model.mem_len keys and the "
+                              "learned key_pe table has one entry per distance. Remove them or use model.pos: relative.")
+        from lm.model.attention import ATTENTION
+
+        for name in set(self.attention_layers()):
+            if not ATTENTION[name].span_capable():
+                ok = ", ".join(sorted(n for n, c in ATTENTION.items() if c.span_capable()))
+                raise ConfigError(f"attention '{name}' has no key_pe position term, so it cannot run with "
+                                  f"model.pos: span (the adaptive-span host). Choose a variant that supports it "
+                                  f"({ok}) or model.pos: absolute.")
 
     def attention_layers(self) -> list[str]:
         """The attention variant name of every layer."""
@@ -300,6 +333,10 @@ class EvalConfig:
     - ``memory``: Transformer-XL evaluation, ordered segments with ``mem_len`` recurrence.
     - ``sliding``: windows of ``tgt_len`` moved by ``stride``; every token scored exactly once, each
       (after the first window) with at least ``tgt_len - stride`` tokens of context.
+    - ``full_eval``: the MoE authors' ``trainer.full_eval`` (a model with memory): the split cut into
+      ``batch_size`` columns (the tail that does not fill a column dropped), ordered blocks of
+      ``tgt_len`` with memory, only whole blocks, and only while the block starts before
+      ``column_length - tgt_len``: NOT every target is scored; results record the scored fraction.
     ``None`` values fall back to the training ``tgt_len`` / the model's ``mem_len``/``clamp_len``.
     """
 
@@ -311,7 +348,7 @@ class EvalConfig:
     batch_size: int = 10
 
     def __post_init__(self) -> None:
-        _check_choice("eval.protocol", self.protocol, ("segments", "memory", "sliding"))
+        _check_choice("eval.protocol", self.protocol, ("segments", "memory", "sliding", "full_eval"))
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}.")
         if self.tgt_len is not None and self.tgt_len < 1:

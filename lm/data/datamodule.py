@@ -44,6 +44,9 @@ class LMDataModule(L.LightningDataModule):
         valid_file: a file that replaces the valid split (e.g. a word-swapped copy); same vocabulary,
             unknown words map to ``<unk>``.
         test_file: a file that replaces the test split, likewise.
+        vocab_splits: the splits the word vocabulary is counted on: ``[train]`` (default, REFERENCE §3) or
+            ``[train, valid, test]`` as the MoE authors' ``data.Corpus`` does (no word of valid/test is then
+            ``<unk>``-mapped by the vocabulary; WikiText already maps rare words to ``<unk>`` in all splits).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class LMDataModule(L.LightningDataModule):
         valid_file: str | None = None,
         test_file: str | None = None,
         base_url: str | None = None,
+        vocab_splits: list[str] | None = None,
     ):
         super().__init__()
         if corpus not in CORPORA:
@@ -70,6 +74,12 @@ class LMDataModule(L.LightningDataModule):
         self.corpus, self.root, self.source, self.base_url = corpus, root, source, base_url
         self.batch_size, self.tgt_len, self.cache_dir = batch_size, tgt_len, cache_dir
         self.tokenizer_path, self.valid_file, self.test_file = tokenizer, valid_file, test_file
+        self.vocab_splits = list(vocab_splits) if vocab_splits else ["train"]
+        if self.vocab_splits[0] != "train" or len(set(self.vocab_splits)) != len(self.vocab_splits) or any(
+                v not in SPLITS for v in self.vocab_splits):
+            raise ConfigError(f"data.vocab_splits {self.vocab_splits} must start with train and name each of "
+                              f"{', '.join(SPLITS)} at most once: [train] (default) or [train, valid, test] "
+                              f"(the MoE authors' vocabulary).")
         # Always a fresh instance: a default shared between modules must never be mutated through one.
         self.eval_cfg = dataclasses.replace(coerce(EvalConfig, eval)) if eval is not None else EvalConfig()
         # Checkpoints hold plain values only (no pickled dataclasses).
@@ -116,15 +126,18 @@ class LMDataModule(L.LightningDataModule):
         except DataError as e:
             raise DataError(f"{e}\nThe vocabulary is counted on the train split; to evaluate without it, "
                             f"pass data.tokenizer=<run dir>/tokenizer.json from the training run.") from None
-        # Counting WikiText-103 takes a minute: keep the result, keyed by the train file's content.
-        key = f"v{FORMAT_VERSION}.{hashlib.sha256(train).hexdigest()[:16]}"  # version: counting rules may change
+        # Counting WikiText-103 takes a minute: keep the result, keyed by the counted files' content.
+        texts = [train] + [files.read_bytes(s) for s in self.vocab_splits[1:]]
+        digest = hashlib.sha256(b"".join(hashlib.sha256(t).digest() for t in texts)).hexdigest()[:16]
+        key = f"v{FORMAT_VERSION}.{digest if len(texts) > 1 else hashlib.sha256(train).hexdigest()[:16]}"
         path = Path(self.cache_dir) / "vocab" / f"{self.corpus}.{key}.json"
         if path.is_file():
             try:
                 return Vocab.load(path)
             except DataError as e:
                 log.warning("Cached vocabulary %s is unusable (%s); counting it again.", path, e)
-        vocab = Vocab.build(split_lines(decode_utf8(train, str(self.files.path("train")))))
+        lines = [line for s, t in zip(self.vocab_splits, texts) for line in split_lines(decode_utf8(t, str(files.path(s))))]
+        vocab = Vocab.build(lines)
         vocab.save(path)
         return vocab
 

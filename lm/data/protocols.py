@@ -15,11 +15,20 @@ targets), never per-batch means: a batch may score zero targets.
   ``[i*L+1, (i+1)*L]`` with ``L = ceil((N-1)/batch_size)``: unlike XL's ``batchify``, the tail is not
   dropped; the last stream(s) are shorter and padded (possibly empty). Streams are cut into segments of
   T in order (the last segment may be narrower than T); ``first`` is True only on the first batch.
+- ``full_eval``: the MoE authors' ``trainer.full_eval`` (``data._batchify`` + the block loop). The stream
+  is cut into ``batch_size`` columns of ``C = N // batch_size`` tokens (the last ``N mod batch_size``
+  tokens dropped); column i is ``tokens[i*C : (i+1)*C]``. Blocks of T start at ``p = 0, T, 2T, ...``;
+  block p is run and scored only if ``p == 0`` or ``p < C - T`` (their loop breaks once the next start
+  reaches ``C - T``), so only whole blocks are scored and the tail of every column is not. Memory runs
+  through the blocks (``first`` only on the first; the span host starts from a zero cache). Their
+  reported loss is the mean of per-block mean losses; every block has the same ``batch_size * T``
+  targets, so that equals the token mean the project computes. ``scored`` / ``targets`` say how much
+  of the split was scored (about 90% of WikiText-103 test with 48 columns and T = 512).
 - ``sliding``: window W = T, stride S. Window k reads ``tokens[kS : kS+W]``; the first window scores
   all its targets, later windows only their last S, so each scored target after the first window has
   at least W - S tokens of context. The last window is cut at the end of the stream and padded.
 
-Sharding over ``world_size`` ranks. ``memory``: the global ``batch_size`` streams are split into
+Sharding over ``world_size`` ranks. ``memory`` and ``full_eval``: the global ``batch_size`` streams are split into
 contiguous blocks of rows (rank r gets rows ``[r*B//W, (r+1)*B//W)``), so the result does not depend on
 W. ``segments``/``sliding``: global batch j goes to rank ``j % W`` (round robin); ranks with one batch
 fewer get a final all-masked filler batch, so every rank runs the same number of steps (a DDP
@@ -35,8 +44,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm.config import EvalConfig
+from lm.config import EvalConfig, ModelConfig
 from lm.errors import ConfigError, DataError
+
+# Protocols that carry each layer's memory from one batch to the next.
+MEMORY_PROTOCOLS = ("memory", "full_eval")
+
+
+def check_protocol(e: EvalConfig, model: ModelConfig) -> None:
+    """Refuse a protocol the model cannot run, in one paragraph."""
+    if e.protocol in MEMORY_PROTOCOLS and model.pos not in ("relative", "span"):
+        raise ConfigError(f"eval.protocol '{e.protocol}' carries memory across segments and needs a model with "
+                          f"memory (model.pos: relative or span); use 'segments' or 'sliding' for "
+                          f"absolute-position models.")
+    if model.pos == "span" and e.mem_len is not None and e.mem_len != model.mem_len:
+        raise ConfigError(f"model.pos: span attends to exactly model.mem_len={model.mem_len} previous tokens (its "
+                          f"key_pe table has that many entries), so eval.mem_len={e.mem_len} cannot be used; leave "
+                          f"eval.mem_len unset.")
 
 
 def resolve(cfg: EvalConfig, train_tgt_len: int) -> tuple[int, int]:
@@ -64,6 +88,11 @@ class EvalBatches:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in a world of size {world_size}.")
         B, T, S = cfg.batch_size, self.T, self.S
+        # Targets in the split and how many the protocol scores over all ranks: all but under full_eval.
+        self.targets = self.scored = n - 1
+        if cfg.protocol == "full_eval":
+            self._init_full_eval(n, B, T, rank, world_size)
+            return
         if cfg.protocol == "memory":
             if B < world_size:
                 raise ConfigError(f"eval.batch_size={B} (streams) must be >= world_size={world_size} for "
@@ -87,6 +116,20 @@ class EvalBatches:
         self.global_batches = list(range(rank, n_global, world_size))
         self._len = math.ceil(n_global / world_size)  # same on every rank; the gap is a filler batch
 
+    def _init_full_eval(self, n: int, B: int, T: int, rank: int, world_size: int) -> None:
+        C = n // B
+        if C <= T:
+            raise DataError(f"eval.protocol full_eval cuts the {n} tokens into {B} columns of {C}, not longer than "
+                            f"one block of {T}: nothing whole can be scored. Lower eval.batch_size or eval.tgt_len.")
+        if B < world_size:
+            raise ConfigError(f"eval.batch_size={B} (columns) must be >= world_size={world_size} for full_eval.")
+        self.L = C
+        # Blocks p = kT with k = 0 or kT < C - T: k = 0 .. ceil((C - T) / T) - 1 (C > T, so at least one).
+        self._len = math.ceil((C - T) / T)
+        rows = np.arange(rank * B // world_size, (rank + 1) * B // world_size)
+        self.row_start = rows * C
+        self.scored = B * T * self._len
+
     def __len__(self) -> int:
         return self._len
 
@@ -103,6 +146,11 @@ class EvalBatches:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         T, B = self.T, self.cfg.batch_size
+        if self.cfg.protocol == "full_eval":
+            full = np.full(len(self.row_start), T)
+            for j in range(self._len):
+                yield {**self._rows(self.row_start + j * T, full, np.zeros_like(full), T), "first": j == 0}
+            return
         if self.cfg.protocol == "memory":
             for j in range(self._len):
                 c = j * T

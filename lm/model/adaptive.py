@@ -66,13 +66,15 @@ class AdaptiveEmbedding(nn.Module):
         cutoffs: list[int],
         div_val: int = 1,
         init_std: float = 0.02,
+        scale: bool = True,
     ):
         super().__init__()
         self.n_token, self.d_embed, self.d_proj, self.div_val = n_token, d_embed, d_proj, div_val
         self.cutoff_ends = _check_cutoffs(n_token, cutoffs, div_val, d_embed)
         self.cutoffs = self.cutoff_ends[1:-1]
-        # XL's emb_scale: keeps embeddings on the same scale as the (unit-variance) positions.
-        self.emb_scale = d_proj**0.5
+        # XL's emb_scale: keeps embeddings on the same scale as the (unit-variance) positions. ``scale=False``:
+        # the MoE authors' plain nn.Embedding (model.embed_scale: false).
+        self.emb_scale = d_proj**0.5 if scale else 1.0
 
         self.emb_layers = nn.ModuleList()
         self.emb_projs = nn.ParameterList()

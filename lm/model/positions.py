@@ -64,3 +64,21 @@ def padding_mask(mask: Tensor | None, key_mask: Tensor, qlen: int) -> Tensor:
     k = torch.arange(klen, device=key_mask.device)[None, :]
     allowed = k <= q if mask is None else mask
     return (allowed[None] & (key_mask[:, None, :] | (k == q)[None]))[:, None]
+
+
+def span_mask(qlen: int, span: int, device) -> Tensor:
+    """Bool ``[T, span+T]`` over ``[cache; segment]`` (cache of exactly ``span`` positions): query i (at key
+    index span+i) may attend keys ``i .. i+span-1``, the ``span`` tokens before it and NOT itself, as the
+    adaptive-span Transformer's ``_unskew`` selects them."""
+    j = torch.arange(span + qlen, device=device)[None, :]
+    i = torch.arange(qlen, device=device)[:, None]
+    return (j >= i) & (j < i + span)
+
+
+def span_skew(x: Tensor) -> Tensor:
+    """Place span scores on the key axis: ``x[..., i, l]`` (l = 0 is distance span, l = span-1 distance 1)
+    becomes ``out[..., i, i+l]`` of ``[..., T, span+T]``; every other entry is 0 and must be masked
+    (``span_mask``). Zero-pad and reshape, one copy instead of a scatter."""
+    *lead, t, s = x.shape
+    padded = torch.nn.functional.pad(x, (0, t + 1)).reshape(*lead, t * (s + t + 1))
+    return padded[..., : t * (s + t)].reshape(*lead, t, s + t)

@@ -1,9 +1,13 @@
-"""The decoder: adaptive input -> N x Block -> adaptive softmax, in two host settings.
+"""The decoder: adaptive input -> N x Block -> adaptive softmax, in three host settings.
 
 - ``pos='absolute'`` (the Elliptical paper's WikiText-103 setting): sinusoidal absolute positions
   added to the embeddings (which are scaled by sqrt(d_model)), no memory, post-LayerNorm.
 - ``pos='relative'`` (Transformer-XL): relative positional attention over ``[memory; segment]``,
   where memory holds each layer's detached inputs from the previous segments.
+- ``pos='span'`` (the MoE authors' adaptive-span Transformer, fixed span ``mem_len``): the same memory,
+  but always exactly ``mem_len`` long (zeros before the first segment, as their cache starts), each
+  token attending to the ``mem_len`` tokens before it and not itself, with a learned position table
+  ``key_pe`` shared by all layers (``positions.span_mask`` / ``span_skew``).
 
 Each layer's attention variant comes from the registry (``model.attention``); each attention layer
 hands a ``LayerState`` (its values) to the next, which is what Elliptical's estimator reads.
@@ -17,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from lm.config import ModelConfig
+from lm.errors import ConfigError
 from lm.model.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
 from lm.model.attention import AttnContext, LayerState, build_attention
 from lm.model.moe import DenseFFN, MoEFFN
-from lm.model.positions import attention_mask, padding_mask, relative_positions, sinusoid
+from lm.model.positions import attention_mask, padding_mask, relative_positions, sinusoid, span_mask
 
 
 class Block(nn.Module):
@@ -74,10 +79,11 @@ class TransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, lm_head: bool = True):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
-        d, relative = cfg.d_model, cfg.pos == "relative"
+        d, relative, span = cfg.d_model, cfg.pos == "relative", cfg.pos == "span"
         cutoffs = list(cfg.cutoffs) if cfg.adaptive else []
         d_embed = cfg.d_embed or d
-        self.embed = AdaptiveEmbedding(vocab_size, d_embed, d, cutoffs, cfg.div_val, cfg.init_std)
+        self.embed = AdaptiveEmbedding(vocab_size, d_embed, d, cutoffs, cfg.div_val, cfg.init_std,
+                                       scale=cfg.embed_scale)
         self.head = AdaptiveLogSoftmax(vocab_size, d_embed, d, cutoffs, cfg.div_val,
                                        tie_to=self.embed if cfg.tie_weight else None, init_std=cfg.init_std)
         xl_dropout = cfg.dropout_placement == "xl"  # else the MoE authors': inside the FFNs only
@@ -88,11 +94,13 @@ class TransformerLM(nn.Module):
         for i, name in enumerate(names):
             options = cfg.attention.options if name == cfg.attention.name else {}
             attn = build_attention(name, d_model=d, n_head=cfg.n_head, d_head=cfg.d_head, dropatt=cfg.dropatt,
-                                   layer_idx=i, relative=relative, options=options)
+                                   layer_idx=i, relative=relative, options=options, span=span)
             blocks.append(Block(attn, self._ffn(cfg, kinds[i]), d, cfg.dropout, cfg.norm == "pre",
                                 nested_norm=cfg.ffn.nested_norm and kinds[i] == "moe", attn_dropout=xl_dropout))
         self.layers = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(d) if cfg.norm == "pre" else nn.Identity()
+        # The authors' key_pe: torch.randn(1, d_head, attn_span), one table for every layer (unit variance).
+        self.key_pe = nn.Parameter(torch.randn(1, cfg.d_head, cfg.mem_len)) if span else None
         self.apply(self._init)
         if not lm_head:
             # Dropped only now: the head's initialisation draws random numbers (and, tied, re-initialises the
@@ -147,6 +155,8 @@ class TransformerLM(nn.Module):
         mem_len = cfg.mem_len if mem_len is None else mem_len
         clamp_len = cfg.clamp_len if clamp_len is None else clamp_len
         B, T = tokens.shape
+        if cfg.pos == "span":
+            mems = self._span_cache(mems, mem_len, B, tokens.device)
         mlen = mems[0].size(1) if mems else 0
         if key_mask is not None and bool(key_mask.all()):
             key_mask = None  # no padding: the plain path (SDPA's causal kernel, bit-identical results)
@@ -166,6 +176,8 @@ class TransformerLM(nn.Module):
                 h = h + sinusoid(pos.reshape(-1), cfg.d_model).view(B, T, -1).to(h.dtype)
             else:
                 h = h + sinusoid(torch.arange(T, device=tokens.device), cfg.d_model).to(h.dtype)
+        elif cfg.pos == "span":
+            mask = span_mask(T, mlen, tokens.device)
         else:  # relative positions are shift-invariant: padding needs no change here
             mask = attention_mask(T, mlen, tokens.device, cfg.same_length, mem_len)
             rel_pos = self.drop(sinusoid(relative_positions(T + mlen, clamp_len, tokens.device), cfg.d_model).to(h.dtype))
@@ -174,7 +186,9 @@ class TransformerLM(nn.Module):
             keys = key_mask if mlen == 0 else torch.cat([key_mask.new_ones(B, mlen), key_mask], dim=1)
             if leading:
                 mask = padding_mask(mask, keys, T)
-        ctx = AttnContext(mask=mask, rel_pos=rel_pos, need_weights=need_weights, key_mask=keys)
+                if cfg.pos == "span":  # a pad query whose span holds only pads: any finite row (output unused)
+                    mask = mask | ~mask.any(-1, keepdim=True)
+        ctx = AttnContext(mask=mask, rel_pos=rel_pos, need_weights=need_weights, key_mask=keys, key_pe=self.key_pe)
         h = self.drop(h)
 
         inputs, attentions, states = [], [] if need_weights else None, [] if output_hidden_states else None
@@ -189,6 +203,22 @@ class TransformerLM(nn.Module):
         h = self.drop(self.final_norm(h))
         new_mems = self._update_mems(inputs, mems, mem_len) if mem_len > 0 else None
         return ModelOutput(h, new_mems, self.aux_loss(), attentions, states)
+
+    def _span_cache(self, mems: list[Tensor] | None, mem_len: int, B: int, device) -> list[Tensor]:
+        """The span host's per-layer cache: exactly ``mem_len`` positions, zeros when there is none yet (the
+        authors' ``h_cache`` starts as zeros and the first block attends to them through ``key_pe``)."""
+        span = self.cfg.mem_len
+        if mem_len not in (0, span):
+            raise ConfigError(f"model.pos: span attends to exactly model.mem_len={span} previous tokens (its key_pe "
+                              f"table has that many entries); an evaluation memory of {mem_len} cannot be used. "
+                              f"Leave eval.mem_len unset or set it to {span}.")
+        if not mems:
+            dtype = self.embed.emb_layers[0].weight.dtype
+            return [torch.zeros(B, span, self.cfg.d_model, device=device, dtype=dtype) for _ in self.layers]
+        if len(mems) != len(self.layers) or any(m.size(1) != span or m.size(0) != B for m in mems):
+            raise ConfigError(f"the span host's memory must hold {len(self.layers)} tensors of [{B}, {span}, d_model]; "
+                              f"got {[tuple(m.shape) for m in mems]} (memory from another model or batch size).")
+        return mems
 
     @torch.no_grad()
     def _update_mems(self, inputs: list[Tensor], mems: list[Tensor] | None, mem_len: int) -> list[Tensor]:

@@ -17,7 +17,8 @@ from torchmetrics.aggregation import MeanMetric
 
 from lm.checkpoint import check_fits
 from lm.config import AttentionConfig, EvalConfig, FFNConfig, ModelConfig, OptimConfig, coerce
-from lm.errors import CheckpointError, ConfigError, NonFiniteLossError
+from lm.data.protocols import MEMORY_PROTOCOLS, check_protocol
+from lm.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from lm.model.transformer import TransformerLM
 from lm.tasks.lightning_compat import attached_trainer, logger_writes_now
 from lm.tasks.records import run_record
@@ -72,6 +73,7 @@ class LanguageModel(L.LightningModule):
         abs_pos_order: str = "up",
         dropout_placement: str = "xl",
         weight_init: str = "normal",
+        embed_scale: bool = True,
         attention: AttentionConfig | None = None,
         ffn: FFNConfig | None = None,
         optim: OptimConfig | None = None,
@@ -186,9 +188,7 @@ class LanguageModel(L.LightningModule):
 
     # ----- evaluation ------------------------------------------------------------------------------
     def _check_protocol(self):
-        if self.eval_cfg.protocol == "memory" and self.cfg.pos != "relative":
-            raise ConfigError("eval.protocol 'memory' needs a model with relative positions (model.pos: relative); "
-                              "use 'segments' or 'sliding' for absolute-position models.")
+        check_protocol(self.eval_cfg, self.cfg)
 
     def _eval_start(self):
         self._check_protocol()
@@ -198,7 +198,7 @@ class LanguageModel(L.LightningModule):
 
     def _eval_step(self, batch: dict):
         e = self.eval_cfg
-        memory = e.protocol == "memory"
+        memory = e.protocol in MEMORY_PROTOCOLS
         if batch.get("first", False) or not memory:
             self._eval_mems = None
         mem_len = (e.mem_len if e.mem_len is not None else self.cfg.mem_len) if memory else 0
@@ -230,9 +230,11 @@ class LanguageModel(L.LightningModule):
         value = self._metric(mean_nll)
         self.log(f"{stage}/loss", mean_nll, sync_dist=False)
         self.log(f"{stage}/{name}", value, prog_bar=True, sync_dist=False)
+        targets = self._split_targets(stage)
         self.last_result = {
             "stage": stage, "unit": self.unit, "metric": name, name: float(value), "nll": float(mean_nll),
-            "tokens_scored": tokens, "wall_s": round(wall, 3),
+            "tokens_scored": tokens, "targets_in_split": targets,
+            "scored_fraction": round(tokens / targets, 6) if targets else None, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
             "protocol": self.protocol_description(),
             # checkpoint, step, precision, batches scored, complete (false for a limited or stopped run)
@@ -240,7 +242,19 @@ class LanguageModel(L.LightningModule):
                          self.global_step if self.trainer.state.fn == "fit" else self._ckpt_step),
         }
         if stage == "test" or (stage == "val" and self.trainer.state.fn == "validate"):
+            if self.eval_cfg.protocol == "full_eval" and targets and self.trainer.is_global_zero:
+                # Not every target is scored under full_eval: say how many, beside the number.
+                print(f"full_eval scored {tokens} of the {targets} targets of the split "
+                      f"({100 * tokens / targets:.2f}%); the exact protocols score all of them.", flush=True)
             self._write_result(stage)
+
+    def _split_targets(self, stage: str) -> int | None:
+        """Targets in the evaluated split (tokens - 1), when a data module with the split is attached."""
+        dm = getattr(self.trainer, "datamodule", None)
+        try:
+            return int(dm.tokens(stage).numel()) - 1 if dm is not None and hasattr(dm, "tokens") else None
+        except (DataError, ConfigError, OSError):  # provenance only: a split it cannot read records None
+            return None
 
     def protocol_description(self) -> dict[str, Any]:
         e = self.eval_cfg
@@ -248,7 +262,7 @@ class LanguageModel(L.LightningModule):
         return {
             "protocol": e.protocol, "window": window,
             "stride": (e.stride or window) if e.protocol == "sliding" else window,
-            "mem_len": (e.mem_len if e.mem_len is not None else self.cfg.mem_len) if e.protocol == "memory" else 0,
+            "mem_len": (e.mem_len if e.mem_len is not None else self.cfg.mem_len) if e.protocol in MEMORY_PROTOCOLS else 0,
             "clamp_len": e.clamp_len if e.clamp_len is not None else self.cfg.clamp_len,
             "batch_size": e.batch_size, "normalised_by": "token" if self.unit == "word" else "byte",
         }

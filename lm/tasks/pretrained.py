@@ -45,8 +45,10 @@ def decoder_config(cfg: ModelConfig, fresh_vocab: bool, dropout: float | None, d
     plain embedding for a fresh vocabulary (adaptive clusters belong to the pretraining vocabulary), the
     dropout override, and MoE layers without capacity limits when ``dropless_moe``."""
     # same_length only shapes which remembered keys a query sees: without memory it has nothing to do (and
-    # ModelConfig refuses it), so a recipe pretrained with it (the MoE recipes) finetunes without it.
-    cfg = dataclasses.replace(cfg, mem_len=0, same_length=False)
+    # ModelConfig refuses it), so a recipe pretrained with it (the MoE recipes) finetunes without it. The span
+    # host keeps mem_len: it is its key_pe size (each sentence sees a zero cache).
+    if cfg.pos != "span":
+        cfg = dataclasses.replace(cfg, mem_len=0, same_length=False)
     if fresh_vocab:
         cfg = dataclasses.replace(cfg, adaptive=False, cutoffs=[], div_val=1, tie_weight=False)
     if dropout is not None:

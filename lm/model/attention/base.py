@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lm.errors import ConfigError, did_you_mean, unknown
-from lm.model.positions import rel_shift
+from lm.model.positions import rel_shift, span_skew
 
 ATTENTION: dict[str, type["Attention"]] = {}
 
@@ -54,6 +54,7 @@ class AttnContext:
     rel_pos: Tensor | None = None  # [S, d_model] sinusoids of distances S-1..0 (relative setting)
     need_weights: bool = False  # math path, return attention maps (analysis)
     key_mask: Tensor | None = None  # bool [B, S], False = padding: left out of per-sequence statistics
+    key_pe: Tensor | None = None  # [1, D, span] learned position table shared by all layers (span setting)
 
 
 @dataclass
@@ -67,7 +68,8 @@ class LayerState:
 @dataclass(frozen=True)
 class Scores:
     """What a softmax-family variant may change: the scores are
-    ``scale · q kᵀ + pos_scale · q_posᵀ W_R R_{i-j}`` (the second term only in the relative setting).
+    ``scale · q kᵀ + pos_scale · q_posᵀ W_R R_{i-j}`` (the second term only in the relative setting;
+    in the span setting it is ``pos_scale · q_posᵀ key_pe[:, span - (i-j)]`` with ``q_pos = q``).
 
     The base class fills it with standard attention (``q`` = XL content query ``q + u``, ``q_pos`` =
     ``q + v``, content scale ``1/sqrt(D)``, ``pos_scale=None``); variants return a copy with
@@ -93,11 +95,20 @@ class Attention(nn.Module):
 
     With ``relative=True`` it is Transformer-XL's relative attention: the content term uses
     ``q + u`` and a position term ``(q + v)ᵀ W_R R_{i-j}`` is added as a score bias.
+    With ``span=True`` it is the adaptive-span Transformer's attention (the MoE authors' host): no
+    u/v biases and no ``W_R``; the position term is ``qᵀ key_pe`` over the span (``ctx.key_pe``, owned
+    by the decoder), both terms divided by sqrt(D); the decoder's mask picks the span keys.
     """
 
     name: ClassVar[str] = "?"
     Options: ClassVar[type] = NoOptions
     supports_relative: ClassVar[bool] = True
+    # None: as supports_relative (a variant that overrides ``attend`` has no position term for either host).
+    supports_span: ClassVar[bool | None] = None
+
+    @classmethod
+    def span_capable(cls) -> bool:
+        return cls.supports_relative if cls.supports_span is None else cls.supports_span
 
     def __init__(
         self,
@@ -108,9 +119,16 @@ class Attention(nn.Module):
         layer_idx: int = 0,
         relative: bool = False,
         options: dict[str, Any] | None = None,
+        span: bool = False,
     ):
         super().__init__()
         self.opts = self.parse_options(options or {})
+        if relative and span:
+            raise ConfigError("an attention layer is built for Transformer-XL relative positions or for the span "
+                              "host's key_pe, not both (model.pos chooses one).")
+        if span and not self.span_capable():
+            raise ConfigError(f"attention '{self.name}' (layer {layer_idx}) has no key_pe position term, so it cannot "
+                              f"run with model.pos: span; choose model.pos: absolute or another variant.")
         if relative and not self.supports_relative:
             # Decoder memory (model.mem_len > 0) exists only with relative positions (ModelConfig enforces
             # it), so this is also the error a memory config with such a variant ends in: name both.
@@ -123,6 +141,7 @@ class Attention(nn.Module):
                 f"supports relative positions and memory: {others}."
             )
         self.n_head, self.d_head, self.layer_idx, self.relative = n_head, d_head, layer_idx, relative
+        self.span = span
         self.dropatt = dropatt
         self.qkv = nn.Linear(d_model, 3 * n_head * d_head, bias=False)
         self.o = nn.Linear(n_head * d_head, d_model, bias=False)
@@ -158,7 +177,10 @@ class Attention(nn.Module):
         return q[:, :, -T:], k, v
 
     def position_scores(self, qp: Tensor, ctx: AttnContext) -> Tensor:
-        """Unscaled XL position term ``qpᵀ W_R R_{i-j}`` aligned to ``[B, H, T, S]``; ``qp = q + v``."""
+        """Unscaled XL position term ``qpᵀ W_R R_{i-j}`` aligned to ``[B, H, T, S]``; ``qp = q + v``.
+        Span setting: ``qpᵀ key_pe`` ``[B, H, T, span]`` skewed onto the span keys of ``[B, H, T, span+T]``."""
+        if self.span:
+            return span_skew(torch.matmul(qp, ctx.key_pe[0].to(qp.dtype)))
         r = self.r_net(ctx.rel_pos).view(-1, self.n_head, self.d_head)  # [S, H, D]
         return rel_shift(torch.einsum("bhtd,shd->bhts", qp, r))
 
@@ -179,6 +201,8 @@ class Attention(nn.Module):
         standard = 1.0 / math.sqrt(self.d_head)
         if self.relative:  # XL: content query q + u, position query q + v
             s = Scores(q + self.r_w_bias[:, None, :], k, standard, q + self.r_r_bias[:, None, :])
+        elif self.span:  # adaptive-span host: the same query reads keys and key_pe
+            s = Scores(q, k, standard, q)
         else:
             s = Scores(q, k, standard)
         s = self.score_transform(s, v, ctx, prev)
