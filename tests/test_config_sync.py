@@ -63,7 +63,7 @@ def test_defaults_build_the_default_model_config(built_cfg):
 RELATIVE = dict(n_layer=3, d_model=24, n_head=2, d_head=6, d_inner=40, dropout=0.2, dropatt=0.1, pos="relative",
                 mem_len=5, clamp_len=7, same_length=True, norm="pre", adaptive=False, cutoffs=[3, 6], div_val=2,
                 d_embed=12, tie_weight=False, init_std=0.05, ln_init="normal", dropout_placement="authors",
-                weight_init="torch", attention=AttentionConfig(name="elliptical", layers="1:"),
+                weight_init="torch", embed_scale=False, attention=AttentionConfig(name="elliptical", layers="1:"),
                 ffn=FFNConfig(name="switch", n_experts=2))
 ABSOLUTE = dict(n_layer=2, pos="absolute", abs_pos_order="down")  # countdown positions exist only here
 
