@@ -101,8 +101,9 @@ def model_card(config: dict, module) -> str:
     layers = cfg.attention_layers()
     attn = ", ".join(sorted(set(layers))) if len(set(layers)) > 1 else layers[0]
     ffn = cfg.ffn.name if cfg.ffn.name == "dense" else f"{cfg.ffn.name} MoE, {cfg.ffn.n_experts} experts"
-    setting = (f"relative positions with memory {cfg.mem_len} (Transformer-XL)" if cfg.pos == "relative"
-               else "absolute positions, no memory")
+    setting = {"relative": f"relative positions with memory {cfg.mem_len} (Transformer-XL)",
+               "span": f"a fixed attention span of {cfg.mem_len} previous tokens with learned key_pe (adaptive-span host)",
+               }.get(cfg.pos, "absolute positions, no memory")
     vocab = config["vocab"]
     return f"""# {config['trained']['checkpoint']} ({data.get('corpus', 'language model')})
 

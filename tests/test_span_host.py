@@ -206,9 +206,10 @@ def test_vocabulary_counted_on_train_valid_test(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_span_model_trains_through_lm_fit_and_tests_under_full_eval(tmp_path):
+def test_tiny_span_model_trains_through_lm_fit_and_tests_under_full_eval(tmp_path, monkeypatch):
     from lm.cli import main
 
+    monkeypatch.chdir(tmp_path)  # lm evaluate's token cache (./.cache) stays in the test's folder
     data = write_corpus(tmp_path / "data")
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", data, tmp_path / "cache", pos="span", mem_len=6,
                        tie_weight=False, embed_scale=False,
@@ -225,3 +226,9 @@ def test_tiny_span_model_trains_through_lm_fit_and_tests_under_full_eval(tmp_pat
     assert result["targets_in_split"] == n - 1 and result["tokens_scored"] == 3 * 8 * blocks
     assert result["scored_fraction"] == round(3 * 8 * blocks / (n - 1), 6) < 1
     assert math.isfinite(result["ppl"])
+    # lm evaluate under the same protocol: the same number, and the table says how much was scored
+    assert main(["evaluate", "--ckpts", str(ckpt), "--corruptions", "", "--root", str(data), "--source", "local",
+                 "--protocol", "full_eval", "--batch_size", "3", "--out", str(tmp_path / "ev")]) == 0
+    clean = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]["results"]["clean"]
+    assert clean["tokens_scored"] == result["tokens_scored"] and clean["nll"] == pytest.approx(result["nll"], rel=1e-6)
+    assert f"of {n - 1} targets ({100 * result['scored_fraction']:.2f}%)" in (tmp_path / "ev" / "table.md").read_text()

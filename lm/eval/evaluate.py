@@ -55,7 +55,8 @@ def evaluate(
         root: data directory (see ``data.root``).
         source: ``auto`` (local files, else download them once), ``local`` or ``download`` (``data.source``).
         base_url: where EnWik8's zip is downloaded from (``data.base_url``).
-        protocol: ``segments``, ``memory`` or ``sliding`` (REFERENCE §6).
+        protocol: ``segments``, ``memory`` or ``sliding`` (REFERENCE §6), or ``full_eval``: the MoE authors'
+            column/whole-block protocol, which scores about 90% of the split (its fraction is in the table).
         tgt_len: evaluation window (default: the training segment length).
         mem_len: memory length for the ``memory`` protocol (default: the model's).
         clamp_len: relative-position clamp (default: the model's).
@@ -251,12 +252,19 @@ def markdown_table(report: dict) -> str:
     lines.append("")
     lines.append(f"Protocol: {p.get('protocol')}, window {p.get('window')}, stride {p.get('stride')}, "
                  f"memory {p.get('mem_len')}, batch {p.get('batch_size')}, normalised per {p.get('normalised_by')}; "
-                 f"split {report['split']}; tokens scored {rows[0]['results']['clean']['tokens_scored']}; "
+                 f"split {report['split']}; tokens scored {rows[0]['results']['clean']['tokens_scored']}"
+                 f"{_fraction(rows[0]['results']['clean'])}; "
                  f"corruption seed {report['corruption_seed']}. 'x' = contaminated / clean.")
     if not report.get("complete"):
         why = sorted({r.get("incomplete", "") for row in rows for r in row["results"].values()} - {""})
         lines.append(f"INCOMPLETE: {'; '.join(why) or 'not every checkpoint was scored'}.")
     return "\n".join(lines) + "\n"
+
+
+def _fraction(result: dict) -> str:
+    """`` of N targets (F%)`` where a protocol does not score the whole split (full_eval), else nothing."""
+    f, n = result.get("scored_fraction"), result.get("targets_in_split")
+    return f" of {n} targets ({100 * f:.2f}%)" if f is not None and n and f < 1 else ""
 
 
 def _run_name(ckpt_path: str) -> str:
