@@ -232,3 +232,22 @@ def test_tiny_span_model_trains_through_lm_fit_and_tests_under_full_eval(tmp_pat
     clean = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]["results"]["clean"]
     assert clean["tokens_scored"] == result["tokens_scored"] and clean["nll"] == pytest.approx(result["nll"], rel=1e-6)
     assert f"of {n - 1} targets ({100 * result['scored_fraction']:.2f}%)" in (tmp_path / "ev" / "table.md").read_text()
+
+
+@pytest.mark.parametrize("span", [1, 2, 6])  # the window inside the pads, reaching the cache, longer than the row
+@pytest.mark.parametrize("attention", ["softmax", "elliptical"])
+def test_span_left_padded_row_equals_the_row_alone(span, attention):
+    """The classifier's left padding: the span and its key_pe distances count real positions only, so a
+    padded row (next to an unpadded one) gives what the sentence gives alone, and pad rows stay finite."""
+    torch.manual_seed(4)
+    att = AttentionConfig(name=attention, layers="1:", options={"stretch_position": True} if attention != "softmax" else {})
+    net = TransformerLM(_span_cfg(mem_len=span, attention=att), vocab_size=30, lm_head=False).eval()
+    real = torch.randint(1, 30, (1, 4))
+    alone = net(real, mem_len=0).hidden
+    other = torch.randint(1, 30, (1, 8))
+    batch = torch.cat([torch.cat([torch.full((1, 4), 7), real], 1), other])
+    keys = torch.tensor([[False] * 4 + [True] * 4, [True] * 8])
+    out = net(batch, mem_len=0, key_mask=keys)
+    assert torch.isfinite(out.hidden).all() and out.mems is None
+    torch.testing.assert_close(out.hidden[:1, 4:], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.hidden[1:], net(other, mem_len=0).hidden, rtol=1e-5, atol=1e-6)

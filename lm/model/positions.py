@@ -82,3 +82,19 @@ def span_skew(x: Tensor) -> Tensor:
     *lead, t, s = x.shape
     padded = torch.nn.functional.pad(x, (0, t + 1)).reshape(*lead, t * (s + t + 1))
     return padded[..., : t * (s + t)].reshape(*lead, t, s + t)
+
+
+def span_padding(keys: Tensor, qlen: int, span: int) -> tuple[Tensor, Tensor]:
+    """The span host under LEADING padding (``keys [B, S]``, False = pad; the cache counts as real): keys and
+    distances counted over real positions only, so a padded row attends what it attends alone.
+
+    Returns the mask ``[B, 1, T, S]`` (query i may attend real keys 1..span real positions before it) and,
+    for the position term, the ``key_pe`` column of every (query, key) pair ``[B, 1, T, S]`` (span - distance,
+    clamped where masked). A pad query whose window holds no real key may attend any key (finite row; its
+    output is never used).
+    """
+    pos = keys.long().cumsum(1) - 1  # real position of every key
+    dist = pos[:, -qlen:, None] - pos[:, None, :]  # [B, T, S]
+    mask = keys[:, None, :] & (dist >= 1) & (dist <= span)
+    mask = mask | ~mask.any(-1, keepdim=True)
+    return mask[:, None], (span - dist).clamp(0, span - 1)[:, None]

@@ -25,7 +25,7 @@ from lm.errors import ConfigError
 from lm.model.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
 from lm.model.attention import AttnContext, LayerState, build_attention
 from lm.model.moe import DenseFFN, MoEFFN
-from lm.model.positions import attention_mask, padding_mask, relative_positions, sinusoid, span_mask
+from lm.model.positions import attention_mask, padding_mask, relative_positions, sinusoid, span_mask, span_padding
 
 
 class Block(nn.Module):
@@ -181,14 +181,15 @@ class TransformerLM(nn.Module):
         else:  # relative positions are shift-invariant: padding needs no change here
             mask = attention_mask(T, mlen, tokens.device, cfg.same_length, mem_len)
             rel_pos = self.drop(sinusoid(relative_positions(T + mlen, clamp_len, tokens.device), cfg.d_model).to(h.dtype))
-        keys = None
+        keys = span_index = None
         if key_mask is not None:
             keys = key_mask if mlen == 0 else torch.cat([key_mask.new_ones(B, mlen), key_mask], dim=1)
-            if leading:
+            if leading and cfg.pos == "span":  # the span and its distances count real positions only
+                mask, span_index = span_padding(keys, T, mlen)
+            elif leading:
                 mask = padding_mask(mask, keys, T)
-                if cfg.pos == "span":  # a pad query whose span holds only pads: any finite row (output unused)
-                    mask = mask | ~mask.any(-1, keepdim=True)
-        ctx = AttnContext(mask=mask, rel_pos=rel_pos, need_weights=need_weights, key_mask=keys, key_pe=self.key_pe)
+        ctx = AttnContext(mask=mask, rel_pos=rel_pos, need_weights=need_weights, key_mask=keys, key_pe=self.key_pe,
+                          span_index=span_index)
         h = self.drop(h)
 
         inputs, attentions, states = [], [] if need_weights else None, [] if output_hidden_states else None

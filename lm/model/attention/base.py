@@ -55,6 +55,7 @@ class AttnContext:
     need_weights: bool = False  # math path, return attention maps (analysis)
     key_mask: Tensor | None = None  # bool [B, S], False = padding: left out of per-sequence statistics
     key_pe: Tensor | None = None  # [1, D, span] learned position table shared by all layers (span setting)
+    span_index: Tensor | None = None  # long [B, 1, T, S]: key_pe column per (query, key) under leading padding
 
 
 @dataclass
@@ -180,7 +181,11 @@ class Attention(nn.Module):
         """Unscaled XL position term ``qpᵀ W_R R_{i-j}`` aligned to ``[B, H, T, S]``; ``qp = q + v``.
         Span setting: ``qpᵀ key_pe`` ``[B, H, T, span]`` skewed onto the span keys of ``[B, H, T, span+T]``."""
         if self.span:
-            return span_skew(torch.matmul(qp, ctx.key_pe[0].to(qp.dtype)))
+            pos = torch.matmul(qp, ctx.key_pe[0].to(qp.dtype))  # [B, H, T, span]
+            if ctx.span_index is None:
+                return span_skew(pos)
+            B, H, T, _ = pos.shape  # padded rows: distances counted over real positions (positions.span_padding)
+            return torch.gather(pos, -1, ctx.span_index.expand(B, H, T, ctx.span_index.size(-1)))
         r = self.r_net(ctx.rel_pos).view(-1, self.n_head, self.d_head)  # [S, H, D]
         return rel_shift(torch.einsum("bhtd,shd->bhts", qp, r))
 
