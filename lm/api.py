@@ -64,8 +64,8 @@ class Model:
 
     @property
     def context(self) -> int:
-        """Tokens the model attends to: its segment length plus, in the relative setting, its memory."""
-        return self.tgt_len + (self.cfg.mem_len if self.cfg.pos in ("relative", "span") else 0)
+        """Tokens the model attends to: its segment length plus, with memory (relative or span), its memory."""
+        return self.tgt_len + (self.cfg.mem_len if self.cfg.has_memory else 0)
 
     # ----- text <-> ids ------------------------------------------------------------------------
     @property
