@@ -249,7 +249,9 @@ def test_router_bias_present_or_absent(bias):
 
 
 # ---------------------------------------------------------------------------------------- recipes
-MOE = dict(dropout=0.1, dropatt=0.1, pos="relative", same_length=True, top_k=2, capacity_factor=None,
+# The host (issue 29 points 5-7): the adaptive-span Transformer, plain embedding, untied full softmax.
+MOE = dict(dropout=0.1, dropatt=0.1, pos="span", same_length=False, adaptive=False, cutoffs=[], tie_weight=False,
+           embed_scale=False, top_k=2, capacity_factor=None,
            eval_capacity_factor=None, balance_loss_weight=0.0, z_loss_weight=0.0, router_bias=True,
            schedule="constant", schedule_convention="standard", clip=None, n_experts=16, n_head=8,
            dropout_placement="authors", weight_init="torch", nested_norm=True, expert_init="fmoe")

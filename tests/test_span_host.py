@@ -251,3 +251,35 @@ def test_span_left_padded_row_equals_the_row_alone(span, attention):
     assert torch.isfinite(out.hidden).all() and out.mems is None
     torch.testing.assert_close(out.hidden[:1, 4:], alone, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.hidden[1:], net(other, mem_len=0).hidden, rtol=1e-5, atol=1e-6)
+
+
+MOE_RECIPES = ["wikitext103/switch_medium", "wikitext103/switch_medium_softmax", "wikitext103/switch_large",
+               "wikitext103/glam_small", "wikitext103/glam_medium", "enwik8/switch_medium"]
+
+
+def _resolved(capsys, *configs):
+    import yaml
+
+    from lm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", *(a for c in configs for a in ("--config", str(c))), "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("recipe", MOE_RECIPES)
+def test_moe_recipes_use_the_span_host_and_full_eval(recipe, capsys):
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = _resolved(capsys, configs / f"{recipe}.yaml")
+    m, d = cfg["model"], cfg["data"]
+    assert (m["pos"], m["same_length"], m["adaptive"], m["tie_weight"], m["embed_scale"]) == ("span", False, False,
+                                                                                               False, False)
+    assert m["mem_len"] in (1024, 2048)  # their --attn-span
+    assert d["eval"]["protocol"] == "full_eval" and d["eval"]["batch_size"] == d["batch_size"]
+    assert d["vocab_splits"] == (["train", "valid", "test"] if recipe.startswith("wikitext103") else None)
+    # the overlay gives the former Transformer-XL host back
+    xl = _resolved(capsys, configs / f"{recipe}.yaml", configs / "moe" / "xl_host.yaml")
+    assert (xl["model"]["pos"], xl["model"]["same_length"], xl["model"]["tie_weight"]) == ("relative", True, True)
+    assert xl["data"]["eval"]["protocol"] == "memory" and xl["data"]["vocab_splits"] == ["train"]
