@@ -13,10 +13,14 @@ replacement (``None`` for ``char_swap``), format, sampling (``textattack`` or ``
 and the output's sha256 equals the one recorded (``cached=True``); anything else (a missing, edited or
 truncated file, a manifest from another version) is rebuilt. Every write goes to a temporary file in
 the destination folder and is moved into place with ``os.replace``, the output first and the manifest
-last. The clean source is only ever read.
+last, so a manifest exists only for a finished output: a stop (SIGTERM, Ctrl-C) or a crash at any moment
+leaves no new manifest (at most an output without one, which the next call rebuilds), never a manifest
+describing a partial output. The clean source is only ever read.
 
 Manifest fields (all counts are over the whole file):
 
+* ``complete``: always ``true`` (issue 31: every result file says whether it is complete; an unfinished
+  corruption has no manifest at all). A cached manifest without it (written before the field) is rebuilt.
 * ``recipe``, ``rate``, ``seed``, ``replacement``, ``format``, ``sampling``, ``algorithm``, ``key``,
   ``key_hash``;
 * ``source_path``, ``source_sha256``, ``source_bytes``, ``output_file``, ``output_sha256``, ``output_bytes``;
@@ -186,8 +190,8 @@ def _load_valid_manifest(out_path: Path, manifest_path: Path, key: dict[str, Any
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("key") != key:
-        return None
+    if not isinstance(manifest, dict) or manifest.get("key") != key or manifest.get("complete") is not True:
+        return None  # (a manifest from before ``complete`` existed: rebuilt, byte-identical output, same path)
     if manifest.get("output_file") != out_path.name:
         return None
     try:
@@ -269,6 +273,7 @@ def corrupt_file(
     new_text, stats, swaps = corrupt_text(text, recipe, rate, seed, replacement, format, stopwords, sampling)
     out_bytes = new_text.encode(ENCODING, ERRORS)
     manifest = {
+        "complete": True,  # true by construction: the manifest is written only after the whole output
         "recipe": recipe,
         "rate": rate,
         "seed": seed,

@@ -235,7 +235,7 @@ def test_last_checkpoint_holds_the_final_step_between_validations(env):
     # Validation every 3 steps, 5 steps in all: the last 2 steps happen after the last validation save.
     assert main(fit(env["cfg"], "--trainer.max_steps", "5", "--trainer.val_check_interval", "3",
                     "--trainer.limit_val_batches", "1")) == 0
-    ckpt = torch.load(env["tmp"] / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(env["tmp"] / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 5
 
 

@@ -307,7 +307,7 @@ def test_lightning_resume_continues_at_next_batch(tmp_path):
         d = tmp_path / f"run{k}"
         first = _fit(dm(), k, d)
         ckpt = d / f"step={k}.ckpt"
-        saved = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        saved = torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
         assert saved[0]["position"] == (k - 1) % 8 + 1
         resumed = _fit(dm(), n, d, ckpt=str(ckpt))
         assert first + resumed == full, f"resume after step {k}"

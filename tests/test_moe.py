@@ -304,7 +304,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_ddp_two_process_gloo_idle_expert(tmp_path):
     world = 2
     mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(world))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world))
     assert all(l[3].item() == 0.0 for l in r1["loads"])  # the idle expert really was idle on rank 1
     assert all(l[3].item() > 0.0 for l in r0["loads"])
     assert torch.equal(r0["grads"], r1["grads"])

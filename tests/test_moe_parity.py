@@ -413,7 +413,7 @@ def test_authors_network_fits_and_finetunes(recipe, kinds, tmp_path, monkeypatch
     assert main(["fit", "--config", str(CONFIGS / f"{recipe}.yaml"), *SHRINK, "--data.root", str(corpus),
                  "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(run)]) == 0
     ckpt = run / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     hp = state["hyper_parameters"]
     assert hp["dropout_placement"] == "authors" and hp["weight_init"] == "torch"
     nested = {int(k.split(".")[2]) for k in state["state_dict"] if ".norm_ffn." in k}
@@ -430,7 +430,7 @@ def test_authors_network_fits_and_finetunes(recipe, kinds, tmp_path, monkeypatch
                  "--trainer.enable_progress_bar", "false"]) == 0
     result = json.loads((ft / "results" / "sst2-dev.json").read_text())
     assert result["history"] and result["history"][-1]["dev_scored"] == 16
-    fstate = torch.load(ft / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    fstate = torch.load(ft / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     # the classifier's decoder is the same authors' network: the inner LayerNorms came across from pretraining
     for i in nested:
         key = f"layers.{i}.norm_ffn.weight"

@@ -230,7 +230,7 @@ def test_paper_recipe_smoke_run_picks_the_best_dev_loss(tmp_path, small, monkeyp
     assert result["best_by_dev_loss"] == best
     best_files = [p for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
     assert len(best_files) == 1
-    saved = torch.load(best_files[0], map_location="cpu", weights_only=False)
+    saved = torch.load(best_files[0], map_location="cpu", weights_only=True)
     assert saved["epoch"] == best["epoch"] and saved["sst2_history"][-1]["dev_loss"] == best["dev_loss"]
     # Validating the selected checkpoint scores the same 16 sentences with the same loss and accuracy.
     assert main(["finetune", "validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(best_files[0])]) == 0

@@ -1,7 +1,8 @@
 """``lm analyze``: collapse, head redundancy, attention entropy and heat maps of a checkpoint.
 
 Runs the model on the math attention path (``need_weights=True``) over ``n_sequences`` windows of a
-split and writes ``analysis.json``, PNG plots (if matplotlib is installed) and TensorBoard scalars.
+split and writes PNG plots (if matplotlib is installed), TensorBoard scalars and, last, ``analysis.json``
+with ``complete: true`` (a stopped run writes none: no ``analysis.json`` means no finished analysis).
 """
 
 from __future__ import annotations
@@ -127,9 +128,12 @@ def analyze(
     maps = attention_maps(model, passage)
     words = [vocab.id_to_token(int(i)) for i in passage]
     result["plots"] = _plots(out_dir, result, maps, words)
-    # Strict JSON: a NaN/inf metric (a degenerate window) is written as null, never as the invalid `NaN`.
-    atomic_write_text(out_dir / "analysis.json", json.dumps(_finite_or_null(result), indent=2, allow_nan=False))
     _tensorboard(out_dir, result)
+    # analysis.json is written last, in one atomic step, so it exists (with ``complete: true``) only when every
+    # output is written: a stop (SIGTERM raises StopRequested here, Ctrl-C KeyboardInterrupt) leaves none, or the
+    # earlier run's file untouched. Strict JSON: a NaN/inf metric (a degenerate window) is null, never `NaN`.
+    result["complete"] = True
+    atomic_write_text(out_dir / "analysis.json", json.dumps(_finite_or_null(result), indent=2, allow_nan=False))
     print(json.dumps({k: v for k, v in result.items() if k != "entropy_per_layer_head"}, indent=2))
     return result
 

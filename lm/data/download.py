@@ -83,17 +83,14 @@ def not_found(name: str, expected: list[str], looked: list[Path], why: str | Non
 
 @contextlib.contextmanager
 def _locked(root: Path):
-    """An exclusive lock on ``<root>/.lm-download.lock`` (POSIX), held while one process downloads; yields
-    whether the lock is real (on Windows only the atomic renames keep files whole)."""
+    """An exclusive lock on ``<root>/.lm-download.lock`` (``filelock``: ``flock`` on POSIX, ``msvcrt`` on Windows),
+    held while one process downloads. It blocks until the holder is done (as before: a second process waits for
+    the first download instead of fetching the same files again); the OS drops the lock of a killed holder."""
+    from filelock import FileLock
+
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover (Windows)
-        fcntl = None
-    with open(root / ".lm-download.lock", "a+") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        yield fcntl is not None
+    with FileLock(root / ".lm-download.lock", mode=0o666):
+        yield
 
 
 def remove_stale_partials(dest: Path) -> list[Path]:
@@ -227,9 +224,8 @@ def materialise(name: str, root: str | os.PathLike | None = None, base_url: str 
     root) and the manual URLs."""
     dest = download_root(root)
     expected = _expected(name)
-    with _locked(dest) as exclusive:
-        if exclusive:
-            remove_stale_partials(dest)
+    with _locked(dest):
+        remove_stale_partials(dest)
         if all((dest / e).is_file() for e in expected) or (name == "enwik8" and (dest / "enwik8" / "enwik8").is_file()):
             return dest  # another process (or an earlier run) finished it, or it is there unzipped
         try:
