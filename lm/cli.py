@@ -373,10 +373,14 @@ def _dispatch(cmd: str | None, argv: list[str], from_console: bool) -> int:
             from lm.summary import summary_cli
 
             summary_cli(argv[1:])
-        elif cmd in ("generate", "export"):
-            from lm.export import export_cli, generate_cli
+        elif cmd == "generate":
+            from lm.api import generate_cli
 
-            (generate_cli if cmd == "generate" else export_cli)(argv[1:])
+            generate_cli(argv[1:])
+        elif cmd == "export":
+            from lm.export import export_cli
+
+            export_cli(argv[1:])
         else:
             lm_cli(None if from_console else argv)
     except Exception as exc:
