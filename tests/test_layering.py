@@ -24,7 +24,9 @@ LAYERS = [
     ("corruptions", ["corruptions"]),  # text to text: may use only the base (errors, atomic writes)
     ("eval", ["lm.eval"]),
     ("analysis", ["lm.analysis"]),
-    ("cli", ["lm.cli", "lm.api", "lm.export", "lm.__main__", "lm.rundir", "lm.trainer", "lm.summary"]),
+    ("export", ["lm.export"]),  # the export format: below the API, which reads and writes it
+    ("api", ["lm.api"]),  # the Python API and `lm generate`
+    ("cli", ["lm.cli", "lm.__main__", "lm.rundir", "lm.trainer", "lm.summary"]),
 ]
 # Layers a layer may NOT use although they are lower (side branches).
 FORBIDDEN = {"corruptions": {"attention", "config", "model", "data", "tasks"}}
@@ -87,6 +89,45 @@ def test_imports_point_down(path):
         if target > me or LAYERS[target][0] in FORBIDDEN.get(name, ()):
             bad.append(f"{path.relative_to(ROOT)}:{line} imports {module} ({name} -> {LAYERS[target][0]})")
     assert not bad, "backward imports (layers, lowest first: " + " < ".join(n for n, _ in LAYERS) + "):\n" + "\n".join(bad)
+
+
+def import_cycles() -> list[list[str]]:
+    """Groups of modules that import each other, directly or around a loop (strongly connected components of
+    the import graph, every import counted as in ``imports``): none may exist, also within one layer."""
+    mods = {module_name(p): p for p in sources()}
+
+    def owner(m: str) -> str:  # `from lm.x import f` is an edge to lm.x; a package's name to its __init__
+        while m and m not in mods:
+            m = m.rpartition(".")[0]
+        return m
+
+    graph = {m: sorted({owner(x) for _, x in imports(p)} - {m, ""}) for m, p in mods.items()}
+    index, low, stack, cycles = {}, {}, [], []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for m in graph:
+        if m not in index:
+            visit(m)
+    return cycles
+
+
+def test_no_import_cycles():
+    # lm.api used lm.export (to load an export) while lm.export used lm.api (for `lm generate`): issue 32.
+    assert import_cycles() == []
 
 
 def test_the_check_sees_a_backward_import(tmp_path, monkeypatch):
