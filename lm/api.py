@@ -318,7 +318,8 @@ class Model:
     def push_to_hub(self, repo_id: str, token: str | None = None, endpoint: str | None = None) -> str:
         """Upload this model, exported, to the Hugging Face Hub (``huggingface_hub``'s API); the commit's URL."""
         with tempfile.TemporaryDirectory() as tmp:
-            return exp.push(self.save_pretrained(Path(tmp) / "export"), repo_id, token=token, endpoint=endpoint)
+            return exp.push(self.save_pretrained(Path(tmp) / "export"), repo_id, token=token, endpoint=endpoint,
+                            retry=f"Then try model.push_to_hub('{repo_id}') again")
 
     @classmethod
     def from_pretrained(cls, name: str | Path, device: str | torch.device = "cpu", revision: str | None = None,

@@ -353,8 +353,11 @@ def hub_error(action: str, repo_id: str, e: Exception, then: str) -> CheckpointE
     return CheckpointError(f"Could not {action} hf://{repo_id} ({type(e).__name__}: {gist}). {then}")
 
 
-def push(folder: Path, repo_id: str, token: str | None = None, endpoint: str | None = None) -> str:
-    """Upload an exported folder to the Hub with ``huggingface_hub``'s API; returns the commit's URL."""
+def push(folder: Path, repo_id: str, token: str | None = None, endpoint: str | None = None,
+         retry: str | None = None) -> str:
+    """Upload an exported folder to the Hub with ``huggingface_hub``'s API; returns the commit's URL.
+    ``retry``: how to try again, for the error (default: push the written folder from Python)."""
+    retry = retry or f"The folder {folder} is written; upload it again with lm.load('{folder}').push_to_hub('{repo_id}')"
     try:
         from huggingface_hub import HfApi
 
@@ -363,9 +366,8 @@ def push(folder: Path, repo_id: str, token: str | None = None, endpoint: str | N
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=list(FILES),
                                  commit_message="lm export")
     except Exception as e:
-        raise hub_error("upload to", repo_id, e, f"The folder {folder} is written. Log in where the Hub is reachable "
-                        f"(`hf auth login`, or set HF_TOKEN) and upload it again with Python: "
-                        f"lm.load('{folder}').push_to_hub('{repo_id}').") from None
+        raise hub_error("upload to", repo_id, e, f"Log in where the Hub is reachable (`hf auth login`, or set "
+                        f"HF_TOKEN). {retry}.") from None
     print(f"lm export: uploaded to {repo_id} ({info.commit_url}); load it with lm.load('hf://{repo_id}')")
     return info.commit_url
 
