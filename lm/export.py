@@ -311,6 +311,7 @@ def model_card(config: dict, module) -> str:
     setting = {"relative": f"relative positions with a memory of {cfg.mem_len} tokens (Transformer-XL)",
                "span": f"a fixed attention span of {cfg.mem_len} previous tokens with learned key_pe "
                        f"(adaptive-span host)"}.get(cfg.pos, "absolute positions, no memory")
+    tied = "; the softmax shares the embedding's table" if cfg.tie_weight else ""
     metrics = "".join(f"| {m['stage']} | {m['metric']} | {m['value']:.4g} | {m['tokens']} | {m['protocol']} | "
                       f"`results/{m['file']}` |\n" for m in config.get("metrics", []))
     metrics = ("| split | metric | value | tokens scored | protocol | file |\n|---|---|---|---|---|---|\n" + metrics
@@ -319,7 +320,7 @@ def model_card(config: dict, module) -> str:
 {meta.to_yaml()}
 ---
 
-# {config.get('name') or 'elliptical-lm model'}: a {'/'.join(attn)}-attention language model on {corpus or 'unknown data'}
+# {config.get('name') or 'elliptical-lm model'}: a language model with {' + '.join(attn)} attention, trained on {corpus or 'unknown data'}
 
 A {cfg.n_layer}-layer Transformer-XL-style decoder trained with elliptical-lm (`lm fit`), exported with
 `lm export` after step {config['trained'].get('global_step')}.
@@ -328,7 +329,7 @@ A {cfg.n_layer}-layer Transformer-XL-style decoder trained with elliptical-lm (`
 - Size: d_model {cfg.d_model}, {cfg.n_head} heads of {cfg.d_head}, feed-forward {cfg.d_inner} ({ffn});
   {setting}; trained on segments of {hp.get('tgt_len')} tokens. {config['parameters']:,} parameters.
 - Vocabulary: {vocab['unit']}-level, {vocab['size']:,} entries (`tokenizer.json`, sha256 {vocab['sha256'][:12]}).
-- Files: `model.safetensors` (weights only; the softmax shares the embedding's table), `config.json`,
+- Files: `model.safetensors` (weights only{tied}), `config.json`,
   `tokenizer.json`; the format is described in elliptical-lm's docs/export.md.
 
 ## Measured

@@ -15,7 +15,7 @@ import lm
 from lm.api import Model
 from lm.cli import main
 from lm.data.tokenizer import Vocab
-from lm.errors import CheckpointError
+from lm.errors import CheckpointError, ConfigError
 from lm.model.attention import ATTENTION
 from lm.tasks.lm_module import LanguageModel
 
@@ -145,7 +145,7 @@ def test_export_of_a_fit_checkpoint_is_weights_only_and_exact(fitted, tmp_path, 
 def test_generate_cli_prints_prompt_and_continuation(fitted, capsys):
     assert main(["generate", "--ckpt", str(fitted), "--prompt", "w1 w2", "--max_new_tokens", "5", "--seed", "1"]) == 0
     printed = capsys.readouterr().out
-    expected = lm.load(fitted).generate("w1 w2", max_new_tokens=5, top_k=40, seed=1)
+    expected = lm.load(fitted).generate("w1 w2", max_new_tokens=5, seed=1)  # the same defaults
     assert printed == "w1 w2" + expected + "\n" and len(expected.split()) >= 1
 
 
@@ -157,3 +157,85 @@ def test_bad_paths_are_one_paragraph(tmp_path, capsys):
     assert main(["generate", "--ckpt", str(tmp_path / "half"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors, tokenizer.json missing" in err and "lm export" in err and "Traceback" not in err
+
+
+# ----- issue 30: generation and scoring edges, one set of defaults, top-p, samples, batched scores ---------
+def test_empty_generation_and_texts_with_nothing_to_score():
+    m = Model(tiny("softmax"), Vocab.from_words(WORDS))
+    assert m.generate("w1 w2", max_new_tokens=0) == ""  # was ' '
+    for text in ("", "   ", " \n \n"):
+        with pytest.raises(ConfigError, match="nothing to score") as e:
+            m.score(text)
+        assert "split" not in str(e.value)
+    assert m.score("w1").tokens == 2  # w1 and its <eos>
+
+
+def test_cli_and_python_share_one_set_of_generation_defaults():
+    import inspect
+
+    from lm import api
+
+    cli = inspect.signature(api.generate).parameters
+    py = inspect.signature(Model.generate).parameters
+    shared = ["max_new_tokens", "temperature", "top_k", "top_p", "seed", "cache", "stop_at_eos"]
+    assert {k: cli[k].default for k in shared} == {k: py[k].default for k in shared}
+    assert py["top_k"].default is None and py["seed"].default == 0
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logp = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    gen = torch.Generator().manual_seed(0)
+    draws = [Model._sample(logp, 1.0, None, 0.7, gen) for _ in range(4000)]
+    # 0.5 < 0.7 <= 0.5 + 0.3: tokens 0 and 1 remain, renormalised to 0.5/0.8 and 0.3/0.8
+    assert set(draws) == {0, 1}
+    assert draws.count(0) / len(draws) == pytest.approx(0.625, abs=0.03)
+    assert {Model._sample(logp, 1.0, None, 0.4, gen) for _ in range(200)} == {0}  # the first token alone reaches p
+    assert len({Model._sample(logp, 1.0, None, 1.0, gen) for _ in range(400)}) == 4  # 1.0: no limit
+
+
+def test_stop_at_eos_and_several_samples(monkeypatch):
+    m = Model(tiny("softmax"), Vocab.from_words(WORDS))
+    script = iter([3, 4, 0, 5, 6] * 4)
+    monkeypatch.setattr(Model, "_sample", staticmethod(lambda *a: next(script)))
+    assert m.generate("w1", max_new_tokens=5) == " w2 w3\nw4 w5"
+    assert m.generate("w1", max_new_tokens=5, stop_at_eos=True) == " w2 w3"
+    monkeypatch.undo()
+    samples = m.generate("w1 w2", max_new_tokens=6, temperature=1.0, seed=5, num_samples=3)
+    assert isinstance(samples, list) and len(samples) == 3 and len(set(samples)) > 1
+    assert samples[0] == m.generate("w1 w2", max_new_tokens=6, temperature=1.0, seed=5)
+    assert samples == m.generate("w1 w2", max_new_tokens=6, temperature=1.0, seed=5, num_samples=3)
+
+
+def test_generate_cli_prompt_file_and_samples(tmp_path, capsys):
+    ckpt = save_ckpt(tiny("softmax"), tmp_path / "m.ckpt")
+    (tmp_path / "prompt.txt").write_text("w1 w2", encoding="utf-8")
+    base = ["generate", "--ckpt", str(ckpt), "--max_new_tokens", "4", "--seed", "2"]
+    assert main(base + ["--prompt_file", str(tmp_path / "prompt.txt")]) == 0
+    expected = lm.load(ckpt).generate("w1 w2", max_new_tokens=4, seed=2)
+    assert capsys.readouterr().out == "w1 w2" + expected + "\n"
+    assert main(base + ["--prompt", "w1 w2", "--num_samples", "2", "--top_p", "0.9"]) == 0
+    out = capsys.readouterr().out
+    two = lm.load(ckpt).generate("w1 w2", max_new_tokens=4, seed=2, top_p=0.9, num_samples=2)
+    assert out == "".join(f"--- sample {i + 1} of 2 ---\nw1 w2{t}\n" for i, t in enumerate(two))
+
+
+@pytest.mark.parametrize("name, pos", [("softmax", "relative"), ("elliptical", "absolute")])
+def test_score_many_equals_one_text_at_a_time(name, pos):
+    m = Model(tiny(name, pos), Vocab.from_words(WORDS))  # elliptical: the default (whole-segment) estimator
+    texts = [TEXT, "w1 w2", " ".join(f"w{i % 30}" for i in range(27)), "w5 \n w6 w7 \n"]
+    batched = m.score_many(texts, batch_size=3)
+    assert [s.tokens for s in batched] == [16, 3, 28, 5]
+    for s, text in zip(batched, texts):
+        assert s.token_nll == pytest.approx(m.score(text).token_nll, abs=1e-5)
+    with pytest.raises(ConfigError, match="list of texts"):
+        m.score_many("w1 w2")
+
+
+def test_score_keeps_padding_out_of_the_last_segment():
+    """A short last segment is padded; the padding must not change the real tokens (the key mask `lm test` uses):
+    with Elliptical's whole-segment estimator the scores equal a forward over the unpadded text."""
+    m = Model(tiny("elliptical"), Vocab.from_words(WORDS))
+    ids = [0] + m.encode("w1 w2 w3")  # 4 ids, 3 targets: one segment of 3 < tgt_len 8
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    naive = m.net.nll(m.net(x).hidden, y)[0].tolist()
+    assert m.score("w1 w2 w3").token_nll == pytest.approx(naive, abs=1e-5)
