@@ -7,17 +7,14 @@
     model.generate("The cat", max_new_tokens=20, temperature=0.8, top_k=40, seed=0)
     model.save_pretrained("exported/tiny"); lm.Model.from_pretrained("owner/name")   # an export; the Hub
 
-Text is read the way the corpora are: word-level models split on whitespace and end every line with
-``<eos>``, byte-level models read UTF-8 bytes. A text (and a prompt) is preceded by one line break
-(``<eos>`` / ``\\n``) as its context, as every line of a corpus is, so its first token is scored too.
-
-``score`` runs the model's own evaluation protocol (the one its checkpoint records: segments, memory or
-sliding), so it equals ``lm test`` on a file holding the same text. ``generate`` samples token by token;
-in the relative (Transformer-XL) setting it feeds only the new token each step and reuses the layer
-memory, so the work per token does not grow with the text (``cache=False`` recomputes the window instead;
-both give the same tokens while the text fits in the context). ``stream`` yields the text as it is made,
-which is how ``lm generate`` prints it, so a long generation shows its first words at once and holds only
-the context in memory. An exported folder holds only weights, so the model cannot be trained further from it.
+Text is read as the corpora are: word-level models split on whitespace and end every line with ``<eos>``,
+byte-level models read UTF-8 bytes. A text (and a prompt) is preceded by one line break (``<eos>``/``\\n``) as
+its context, as every line of a corpus is, so its first token is scored too. ``score`` runs the model's own
+evaluation protocol (segments, memory or sliding), so it equals ``lm test`` on a file holding the same text.
+``generate`` samples token by token; in the relative (Transformer-XL) setting it feeds only the new token each
+step and reuses the layer memory (``cache=False`` recomputes the window: the same tokens while the text fits
+in the context). ``stream`` yields the text as it is made, as ``lm generate`` prints it, holding only the
+context in memory. An exported folder holds only weights: the model cannot be trained further from it.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import math
+import re
 import sys
 import tempfile
 from collections import deque
@@ -236,9 +234,9 @@ class Model:
                 out = self.net(self._tensor([nxt]), mems, mem_len=M)
                 mems, h = out.mems, out.hidden[0, -1]
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE,
-                     top_k: int | None = TOP_K, seed: int | None = SEED, cache: bool = True, top_p: float | None = TOP_P,
-                     stop_at_eos: bool = False) -> list[int]:
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS,
+                     temperature: float = TEMPERATURE, top_k: int | None = TOP_K, seed: int | None = SEED,
+                     cache: bool = True, top_p: float | None = TOP_P, stop_at_eos: bool = False) -> list[int]:
         """New token ids after ``prompt_ids`` (temperature 0: greedy)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, None)
         return list(self._ids(prompt_ids, max_new_tokens, temperature, top_k, top_p, self._generator(seed), cache,
@@ -326,9 +324,10 @@ class Model:
                         token: str | None = None, endpoint: str | None = None, cache_dir: str | None = None) -> Model:
         """A local checkpoint or export (as ``load``), else the exported repository ``owner/name`` on the Hub."""
         s = str(name).removeprefix("hf://")
-        if str(name).startswith("hf://") or not Path(name).exists():
+        repo_like = re.fullmatch(r"[\w.-]+/[\w.-]+", s) and not s.endswith(".ckpt") and not Path(s).exists()
+        if str(name).startswith("hf://") or repo_like:
             return load(exp.download(s, revision, token, endpoint, cache_dir), device)
-        return load(name, device)
+        return load(name, device)  # a local path (a missing one gets load's message, not a Hub error)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
@@ -349,12 +348,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
         meta = exp.checkpoint_meta(raw, p)
         exp.refuse_non_finite(module.net, p)
     else:
-        raise CheckpointError(f"{path}: no such checkpoint or folder. Pass a .ckpt written by `lm fit` (e.g. "
-                              f"runs/<name>/checkpoints/last.ckpt), a folder written by `lm export`, or hf://owner/name.")
+        raise CheckpointError(f"{path}: no such checkpoint or folder. Pass a .ckpt written by `lm fit` (e.g. runs/"
+                              f"<name>/checkpoints/last.ckpt), a folder written by `lm export`, or hf://owner/name.")
     if vocab.size != module.net.vocab_size:
-        raise CheckpointError(f"{path}: its vocabulary has {vocab.size} entries but its embedding {module.net.vocab_size}"
-                              f" rows: the vocabulary (lm_vocab) belongs to another run. Use the checkpoint its run "
-                              f"wrote, unmodified, or export it again.")
+        raise CheckpointError(f"{path}: its vocabulary has {vocab.size} entries but its embedding "
+                              f"{module.net.vocab_size} rows: the vocabulary (lm_vocab) belongs to another run. Use "
+                              f"the checkpoint its run wrote, unmodified, or export it again.")
     return Model(module, vocab, s, meta).to(device)
 
 
@@ -387,7 +386,8 @@ def generate(ckpt: str, prompt: str = "", prompt_file: str | None = None, max_ne
         try:
             prompt = check_text(Path(prompt_file).read_bytes(), f"--prompt_file {prompt_file}")
         except OSError as e:
-            raise ConfigError(f"--prompt_file {prompt_file} is unreadable ({e.strerror}); pass an existing file.") from None
+            raise ConfigError(f"--prompt_file {prompt_file} is unreadable ({e.strerror}); pass an existing "
+                              f"file.") from None
     model = load(ckpt, device)
     model.encode(check_text(prompt, "The prompt"))
     gen = model._generator(seed)

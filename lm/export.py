@@ -38,8 +38,8 @@ SAFETENSORS_DTYPES = {torch.int64: "I64", torch.int32: "I32", torch.int16: "I16"
 # Hyper-parameters that do not shape the weights: an export is loaded for inference, never compiled.
 LOAD_OVERRIDES = {"compile": False, "results_dir": None}
 # The corpora's Hub datasets and licenses, for the model card's metadata.
-CORPORA = {"wikitext-2": ("Salesforce/wikitext", "cc-by-sa-3.0"), "wikitext-103": ("Salesforce/wikitext", "cc-by-sa-3.0"),
-           "enwik8": ("LTCB/enwik8", "other")}
+CORPORA = {"wikitext-2": ("Salesforce/wikitext", "cc-by-sa-3.0"),
+           "wikitext-103": ("Salesforce/wikitext", "cc-by-sa-3.0"), "enwik8": ("LTCB/enwik8", "other")}
 AGAIN = "export the model again with `lm export --ckpt <run>/checkpoints/last.ckpt --out <folder>`"
 
 
@@ -105,8 +105,8 @@ def check_out(out: Path, force: bool) -> None:
         shown = ", ".join(entries[:6]) + (f", ... ({len(entries)} entries)" if len(entries) > 6 else "")
         raise CheckpointError(
             f"--out {out} is not empty and holds no previous export (it has {shown}); an export would replace any "
-            f"{', '.join(FILES)} there. Pass a new or empty folder (e.g. exported/<name>), or add --force to write "
-            f"those four files into it anyway (nothing else is touched). Nothing was written.")
+            f"{', '.join(FILES)} there. Pass a new or empty folder (e.g. exported/<name>), or add `--force true` to "
+            f"write those four files into it anyway (nothing else is touched). Nothing was written.")
 
 
 def refuse_non_finite(net: torch.nn.Module, source: str | Path) -> None:
@@ -202,8 +202,8 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except Exception as e:  # safetensors raises its own SafetensorError for a truncated or foreign file
         gist = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {gist}); it is truncated "
-                              f"(an interrupted copy or download) or not an export; {AGAIN}.") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {gist}); it is "
+                              f"truncated (an interrupted copy or download) or not an export; {AGAIN}.") from None
     return header
 
 
@@ -249,8 +249,8 @@ def check_sizes(hp: dict[str, Any], header: dict, path: Path) -> None:
     if not all(isinstance(x, int) for x in sizes):
         return  # the model's own config check names a non-integer size
     if (widths and widths != {d_model}) or d_model * max(d_inner, heads) > total:
-        raise CheckpointError(f"{path.parent / 'config.json'} says d_model {d_model}, d_inner {d_inner}, n_head x d_head "
-                              f"{heads}, but {path.name} holds {total:,} numbers with layers of width "
+        raise CheckpointError(f"{path.parent / 'config.json'} says d_model {d_model}, d_inner {d_inner}, n_head x "
+                              f"d_head {heads}, but {path.name} holds {total:,} numbers with layers of width "
                               f"{sorted(widths)}: the two files come from different models; {AGAIN}.")
 
 
@@ -311,6 +311,8 @@ def model_card(config: dict, module) -> str:
     setting = {"relative": f"relative positions with a memory of {cfg.mem_len} tokens (Transformer-XL)",
                "span": f"a fixed attention span of {cfg.mem_len} previous tokens with learned key_pe "
                        f"(adaptive-span host)"}.get(cfg.pos, "absolute positions, no memory")
+    title = (f"{config.get('name') or 'elliptical-lm model'}: a language model with {' + '.join(attn)} attention, "
+             f"trained on {corpus or 'unknown data'}")
     tied = "; the softmax shares the embedding's table" if cfg.tie_weight else ""
     metrics = "".join(f"| {m['stage']} | {m['metric']} | {m['value']:.4g} | {m['tokens']} | {m['protocol']} | "
                       f"`results/{m['file']}` |\n" for m in config.get("metrics", []))
@@ -320,7 +322,7 @@ def model_card(config: dict, module) -> str:
 {meta.to_yaml()}
 ---
 
-# {config.get('name') or 'elliptical-lm model'}: a language model with {' + '.join(attn)} attention, trained on {corpus or 'unknown data'}
+# {title}
 
 A {cfg.n_layer}-layer Transformer-XL-style decoder trained with elliptical-lm (`lm fit`), exported with
 `lm export` after step {config['trained'].get('global_step')}.
@@ -358,7 +360,7 @@ def push(folder: Path, repo_id: str, token: str | None = None, endpoint: str | N
          retry: str | None = None) -> str:
     """Upload an exported folder to the Hub with ``huggingface_hub``'s API; returns the commit's URL.
     ``retry``: how to try again, for the error (default: push the written folder from Python)."""
-    retry = retry or f"The folder {folder} is written; upload it again with lm.load('{folder}').push_to_hub('{repo_id}')"
+    retry = retry or f"The folder {folder} is written; upload it with lm.load('{folder}').push_to_hub('{repo_id}')"
     try:
         from huggingface_hub import HfApi
 

@@ -11,7 +11,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 import yaml
 from test_api import TEXT, WORDS, save_ckpt, tiny
 
@@ -149,9 +148,10 @@ def test_hub_failures_are_one_paragraph_without_huggingface_cli(hub, tmp_path):
     with pytest.raises(CheckpointError) as e:
         Model.from_pretrained("nobody/missing", endpoint=hub, cache_dir=str(tmp_path / "c"))
     assert "hf download nobody/missing" in str(e.value) and "huggingface-cli" not in str(e.value)
+    with pytest.raises(CheckpointError, match="no such checkpoint or folder"):  # a mistyped local path
+        Model.from_pretrained(str(tmp_path / "runs" / "last.ckpt"))
     model = Model(tiny("softmax"), Vocab.from_words(WORDS))
     with pytest.raises(CheckpointError) as e:  # a server that is not there
         model.push_to_hub("alice/x", endpoint="http://127.0.0.1:9")
     assert "hf auth login" in str(e.value) and "push_to_hub('alice/x')" in str(e.value)
     assert "huggingface-cli" not in str(e.value)
-    torch.manual_seed(0)

@@ -65,7 +65,8 @@ def test_sizes_are_checked_against_the_header_before_building(exported, key, val
 
 
 def test_a_model_that_cannot_be_built_on_meta_gets_the_size_check(tmp_path):
-    assert main(["export", "--ckpt", str(save_ckpt(tiny("performer"), tmp_path / "m.ckpt")), "--out", str(tmp_path / "p")]) == 0
+    ckpt = save_ckpt(tiny("performer"), tmp_path / "m.ckpt")
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "p")]) == 0
     folder = tmp_path / "p"
     assert lm.load(folder).score(TEXT).tokens == 16  # Performer reads its seed at construction: no meta build
     edit_config(folder, lambda c: {**c, "hyper_parameters": {**c["hyper_parameters"], "d_model": 10_000_000}})
@@ -150,7 +151,8 @@ def test_export_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
 def test_exported_files_get_the_usual_permissions(tmp_path):
     old = os.umask(0o022)
     try:
-        assert main(["export", "--ckpt", str(save_ckpt(tiny("softmax"), tmp_path / "m.ckpt")), "--out", str(tmp_path / "e")]) == 0
+        ckpt = save_ckpt(tiny("softmax"), tmp_path / "m.ckpt")
+        assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "e")]) == 0
         folder = tmp_path / "e"
     finally:
         os.umask(old)
