@@ -239,3 +239,19 @@ def test_score_keeps_padding_out_of_the_last_segment():
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
     naive = m.net.nll(m.net(x).hidden, y)[0].tolist()
     assert m.score("w1 w2 w3").token_nll == pytest.approx(naive, abs=1e-5)
+
+
+def test_byte_level_stream_completes_characters_and_stops_at_the_line_end(monkeypatch):
+    torch.manual_seed(0)
+    module = LanguageModel(vocab_size=256, unit="byte", tgt_len=8, n_layer=1, d_model=16, n_head=2, d_head=8,
+                           d_inner=32, dropout=0.0, adaptive=False, cutoffs=[],
+                           attention={"name": "softmax", "layers": "all", "options": {}})
+    m = Model(module, Vocab.byte_level())
+    script = iter(list("aé€\n".encode()) * 2)
+    monkeypatch.setattr(Model, "_sample", staticmethod(lambda *a: next(script)))
+    # 'é' is two bytes and '€' three: each comes out whole, once its last byte is sampled
+    assert list(m.stream("x", max_new_tokens=7)) == ["a", "é", "€", "\n"]
+    assert m.generate("x", max_new_tokens=7, stop_at_eos=True) == "aé€"
+    with pytest.raises(ConfigError, match="nothing to score"):
+        m.score("")
+    assert m.score("  ").tokens == 3  # bytes are tokens: two spaces and the line break
