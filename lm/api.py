@@ -166,7 +166,7 @@ class Model:
     def score_many(self, texts: list[str], protocol: EvalConfig | None = None, batch_size: int = 16) -> list[Score]:
         """``score`` of each text, ``batch_size`` texts per forward pass: the texts' segments (or windows) go
         through the model side by side, each with its own memory, so every result is that text's ``score``."""
-        from lm.data.protocols import MEMORY_PROTOCOLS, check_protocol, eval_batches
+        from lm.data.protocols import MEMORY_PROTOCOLS, check_protocol, eval_batches, resolve
 
         if isinstance(texts, (str, bytes)):
             raise ConfigError("score_many takes a list of texts; for one text use score(text).")
@@ -175,8 +175,14 @@ class Model:
         memory = e.protocol in MEMORY_PROTOCOLS
         mem_len = (e.mem_len if e.mem_len is not None else self.cfg.mem_len) if memory else 0
         clamp_len = e.clamp_len if e.clamp_len is not None else self.cfg.clamp_len
-        streams = [list(eval_batches(torch.tensor([self._newline] + self._scored_ids(t, i)), e, self.tgt_len))
-                   for i, t in enumerate(texts)]
+        streams = []
+        for i, t in enumerate(texts):
+            ids = [self._newline] + self._scored_ids(t, i)
+            T, S = resolve(e, self.tgt_len)
+            # A text shorter than the window is one window of its own length (not padded to tgt_len): the same
+            # scores (padding is masked), and a window of 10^12 from a mistyped config allocates nothing.
+            fit = e if len(ids) - 1 >= T else dataclasses.replace(e, tgt_len=len(ids) - 1, stride=min(S, len(ids) - 1))
+            streams.append(list(eval_batches(torch.tensor(ids), fit, self.tgt_len)))
         scores = []
         for c in range(0, len(streams), max(1, batch_size)):
             chunk = streams[c:c + max(1, batch_size)]

@@ -136,7 +136,8 @@ def write(module, vocab, out: str | Path, meta: dict[str, Any], force: bool = Fa
         "trained": meta.get("trained") or {}, "name": meta.get("name") or "", "metrics": meta.get("metrics") or [],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    existing = out.is_dir()  # the temporary folder sits on the same filesystem, so every rename is atomic
+    tmp = Path(tempfile.mkdtemp(dir=out if existing else out.parent, prefix=".lm-export.", suffix=".tmp"))
     try:
         save_model(module.net, str(tmp / "model.safetensors"))  # tied embedding/softmax tables are stored once
         with open(tmp / "model.safetensors", "rb+") as f:
@@ -149,7 +150,7 @@ def write(module, vocab, out: str | Path, meta: dict[str, Any], force: bool = Fa
         for f in FILES:  # save_model's own file and mkdtemp's folder would otherwise keep private modes
             os.chmod(tmp / f, 0o666 & ~mask)
         os.chmod(tmp, 0o777 & ~mask)
-        if not out.exists():
+        if not existing:
             os.rename(tmp, out)
         else:
             for f in FILES:
@@ -207,6 +208,20 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return header
 
 
+def build(hp: dict[str, Any], path: Path):
+    """``LanguageModel(**hp)``; a value of the wrong type (``"n_layer": "abc"``) as one paragraph."""
+    from lm.errors import LMError
+    from lm.tasks.lm_module import LanguageModel
+
+    try:
+        return LanguageModel(**hp)
+    except LMError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path.parent / 'config.json'} has a hyper-parameter of the wrong type ({e}); "
+                              f"{AGAIN}.") from None
+
+
 def check_shapes(module_hp: dict[str, Any], header: dict, path: Path) -> None:
     """Every tensor the config implies, against the header, before anything is allocated."""
     from lm.tasks.lm_module import LanguageModel
@@ -218,7 +233,7 @@ def check_shapes(module_hp: dict[str, Any], header: dict, path: Path) -> None:
                               f"{len(layers)} layers: the two files come from different models; {AGAIN}.")
     try:
         with torch.device("meta"):  # shapes only: a config asking for terabytes allocates nothing here
-            net = LanguageModel(**module_hp).net
+            net = build(module_hp, path).net
     except (RuntimeError, NotImplementedError):  # a module that reads a value at construction (Performer's seed)
         return check_sizes(module_hp, header, path)
     aliases: dict[int, list[str]] = {}  # tied tensors (embedding = softmax) are one tensor under two names
@@ -259,7 +274,6 @@ def load_exported(folder: str | Path):
     from safetensors.torch import load_model
 
     from lm.data.tokenizer import Vocab
-    from lm.tasks.lm_module import LanguageModel
 
     folder = Path(folder)
     missing = [f for f in FILES[:3] if not (folder / f).is_file()]
@@ -274,7 +288,7 @@ def load_exported(folder: str | Path):
         raise CheckpointError(f"{folder / 'tokenizer.json'} is not the vocabulary the weights were trained with "
                               f"(sha256 or size differs from config.json); {AGAIN}.")
     check_shapes(hp, header, folder / "model.safetensors")
-    module = LanguageModel(**hp)
+    module = build(hp, folder / "model.safetensors")
     try:
         load_model(module.net, str(folder / "model.safetensors"))
     except Exception as e:  # the header was fine, the data is not (truncated after the header)

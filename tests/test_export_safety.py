@@ -110,7 +110,7 @@ def nan_ckpt(tmp_path) -> Path:
 def test_export_refuses_non_finite_weights_and_writes_nothing(tmp_path, capsys):
     refused(["export", "--ckpt", str(nan_ckpt(tmp_path)), "--out", str(tmp_path / "out")], capsys,
             "non-finite", "layers.0.norm1.weight")
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".lm-export*"))
 
 
 def test_generate_refuses_non_finite_weights(tmp_path, exported, capsys):
@@ -143,6 +143,7 @@ def test_export_refuses_a_folder_that_is_not_an_export(tmp_path, capsys):
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "e")]) == 0
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "e")]) == 0
     assert main(["export", "--ckpt", str(ckpt), "--out", str(mine), "--force", "true"]) == 0
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
     assert lm.load(mine).score(TEXT).token_nll == lm.load(tmp_path / "e").score(TEXT).token_nll
     (tmp_path / "afile").write_text("x")
     refused(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "afile")], capsys, "is a file")
@@ -169,6 +170,7 @@ MALFORMED = {
     "top-level list": (lambda c: [c], "JSON list"),
     "vocab a string": (lambda c: {**c, "vocab": "words"}, "'vocab'"),
     "format_version a string": (lambda c: {**c, "format_version": "1"}, "version '1'"),
+    "n_layer a string": (lambda c: {**c, "hyper_parameters": {**c["hyper_parameters"], "n_layer": "2"}}, "wrong type"),
 }
 
 
@@ -220,3 +222,10 @@ def test_a_foreign_vocabulary_in_a_checkpoint(tmp_path, capsys):
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
                 "lm_vocab": Vocab.from_words(WORDS + ["extra1", "extra2"]).state()}, path)
     refused(["generate", "--ckpt", str(path), "--prompt", "w1"], capsys, "34 entries", "32 rows", "another run")
+
+
+def test_a_huge_window_scores_a_short_text_without_allocating_it(exported):
+    edit_config(exported, lambda c: {**c, "hyper_parameters": {**c["hyper_parameters"], "tgt_len": 10**12}})
+    model = lm.load(exported)  # tgt_len shapes no weight: the export is valid
+    s = model.score("w1 w2 w3")  # one window of the text's own length, not 10^12 positions
+    assert s.tokens == 4 and s.nll > 0
