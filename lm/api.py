@@ -181,7 +181,8 @@ class Model:
             T, S = resolve(e, self.tgt_len)
             # A text shorter than the window is one window of its own length (not padded to tgt_len): the same
             # scores (padding is masked), and a window of 10^12 from a mistyped config allocates nothing.
-            fit = e if len(ids) - 1 >= T else dataclasses.replace(e, tgt_len=len(ids) - 1, stride=min(S, len(ids) - 1))
+            n = len(ids) - 1
+            fit = e if n >= T else dataclasses.replace(e, tgt_len=n, stride=min(S, n) if e.stride else None)
             streams.append(list(eval_batches(torch.tensor(ids), fit, self.tgt_len)))
         scores = []
         for c in range(0, len(streams), max(1, batch_size)):
