@@ -121,8 +121,9 @@ def refuse_non_finite(net: torch.nn.Module, source: str | Path) -> None:
 def write(module, vocab, out: str | Path, meta: dict[str, Any], force: bool = False) -> Path:
     """Write ``module`` (a ``LanguageModel``) and ``vocab`` as an exported folder ``out``.
 
-    The four files are written into a temporary sibling folder first; a new ``out`` is that folder renamed
-    (it appears whole or not at all), an existing one gets each file renamed into place (atomic per file)."""
+    The four files are written into a temporary folder first (beside a new ``out``, inside an existing one); a
+    new ``out`` is that folder renamed (it appears whole or not at all), an existing one gets each file renamed
+    into place (atomic per file)."""
     from safetensors.torch import save_model
 
     out = Path(out).resolve()
@@ -147,7 +148,7 @@ def write(module, vocab, out: str | Path, meta: dict[str, Any], force: bool = Fa
         atomic_write_text(tmp / "README.md", model_card(config, module))
         mask = os.umask(0)
         os.umask(mask)
-        for f in FILES:  # save_model's own file and mkdtemp's folder would otherwise keep private modes
+        for f in FILES:  # the usual modes (0666/0777 minus the umask): mkdtemp's folder is private (0700)
             os.chmod(tmp / f, 0o666 & ~mask)
         os.chmod(tmp, 0o777 & ~mask)
         if not existing:
