@@ -155,3 +155,7 @@ def test_hub_failures_are_one_paragraph_without_huggingface_cli(hub, tmp_path):
         model.push_to_hub("alice/x", endpoint="http://127.0.0.1:9")
     assert "hf auth login" in str(e.value) and "push_to_hub('alice/x')" in str(e.value)
     assert "huggingface-cli" not in str(e.value)
+
+
+def test_the_package_root_exposes_the_model_class():
+    assert lm.Model is Model and lm.Model.from_pretrained.__func__ is Model.from_pretrained.__func__
