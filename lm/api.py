@@ -255,6 +255,7 @@ class Model:
         """The continuation of ``prompt`` piece by piece (a word with its leading space, a line break, or the
         characters a byte completes), as it is generated; ``"".join`` of it is ``generate``'s text."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, None)
+        prompt = check_text(prompt, "The prompt")
         ids = self._ids(self.encode(prompt, final_newline=False), max_new_tokens, temperature, top_k, top_p,
                         _gen or self._generator(seed), cache, stop_at_eos)
         if self.unit == "byte":

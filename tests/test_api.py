@@ -168,6 +168,7 @@ def test_empty_generation_and_texts_with_nothing_to_score():
             m.score(text)
         assert "split" not in str(e.value)
     assert m.score("w1").tokens == 2  # w1 and its <eos>
+    assert m.generate(b"w1 w2", max_new_tokens=3, seed=1) == m.generate("w1 w2", max_new_tokens=3, seed=1)  # UTF-8
 
 
 def test_cli_and_python_share_one_set_of_generation_defaults():
