@@ -1,4 +1,4 @@
-"""A trained model from Python, and ``lm generate``::
+"""A trained model from Python (``lm generate`` is lm/generate.py)::
 
     import lm
     model = lm.load("runs/wikitext2-tiny-softmax/checkpoints/last.ckpt")   # or an `lm export` folder
@@ -23,7 +23,6 @@ import codecs
 import dataclasses
 import math
 import re
-import sys
 import tempfile
 from collections import deque
 from collections.abc import Iterator
@@ -363,56 +362,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
                               f"{module.net.vocab_size} rows: the vocabulary (lm_vocab) belongs to another run. Use "
                               f"the checkpoint its run wrote, unmodified, or export it again.")
     return Model(module, vocab, s, meta).to(device)
-
-
-def generate(ckpt: str, prompt: str = "", prompt_file: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
-             temperature: float = TEMPERATURE, top_k: int | None = TOP_K, top_p: float | None = TOP_P,
-             stop_at_eos: bool = False, num_samples: int = 1, seed: int = SEED, device: str = "cpu",
-             cache: bool = True) -> None:
-    """Continue a prompt with a trained model; prompt + continuation go to stdout as they are generated.
-
-    Example: ``lm generate --ckpt exported/tiny --prompt "The cat" --max_new_tokens 30 --top_p 0.9``
-
-    Args:
-        ckpt: a checkpoint from ``lm fit``, a folder from ``lm export``, or hf://owner/name.
-        prompt: the text to continue (word-level models: WikiText tokenisation, e.g. ``The cat @-@ like``).
-        prompt_file: read the prompt from this UTF-8 file instead.
-        max_new_tokens: tokens (words or bytes) to generate per sample.
-        temperature: sampling temperature; 0 is greedy.
-        top_k: sample among the k most likely tokens (0 or null: all).
-        top_p: sample among the most likely tokens holding this probability (null or 1: all).
-        stop_at_eos: end a sample at the end of its line (``<eos>``).
-        num_samples: samples to draw, one after another from the seed.
-        seed: sampling seed (the same seed gives the same text).
-        device: cpu, cuda, cuda:1, ...
-        cache: in the relative (Transformer-XL) setting, feed one token per step and reuse the memory.
-    """
-    check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
-    if prompt_file is not None:
-        if prompt:
-            raise ConfigError("Pass --prompt or --prompt_file, not both.")
-        try:
-            prompt = check_text(Path(prompt_file).read_bytes(), f"--prompt_file {prompt_file}")
-        except OSError as e:
-            raise ConfigError(f"--prompt_file {prompt_file} is unreadable ({e.strerror}); pass an existing "
-                              f"file.") from None
-    model = load(ckpt, device)
-    model.encode(check_text(prompt, "The prompt"))
-    gen = model._generator(seed)
-    for i in range(num_samples):
-        if num_samples > 1:
-            print(f"--- sample {i + 1} of {num_samples} ---")
-        print(prompt, end="", flush=True)
-        for piece in model.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, cache, stop_at_eos, gen):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        print()
-
-
-def generate_cli(argv: list[str]) -> None:
-    from jsonargparse import CLI
-
-    CLI(generate, args=argv, as_positional=False, allow_abbrev=False)
 
 
 __all__ = ["Model", "Score", "load"]

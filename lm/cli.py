@@ -374,7 +374,7 @@ def _dispatch(cmd: str | None, argv: list[str], from_console: bool) -> int:
 
             summary_cli(argv[1:])
         elif cmd == "generate":
-            from lm.api import generate_cli
+            from lm.generate import generate_cli
 
             generate_cli(argv[1:])
         elif cmd == "export":

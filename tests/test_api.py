@@ -174,9 +174,9 @@ def test_empty_generation_and_texts_with_nothing_to_score():
 def test_cli_and_python_share_one_set_of_generation_defaults():
     import inspect
 
-    from lm import api
+    from lm.generate import generate
 
-    cli = inspect.signature(api.generate).parameters
+    cli = inspect.signature(generate).parameters
     py = inspect.signature(Model.generate).parameters
     shared = ["max_new_tokens", "temperature", "top_k", "top_p", "seed", "cache", "stop_at_eos"]
     assert {k: cli[k].default for k in shared} == {k: py[k].default for k in shared}

@@ -25,7 +25,7 @@ LAYERS = [
     ("eval", ["lm.eval"]),
     ("analysis", ["lm.analysis"]),
     ("export", ["lm.export"]),  # the export format: below the API, which reads and writes it
-    ("api", ["lm.api"]),  # the Python API and `lm generate`
+    ("api", ["lm.api", "lm.generate"]),  # the Python API, and `lm generate` on it
     ("cli", ["lm.cli", "lm.__main__", "lm.rundir", "lm.trainer", "lm.summary"]),
 ]
 # Layers a layer may NOT use although they are lower (side branches).
