@@ -14,7 +14,8 @@ itself and unpickle it without weights_only (its default for URLs, ``lightning.f
 Every model that loads a state dict checks it with ``check_fits``, which lists every missing, unexpected and
 mis-shaped tensor at once.
 
-This module imports only torch and the package's errors, so every layer may use it.
+This module imports only the package's errors (torch when a file is read), so every layer may use it and the
+command line's entry point stays quick.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import re
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from lm.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 LM_FIT_CKPT = "a .ckpt written by `lm fit` (e.g. runs/<name>/checkpoints/last.ckpt)"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -63,6 +64,8 @@ def read(path: str | Path, given_as: str = "Checkpoint", hint: str = f"Pass {LM_
     ``given_as`` names where the path came from (``--ckpt_path``, ``model.pretrained``, ...), ``hint`` what
     to pass instead; both go into the error of a missing file.
     """
+    import torch
+
     p = local_path(path, given_as)
     if not p.is_file():
         raise CheckpointError(f"{given_as} {path} does not exist (no such file). {hint}")

@@ -13,6 +13,9 @@ Errors caused by user input are printed as one paragraph, without a traceback, e
 ``LMError`` (also when jsonargparse or Lightning wrapped it in another exception), Lightning's own
 ``MisconfigurationException``, and a ``--ckpt_path`` that is missing, unreadable or of another model
 class (checked before LightningCLI reads it). Anything else is a bug and keeps its traceback.
+
+This module imports no Lightning (and no torch): the LightningCLI commands live in ``lm.lightning_cli``, imported
+only by the commands that run a Trainer, so ``lm --help`` and ``lm corrupt`` start at once.
 """
 
 from __future__ import annotations
@@ -20,11 +23,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
-
 from lm import checkpoint
 from lm.errors import CheckpointError, ConfigError, LMError
-from lm.trainer import Trainer
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 COMMANDS = {  # `lm --help`: every subcommand, one line each
@@ -141,8 +141,6 @@ def user_error(exc: BaseException) -> Exception | None:
     """The user-input error behind ``exc``: an ``LMError`` anywhere in its cause/context chain (jsonargparse
     wraps a dataclass's ConfigError in a ValueError about Union subtypes), or Lightning's own
     ``MisconfigurationException``; None for anything else (a bug: keep the traceback)."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
     from lm.rundir import write_error
 
     seen, e = set(), exc
@@ -158,131 +156,23 @@ def user_error(exc: BaseException) -> Exception | None:
                 f"null), or give a smaller interval or a fraction of an epoch (0.5).")
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return exc if isinstance(exc, MisconfigurationException) else None
+    return exc if _is_lightning(exc, "lightning.fabric.utilities.exceptions", "MisconfigurationException") else None
 
 
-class LMCLI(CheckedCkptPathMixin, LightningCLI):
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        # No `predict`: the language model has no predict_step to run.
-        return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
-
-    def _before(self, stage: str) -> None:
-        from lm.rundir import check_window_memory
-
-        self._check_vocab()
-        if stage == "fit":
-            self._check_val_interval()
-        per_device = max(1, self.datamodule.batch_size // max(1, self.trainer.world_size))
-        check_window_memory(self.model, stage, self.trainer.strategy.root_device, per_device)
-
-    def _check_val_interval(self) -> None:
-        """Lightning refuses an integer val_check_interval beyond an epoch only at fit start, after the run
-        folder got its tokenizer and logs: the same check, before anything is written."""
-        t = self.trainer
-        vci = t.val_check_interval
-        if not isinstance(vci, int) or t.check_val_every_n_epoch is None or t.limit_val_batches == 0:
-            return
-        n = len(self.datamodule.train_dataloader())
-        lim = t.limit_train_batches
-        n = min(n, lim) if isinstance(lim, int) else int(n * lim)
-        if vci > n:
-            raise ConfigError(
-                f"--trainer.val_check_interval {vci} is more than the {n} training batches of one epoch, and "
-                f"--trainer.check_val_every_n_epoch {t.check_val_every_n_epoch} counts it within each epoch, so "
-                f"validation would never run. Drop check_val_every_n_epoch (or set it to null: `lm` then counts "
-                f"the interval in steps across epochs), or give a smaller interval or a fraction of an epoch (0.5).")
-
-    def before_fit(self) -> None:
-        self._before("fit")
-
-    def before_validate(self) -> None:
-        self._before("validate")
-
-    def before_test(self) -> None:
-        self._before("test")
-
-    def add_arguments_to_parser(self, parser) -> None:
-        # The data decides the vocabulary, the unit and the evaluation protocol; the model follows.
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-        parser.link_arguments("data.unit", "model.unit", apply_on="instantiate")
-        parser.link_arguments("data.tgt_len", "model.tgt_len")
-        parser.link_arguments("data.eval", "model.eval")
+def _is_lightning(exc: BaseException, module: str, name: str) -> bool:
+    """``isinstance(exc, module.name)`` without importing Lightning: if its module was never imported,
+    Lightning cannot have raised it."""
+    mod = sys.modules.get(module)
+    return mod is not None and isinstance(exc, getattr(mod, name))
 
 
-def lm_cli(args=None, run: bool = True) -> LMCLI:
-    from lm.data.datamodule import LMDataModule
-    from lm.tasks.callbacks import RunCheckpoint, RunDirConfig, TokenThroughput
-    from lm.tasks.lm_module import LanguageModel
-    from lm.tasks.precision_check import PrecisionCheck
-    from lm.tasks.progress import LineProgress
+def __getattr__(name: str):
+    # The LightningCLI entry points, as ``lm.cli`` attributes without importing Lightning up front.
+    if name in ("LMCLI", "FinetuneCLI", "lm_cli", "finetune_cli"):
+        from lm import lightning_cli
 
-    return LMCLI(
-        LanguageModel,
-        LMDataModule,
-        trainer_class=Trainer,
-        trainer_defaults={
-            "callbacks": [RunCheckpoint(), TokenThroughput(), PrecisionCheck(), LineProgress()],
-            # Lightning's bar in a terminal; plain lines (LineProgress) in a log file.
-            "enable_progress_bar": sys.stderr.isatty(),
-            "use_distributed_sampler": False,  # ordered streams shard themselves per rank
-        },
-        seed_everything_default=1111,  # the paper's seed
-        parser_kwargs=parser_kwargs(),
-        save_config_callback=RunDirConfig,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
-
-
-class FinetuneCLI(CheckedCkptPathMixin, LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        # The model chooses the vocabulary source; the data module builds it; its size goes back.
-        parser.link_arguments("model.pretrained", "data.pretrained")
-        parser.link_arguments("model.vocab", "data.vocab")
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-
-
-def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI:
-    """``lm finetune fit|validate``: SST-2 classification from a pretrained checkpoint (REFERENCE §7).
-
-        lm finetune fit --config configs/sst2/finetune.yaml --model.pretrained runs/<lm run>/checkpoints/last.ckpt
-        lm finetune validate --config runs/<sst2 run>/config.yaml --ckpt_path runs/<sst2 run>/checkpoints/last.ckpt
-
-    The model decides where the vocabulary comes from (``model.pretrained`` and ``model.vocab`` are linked
-    into the data module, which reads the checkpoint's vocabulary or counts a fresh one); the data then
-    hands its vocabulary size back. Checkpoints go to ``<default_root_dir>/checkpoints``: the best by dev
-    loss (the paper's selection) and ``last.ckpt``; the dev result JSON to ``<default_root_dir>/results``.
-    """
-    from lm.data.sst2 import SST2DataModule
-    from lm.tasks.callbacks import RunCheckpoint, RunDirConfig
-    from lm.tasks.classifier import SequenceClassifier
-    from lm.tasks.precision_check import PrecisionCheck
-    from lm.tasks.progress import LineProgress
-
-    return FinetuneCLI(
-        SequenceClassifier,
-        SST2DataModule,
-        subclass_mode_model=False,
-        subclass_mode_data=False,
-        trainer_class=Trainer,  # integer limit_*_batches = batches
-        trainer_defaults={
-            # Best checkpoint by dev loss (the paper) plus last.ckpt, in <default_root_dir>/checkpoints.
-            "callbacks": [RunCheckpoint(monitor="val/loss", mode="min", save_last=True, save_top_k=1), PrecisionCheck(),
-                          LineProgress()],
-            "enable_progress_bar": sys.stderr.isatty(),  # else LineProgress: plain lines in a log file
-            "default_root_dir": "runs/sst2",
-            "max_epochs": 5,
-            "use_distributed_sampler": False,  # the data module's batch sampler shards itself
-        },
-        seed_everything_default=1111,
-        save_config_callback=RunDirConfig,
-        parser_kwargs={k: v for k, v in parser_kwargs().items() if k != "test"},  # fit and validate only
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-        run=run,
-    )
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module 'lm.cli' has no attribute {name!r}")
 
 
 def corpus_split_file(corpus: str, split: str, root: str | None, source: str, base_url: str | None) -> Path:
@@ -315,8 +205,6 @@ def quiet_harmless_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
     from lm.rundir import StopRequested, StopSignals
 
     from_console = argv is None
@@ -330,18 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     with StopSignals() as stop:
         try:
             code = _dispatch(cmd, argv, from_console)
-        except (SIGTERMException, StopRequested) as exc:
-            # Lightning stopped at a batch boundary (SIGTERM, or the first Ctrl-C routed to it), or a SIGTERM came
-            # outside a Trainer. Lightning's exception is a SystemExit without a code, i.e. exit 0: a scheduler
-            # would take the run for finished.
-            notes = " ".join(getattr(exc, "__notes__", [])) or "Nothing was written at the stop."
-            print(f"lm: stopped by {stop.name()}. {notes}", file=sys.stderr)
-            return stop.exit_code()
+        except StopRequested as exc:  # a SIGTERM outside a Trainer
+            return _stopped(stop, exc)
         except KeyboardInterrupt:
             print("lm: interrupted (Ctrl-C). Checkpoints and results are written atomically: the last saved "
                   "ones are intact; a fit resumes with --ckpt_path last.", file=sys.stderr)
             return 128 + 2
         except SystemExit as exc:
+            if _is_lightning(exc, "lightning.pytorch.utilities.exceptions", "SIGTERMException"):
+                # Lightning stopped at a batch boundary (SIGTERM, or the first Ctrl-C routed to it). Its exception
+                # is a SystemExit without a code, i.e. exit 0: a scheduler would take the run for finished.
+                return _stopped(stop, exc)
             if stop.received is not None and not exc.code:  # Lightning's own Ctrl-C path exits 0 or 1
                 return stop.exit_code()
             raise
@@ -350,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"\"complete\": false.", file=sys.stderr)
             return stop.exit_code()
         return code
+
+
+def _stopped(stop, exc: BaseException) -> int:
+    notes = " ".join(getattr(exc, "__notes__", [])) or "Nothing was written at the stop."
+    print(f"lm: stopped by {stop.name()}. {notes}", file=sys.stderr)
+    return stop.exit_code()
 
 
 def _dispatch(cmd: str | None, argv: list[str], from_console: bool) -> int:
@@ -364,6 +257,8 @@ def _dispatch(cmd: str | None, argv: list[str], from_console: bool) -> int:
 
             evaluate_cli(argv[1:])
         elif cmd == "finetune":
+            from lm.lightning_cli import finetune_cli
+
             finetune_cli(argv[1:])
         elif cmd == "analyze":
             from lm.analysis.cli import analyze_cli
@@ -382,6 +277,8 @@ def _dispatch(cmd: str | None, argv: list[str], from_console: bool) -> int:
 
             export_cli(argv[1:])
         else:
+            from lm.lightning_cli import lm_cli
+
             lm_cli(None if from_console else argv)
     except Exception as exc:
         e = user_error(exc)

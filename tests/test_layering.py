@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module belongs to the entry with the longest matching prefix.
 LAYERS = [
-    ("base", ["lm", "lm.errors", "lm.utils", "lm.checkpoint"]),  # used by everything, imports nothing of ours
+    ("base", ["lm", "lm.errors", "lm.utils", "lm.checkpoint", "lm.precision"]),  # used by everything, imports nothing of ours
     # Attention variants are leaves of the model: the config validates variant names and options against
     # their registry, so they sit below it (and import no config).
     ("attention", ["lm.model.attention", "lm.model.positions"]),
@@ -26,7 +26,7 @@ LAYERS = [
     ("analysis", ["lm.analysis"]),
     ("export", ["lm.export"]),  # the export format: below the API, which reads and writes it
     ("api", ["lm.api", "lm.generate"]),  # the Python API, and `lm generate` on it
-    ("cli", ["lm.cli", "lm.__main__", "lm.rundir", "lm.trainer", "lm.summary"]),
+    ("cli", ["lm.cli", "lm.lightning_cli", "lm.__main__", "lm.rundir", "lm.trainer", "lm.summary"]),
 ]
 # Layers a layer may NOT use although they are lower (side branches).
 FORBIDDEN = {"corruptions": {"attention", "config", "model", "data", "tasks"}}
