@@ -103,9 +103,11 @@ class CheckedCkptPathMixin:
                 last = Path(root) / "checkpoints" / "last.ckpt"
                 path = str(last) if last.is_file() else None
                 cfg["ckpt_path"] = path
-            self._remember_vocab(check_ckpt_path(path, self.model_class))
+            ckpt = check_ckpt_path(path, self.model_class)
+            self._remember_vocab(ckpt)
             if path is not None:  # a file:// URL as the local path it names (the only URL that is read)
-                cfg["ckpt_path"] = str(checkpoint.local_path(path))
+                cfg["ckpt_path"] = path = str(checkpoint.local_path(path))
+            self._resolve_precision(cfg, ckpt, path)
             if not other_rank():  # DDP's other ranks re-run this command: rank 0 holds the run's lock
                 self._run_lock = RunLock(root)
                 self._run_lock.acquire()
@@ -118,6 +120,33 @@ class CheckedCkptPathMixin:
         self._remember_vocab(ckpt)
         cfg["ckpt_path"] = path = str(checkpoint.local_path(path))
         warn_replaced_model_options(cfg.get("model"), (ckpt or {}).get("hyper_parameters") or {}, path)
+        self._resolve_precision(cfg, ckpt, path)
+        if cfg.get("trainer.logger") in (None, True):
+            # An evaluation writes its result JSON; a TensorBoard version folder per `lm test` inside the run
+            # (lightning_logs/version_N) held only that same number.
+            cfg["trainer.logger"] = False
+
+    def _resolve_precision(self, cfg, ckpt: dict | None, path: str | None) -> None:
+        """``trainer.precision: auto`` (``lm.precision``) becomes what runs before anything is built, so the run's
+        config.yaml and the results record it, never ``auto``: the checkpoint's own precision when one is scored,
+        resumed or finetuned from (``model.pretrained``), else what fits this machine. One line says which."""
+        from lm import precision as lm_precision
+        from lm.rundir import other_rank
+
+        asked = cfg.get("trainer.precision")
+        if asked is None or lm_precision.canonical(asked) != lm_precision.AUTO:
+            return
+        if ckpt is None and path is None and cfg.get("model.pretrained"):  # lm finetune fit
+            path = cfg.get("model.pretrained")
+            try:
+                ckpt = checkpoint.read(path, given_as="--model.pretrained")
+            except CheckpointError:
+                path = None  # reported by the classifier when it loads it, with the fix
+        trained = lm_precision.trained_precision(ckpt, path) if ckpt is not None else None
+        chosen, why = lm_precision.resolve(asked, cfg.get("trainer.accelerator"), trained)
+        cfg["trainer.precision"] = chosen
+        if not other_rank():
+            print(f"lm: precision auto -> {chosen} ({why})", file=sys.stderr, flush=True)
 
     def _remember_vocab(self, ckpt: dict | None) -> None:
         self._ckpt_vocab = (ckpt or {}).get("lm_vocab")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Literal, Union
+
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lm import checkpoint
+from lm import precision as lm_precision
 from lm.errors import ConfigError, LMError
+
+# Lightning's own precision choices (from its public signature, so `--help` lists them) plus `auto`.
+PrecisionSetting = Union[Literal["auto"], inspect.signature(L.Trainer.__init__).parameters["precision"].annotation]
 
 # `ckpt_path` values Lightning resolves to a local file of the run itself (not file names).
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
@@ -31,7 +38,7 @@ def safe_restore_args(ckpt_path, weights_only):
 
 
 class Trainer(L.Trainer):
-    """Lightning's Trainer with four differences for the CLI. The ``limit_*_batches`` options are typed
+    """Lightning's Trainer with these differences for the CLI. The ``limit_*_batches`` options are typed
     ``int | float`` instead of Lightning's ``float | int``. jsonargparse tries a union's types in order, so with
     Lightning's order ``--trainer.limit_val_batches 1`` became 1.0 = 100% of the batches; here an integer
     (``1``, ``20``) is a number of batches and a decimal (``1.0``, ``0.25``) a fraction, as in Lightning's docs.
@@ -43,18 +50,28 @@ class Trainer(L.Trainer):
     accelerator, bad devices/precision) is reported as a configuration error, in one paragraph. Every
     ``fit/validate/test/predict`` restores its ``ckpt_path`` with ``weights_only=True`` and never from a URL
     (``safe_restore_args``).
+
+    ``precision`` also takes ``auto`` (``lm.precision``): bf16-mixed where this machine computes bf16 natively,
+    else 32-true. The CLI resolves it before the Trainer is built (so the run's config.yaml records what ran);
+    here it is resolved for Trainers built in Python. And the default TensorBoard logger writes no
+    ``hp_metric = -1`` placeholder scalar (``default_hp_metric=False``); it is otherwise Lightning's default.
     """
 
     def __init__(self, limit_train_batches: int | float | None = None, limit_val_batches: int | float | None = None,
                  limit_test_batches: int | float | None = None, limit_predict_batches: int | float | None = None,
-                 check_val_every_n_epoch: int | None = None, **kwargs):
+                 check_val_every_n_epoch: int | None = None,
+                 precision: PrecisionSetting = None, **kwargs):
+        if precision is not None and lm_precision.canonical(precision) == lm_precision.AUTO:
+            precision = lm_precision.resolve(precision, kwargs.get("accelerator", "auto"))[0]
+        if kwargs.get("logger") in (None, True) and not kwargs.get("barebones"):
+            kwargs["logger"] = _default_logger(kwargs.get("default_root_dir"))
         vci = kwargs.get("val_check_interval")
         if check_val_every_n_epoch is None and (vci is None or isinstance(vci, float)):
             check_val_every_n_epoch = 1
         try:
             super().__init__(limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
                              limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches,
-                             check_val_every_n_epoch=check_val_every_n_epoch, **kwargs)
+                             check_val_every_n_epoch=check_val_every_n_epoch, precision=precision, **kwargs)
         except LMError:
             raise
         except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as e:
@@ -89,3 +106,18 @@ class Trainer(L.Trainer):
 
 for _name in ("fit", "validate", "test", "predict"):  # Lightning's docstrings: the options' help texts
     getattr(Trainer, _name).__doc__ = getattr(L.Trainer, _name).__doc__
+
+
+def _default_logger(default_root_dir):
+    """Lightning's default logger (TensorBoard where installed, in ``<default_root_dir>/lightning_logs``), without
+    the ``hp_metric = -1`` scalar it would add to every run; True (Lightning's own choice) without TensorBoard."""
+    import importlib.util
+    import os
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        return True
+    return TensorBoardLogger(save_dir=default_root_dir or os.getcwd(), version=SLURMEnvironment.job_id(),
+                             default_hp_metric=False)

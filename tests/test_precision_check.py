@@ -1,12 +1,11 @@
-"""bf16 on a CPU without bf16 matrix instructions: detected from /proc/cpuinfo, warned about at set-up."""
+"""bf16 on a CPU without bf16 matrix instructions: detected from /proc/cpuinfo, warned about at set-up (one line)."""
 
 from __future__ import annotations
-
-import warnings
 
 import lightning as L
 import pytest
 
+import lm.precision
 import lm.tasks.precision_check as pc
 from lm.utils import cpu_bf16_native
 
@@ -36,14 +35,14 @@ def test_missing_cpuinfo_is_unknown(tmp_path):
 @pytest.mark.parametrize("native, precision, warns", [
     (False, "bf16-mixed", True), (True, "bf16-mixed", False), (None, "bf16-mixed", False), (False, "32-true", False),
 ])
-def test_callback_warns_only_for_bf16_on_a_cpu_without_it(monkeypatch, tmp_path, native, precision, warns):
-    monkeypatch.setattr(pc, "cpu_bf16_native", lambda: native)
+def test_callback_warns_only_for_bf16_on_a_cpu_without_it(monkeypatch, tmp_path, capsys, native, precision, warns):
+    monkeypatch.setattr(lm.precision, "cpu_bf16", lambda: native)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pc.PrecisionCheck().setup(trainer, L.LightningModule(), "fit")
-    hits = [w for w in caught if "bf16 matrix instructions" in str(w.message)]
-    assert len(hits) == (1 if warns else 0)
+    capsys.readouterr()
+    pc.PrecisionCheck().setup(trainer, L.LightningModule(), "fit")
+    err = capsys.readouterr().err
+    hits = [line for line in err.splitlines() if "bf16 matrix instructions" in line]
+    assert len(hits) == (1 if warns else 0) and len(err.splitlines()) == len(hits), err  # one line, no source line
     if warns:
-        assert "--trainer.precision 32-true" in str(hits[0].message)
+        assert hits[0].startswith("lm: warning: ") and "--trainer.precision auto (or 32-true)" in hits[0]

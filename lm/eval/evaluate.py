@@ -38,7 +38,7 @@ def evaluate(
     seed: int = 0,
     out: str | None = None,
     accelerator: str = "auto",
-    precision: str = "32-true",
+    precision: str = "auto",
     limit_batches: int | float = 1.0,
 ) -> dict:
     """Evaluate checkpoints on a clean split and on each corruption of it, under one protocol.
@@ -55,8 +55,9 @@ def evaluate(
         root: data directory (see ``data.root``).
         source: ``auto`` (local files, else download them once), ``local`` or ``download`` (``data.source``).
         base_url: where EnWik8's zip is downloaded from (``data.base_url``).
-        protocol: ``segments``, ``memory`` or ``sliding`` (REFERENCE §6), or ``full_eval``: the MoE authors'
-            column/whole-block protocol, which scores about 90% of the split (its fraction is in the table).
+        protocol: ``segments``, ``memory`` or ``sliding`` (docs/methods.md, "Evaluation protocols"), or
+            ``full_eval``: the MoE authors' column/whole-block protocol, which scores about 90% of the split (its
+            fraction is in the table).
         tgt_len: evaluation window (default: the training segment length).
         mem_len: memory length for the ``memory`` protocol (default: the model's).
         clamp_len: relative-position clamp (default: the model's).
@@ -68,7 +69,8 @@ def evaluate(
             evaluation would overwrite). ``results.json`` is rewritten after every finished checkpoint, and on a
             stop (``"complete": false``). One evaluation at a time writes to a folder (``<out>/.lock``).
         accelerator: Lightning accelerator.
-        precision: Lightning precision, e.g. ``32-true`` or ``bf16-mixed``.
+        precision: ``auto`` (each checkpoint in the precision it was trained in; 32-true for a bf16 one where
+            this machine has no fast bf16), or a Lightning precision for all: ``32-true``, ``bf16-mixed``.
         limit_batches: evaluate only this many (int) or this fraction (float) of batches (smoke tests); the
             result then records the limit and is never marked complete.
     """
@@ -77,6 +79,7 @@ def evaluate(
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from corruptions.spec import parse_specs
+    from lm import precision as lm_precision
     from lm.tasks.progress import LineProgress
 
     if isinstance(ckpts, str):
@@ -94,18 +97,18 @@ def evaluate(
     # writable. A missing second checkpoint or an unusable --out used to surface only after the first ran.
     _check_limit(limit_batches)
 
-    def make_trainer(root: str):
-        return L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+    def make_trainer(root: str, prec: str):
+        return L.Trainer(accelerator=accelerator, devices=1, precision=prec, logger=False,
                          enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(),
                          callbacks=[LineProgress(every_n_batches=100)], enable_model_summary=False,
                          limit_test_batches=limit_batches, limit_val_batches=limit_batches, default_root_dir=root)
 
     try:  # a Trainer writes nothing when built: bad settings are refused before any work, in one paragraph
-        make_trainer(tempfile.gettempdir())
+        make_trainer(tempfile.gettempdir(), lm_precision.resolve(precision, accelerator)[0])
     except (ValueError, TypeError, RuntimeError, ImportError, MisconfigurationException) as e:
         raise ConfigError(f"Lightning rejected --accelerator {accelerator} / --precision {precision}: "
-                          f"{' '.join(str(e).split())[:300]} Use --precision 32-true, bf16-mixed or 16-mixed (see "
-                          f"`lm evaluate --help`) and an accelerator this machine has (cpu, gpu, auto).") from None
+                          f"{' '.join(str(e).split())[:300]} Use --precision auto, 32-true, bf16-mixed or 16-mixed "
+                          f"(see `lm evaluate --help`) and an accelerator this machine has (cpu, gpu, auto).") from None
     for c in ckpts:  # one model in memory at a time, here and in the loop below
         _check_windows(_check_checkpoint(c), ecfg, accelerator)
     out_dir = Path(out) if out else default_out(ckpts)
@@ -118,12 +121,17 @@ def evaluate(
         try:
             for ckpt_path in ckpts:
                 row = {"checkpoint": ckpt_path, "name": _run_name(ckpt_path), "results": {}}
+                trained = lm_precision.trained_precision(checkpoint.read(ckpt_path), ckpt_path)
+                prec, why = lm_precision.resolve(precision, accelerator, trained)
+                if lm_precision.canonical(precision) == lm_precision.AUTO:
+                    print(f"lm evaluate: {row['name']}: precision auto -> {prec} ({why})", file=sys.stderr,
+                          flush=True)
                 for label, n_variants, model, dm, extra in _variants(ckpt_path, row, specs, split, seed, corpus, root,
                                                                       source, base_url, ecfg, Path(scratch)):
                     step += 1
                     print(f"lm evaluate [{step}/{len(ckpts) * n_variants}] {row['name']}: {label}", file=sys.stderr,
                           flush=True)
-                    trainer = make_trainer(str(Path(scratch) / row["name"]))
+                    trainer = make_trainer(str(Path(scratch) / row["name"]), prec)
                     (trainer.test if split == "test" else trainer.validate)(model, datamodule=dm, verbose=False)
                     if trainer.received_sigterm:  # Lightning lets a stop in the last batch pass: it is one
                         raise SIGTERMException()
