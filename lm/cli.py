@@ -39,6 +39,29 @@ COMMANDS = {  # `lm --help`: every subcommand, one line each
     "export": "write a checkpoint as model.safetensors + config.json + tokenizer.json + model card",
     "summary": "a recipe's model layer by layer with parameter counts, without data (--vocab_size N)",
 }
+_CKPT = "runs/wikitext2-tiny-softmax/checkpoints/last.ckpt"
+EXAMPLES = {  # `lm COMMAND --help`: one command that works as printed after the quickstart's first training
+    "fit": "lm fit --config configs/wikitext2/tiny.yaml --config configs/wikitext2/variants/elliptical.yaml",
+    "validate": f"lm validate --config configs/wikitext2/tiny.yaml --ckpt_path {_CKPT}",
+    "test": f"lm test --config configs/wikitext2/tiny.yaml --ckpt_path {_CKPT}",
+    "corrupt": "lm corrupt --corpus wikitext-2 --split test --rate 0.015",
+    "evaluate": f"lm evaluate --ckpts {_CKPT} --corruptions word_swap:0.015,word_swap:0.025",
+    "finetune": f"lm finetune fit --config configs/sst2/finetune.yaml --model.pretrained {_CKPT}",
+    "analyze": f"lm analyze --ckpt {_CKPT} --split test --out results/analyze-softmax",
+    "generate": f'lm generate --ckpt {_CKPT} --prompt "The cat" --max_new_tokens 30',
+    "export": f"lm export --ckpt {_CKPT} --out exported/tiny-softmax",
+}
+# The Lightning commands list hundreds of options; these are the ones a user starts with.
+MAIN_OPTIONS = {
+    "fit": "--config RECIPE.yaml (repeat it for overlays), --trainer.max_steps N, --trainer.precision auto|32-true|"
+           "bf16-mixed, --trainer.default_root_dir runs/NAME, --ckpt_path last (resume), --print_config",
+    "validate": "--config RECIPE.yaml, --ckpt_path CKPT (default: the run's last.ckpt), --trainer.limit_val_batches N, "
+                "--data.eval.protocol segments|memory|sliding",
+    "test": "--config RECIPE.yaml, --ckpt_path CKPT (default: the run's last.ckpt), --trainer.limit_test_batches N, "
+            "--data.eval.protocol segments|memory|sliding",
+    "finetune": "fit | validate, --config configs/sst2/finetune.yaml, --model.pretrained CKPT (fit), --ckpt_path CKPT "
+                "(validate), --trainer.default_root_dir runs/NAME; `lm finetune fit --help` lists them all",
+}
 # Third-party messages that carry no information for a user of `lm` and bury its output; silenced
 # here (the CLI), one exact message each, never in the library or the tests.
 HARMLESS_WARNINGS = (
@@ -52,8 +75,9 @@ def parser_kwargs() -> dict:
     # Subcommand parsers take their own kwargs in LightningCLI: give each the omegaconf mode.
     # allow_abbrev=False: argparse would otherwise read a misspelt `--trainer.max_step 5` silently as
     # `--trainer.max_steps 5`; a typo must be an error that names the option.
+    # prog: the usage lines read `lm fit ...` also when `lm.cli.main` runs inside another program (tests).
     kw = {"parser_mode": "omegaconf", "allow_abbrev": False}
-    return {**kw, **{s: dict(kw) for s in LIGHTNING_SUBCOMMANDS}}
+    return {**kw, "prog": "lm", **{s: dict(kw) for s in LIGHTNING_SUBCOMMANDS}}
 
 
 def check_ckpt_path(path: str | None, model_class: type | None = None) -> dict | None:
@@ -214,9 +238,39 @@ def corpus_split_file(corpus: str, split: str, root: str | None, source: str, ba
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  lm {c:<{width}}  {h}" for c, h in COMMANDS.items()]
-    return ("usage: lm COMMAND [options]   (lm COMMAND --help for its options)\n\n"
+    return ("usage: lm COMMAND [options]   (lm COMMAND --help for its options and an example)\n\n"
             "Transformer-XL-style language models with Elliptical and other attention variants.\n\n"
-            "commands:\n" + "\n".join(lines) + "\n")
+            "commands:\n" + "\n".join(lines) + f"\n\nexample: {EXAMPLES['fit']}\n")
+
+
+def unknown_command(cmd: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(cmd, COMMANDS, n=1)
+    hint = f" Did you mean `lm {close[0]}`?" if close else ""
+    return f"lm: error: unknown command '{cmd}'.{hint} The commands: {', '.join(COMMANDS)} (`lm --help` says what each does)."
+
+
+def command_help(cmd: str, text: str) -> str:
+    """``lm COMMAND --help``: the command's name, purpose, main options and example above the option list its parser
+    printed, which gets the command into its usage line and plain backticks for the docstrings' reST ones."""
+    import re
+    import textwrap
+
+    if cmd not in LIGHTNING_SUBCOMMANDS:  # their usage already reads "lm [options] fit"; the others lack the command
+        usage_block, sep, rest = text.partition("\n\n")
+        m = re.match(rf"usage: (?!lm {cmd} )(\S+) ", usage_block)  # prog: the script's name, `lm` from the console
+        if m:
+            shift = len(f"lm {cmd}") - len(m.group(1))
+            usage_block = f"usage: lm {cmd} " + usage_block[m.end():]
+            usage_block = re.sub(r"\n +", lambda w: w.group(0) + " " * shift if shift > 0 else w.group(0), usage_block)
+        text = usage_block + sep + rest
+    text = text.replace("``", "`")
+    head = [f"lm {cmd}: {COMMANDS[cmd]}", "", "example:", f"  {EXAMPLES[cmd]}", ""]
+    if cmd in MAIN_OPTIONS:
+        head[2:2] = ["main options:", textwrap.fill(MAIN_OPTIONS[cmd], 100, initial_indent="  ", subsequent_indent="  "),
+                     ""]
+    return "\n".join(head) + "\n" + text
 
 
 def quiet_harmless_warnings() -> None:
@@ -242,8 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in (None, "-h", "--help", "help"):
         print(usage(), end="")
         return 0 if cmd else 2
+    if cmd not in COMMANDS and not cmd.startswith("-"):  # (options first: LightningCLI's `lm --config X fit`)
+        print(unknown_command(cmd), file=sys.stderr)
+        return 2
     if from_console:
         quiet_harmless_warnings()
+    if cmd in COMMANDS and any(a in ("-h", "--help") for a in argv[1:]):
+        return _help(cmd, argv, from_console)
     with StopSignals() as stop:
         try:
             code = _dispatch(cmd, argv, from_console)
@@ -272,6 +331,20 @@ def _stopped(stop, exc: BaseException) -> int:
     notes = " ".join(getattr(exc, "__notes__", [])) or "Nothing was written at the stop."
     print(f"lm: stopped by {stop.name()}. {notes}", file=sys.stderr)
     return stop.exit_code()
+
+
+def _help(cmd: str, argv: list[str], from_console: bool) -> int:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            code = _dispatch(cmd, argv, from_console)
+        except SystemExit as exc:  # argparse exits after printing the help
+            code = exc.code
+    print(command_help(cmd, out.getvalue()), end="")
+    return code or 0
 
 
 def _dispatch(cmd: str | None, argv: list[str], from_console: bool) -> int:

@@ -327,7 +327,7 @@ class ModelConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation protocol (REFERENCE §6); every result records it.
+    """Evaluation protocol (docs/methods.md, "Evaluation protocols"); every result records it.
 
     - ``segments``: non-overlapping segments of ``tgt_len``, no context across segments.
     - ``memory``: Transformer-XL evaluation, ordered segments with ``mem_len`` recurrence.

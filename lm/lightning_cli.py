@@ -92,6 +92,11 @@ def lm_cli(args=None, run: bool = True) -> LMCLI:
 
 
 class FinetuneCLI(CheckedCkptPathMixin, LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # fit and validate: the classifier's dev accuracy is its result; there is no SST-2 test split to score.
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
     def add_arguments_to_parser(self, parser) -> None:
         # The model chooses the vocabulary source; the data module builds it; its size goes back.
         parser.link_arguments("model.pretrained", "data.pretrained")
@@ -133,7 +138,9 @@ def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI
         },
         seed_everything_default=1111,
         save_config_callback=RunDirConfig,
-        parser_kwargs={k: v for k, v in parser_kwargs().items() if k != "test"},  # fit and validate only
+        parser_kwargs={**{k: v for k, v in parser_kwargs().items() if k != "test"}, "prog": "lm finetune",
+                       "description": "SST-2 sentiment classification from a pretrained `lm fit` checkpoint: `fit` "
+                                      "trains it, `validate` scores a finetuned checkpoint on the GLUE dev set."},
         save_config_kwargs={"overwrite": True},
         args=argv,
         run=run,

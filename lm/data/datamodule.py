@@ -37,7 +37,7 @@ class LMDataModule(L.LightningDataModule):
             or $LM_DATA_BASE_URL): a mirror or a local server.
         batch_size: GLOBAL number of training streams, divided across data-parallel processes.
         tgt_len: training segment length (also the default evaluation window).
-        eval: evaluation protocol for validation and test (REFERENCE §6).
+        eval: evaluation protocol for validation and test (docs/methods.md, "Evaluation protocols").
         cache_dir: tokenized splits and the counted vocabulary go here.
         tokenizer: an existing ``tokenizer.json`` (e.g. from a pretraining run) to reuse instead of
             counting a vocabulary; required to evaluate WikiText-103 without its train split.
