@@ -28,8 +28,17 @@ class LMCLI(CheckedCkptPathMixin, LightningCLI):
         self._check_vocab()
         if stage == "fit":
             self._check_val_interval()
+            self._warn_short_warmup()
         per_device = max(1, self.datamodule.batch_size // max(1, self.trainer.world_size))
         check_window_memory(self.model, stage, self.trainer.strategy.root_device, per_device)
+
+    def _warn_short_warmup(self) -> None:
+        from lm.rundir import other_rank
+        from lm.tasks.schedule import short_run_notice
+
+        note = short_run_notice(self.model.optim_cfg, self.trainer.max_steps or 0)
+        if note and not other_rank():
+            print(note, file=sys.stderr, flush=True)
 
     def _check_val_interval(self) -> None:
         """Lightning refuses an integer val_check_interval beyond an epoch only at fit start, after the run

@@ -6,11 +6,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from lm.config import EvalConfig, coerce
 from lm.data.cache import FORMAT_VERSION, TokenCache
@@ -22,6 +25,15 @@ from lm.data.protocols import EvalBatches, eval_batches
 from lm.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+
+@rank_zero_only
+def note(msg: str) -> None:
+    """One short progress line of data preparation on stderr (counting a vocabulary or tokenising WikiText-103 takes
+    minutes, and was silent), from one process only."""
+    print(f"lm: data: {msg}", file=sys.stderr, flush=True)
+
+
 STAGE_SPLIT = {"val": "valid", "valid": "valid", "validate": "valid", "test": "test", "train": "train"}
 
 
@@ -136,9 +148,13 @@ class LMDataModule(L.LightningDataModule):
                 return Vocab.load(path)
             except DataError as e:
                 log.warning("Cached vocabulary %s is unusable (%s); counting it again.", path, e)
+        where = f"the {'+'.join(self.vocab_splits)} split" + ("s" if len(self.vocab_splits) > 1 else "")
+        note(f"counting the {self.corpus} vocabulary on {where} ({sum(map(len, texts)) / 1e6:.1f} MB)...")
+        t0 = time.perf_counter()
         lines = [line for s, t in zip(self.vocab_splits, texts) for line in split_lines(decode_utf8(t, str(files.path(s))))]
         vocab = Vocab.build(lines)
         vocab.save(path)
+        note(f"vocabulary: {vocab.size:,} entries in {time.perf_counter() - t0:.1f} s (kept in {path.parent})")
         return vocab
 
     def tokens(self, split: str) -> torch.Tensor:
@@ -151,8 +167,16 @@ class LMDataModule(L.LightningDataModule):
             override = {"valid": self.valid_file, "test": self.test_file}.get(split)
             label = f"{self.corpus}.{split}" + (f".{Path(override).stem}" if override else "")
             src = str(self.files.path(split))
-            arr = TokenCache(Path(self.cache_dir) / "tokens").load_or_build(
-                label, data, self.vocab.sha256, lambda: self.vocab.encode_bytes(data, src))
+            t0, built = time.perf_counter(), []
+
+            def build():
+                note(f"tokenising {label} ({len(data) / 1e6:.1f} MB)...")
+                built.append(True)
+                return self.vocab.encode_bytes(data, src)
+
+            arr = TokenCache(Path(self.cache_dir) / "tokens").load_or_build(label, data, self.vocab.sha256, build)
+            note(f"{label}: {len(arr):,} tokens " + (f"in {time.perf_counter() - t0:.1f} s (kept in {self.cache_dir})"
+                                                    if built else "(from the cache)"))
             self._tokens[split] = torch.from_numpy(arr).long()
         return self._tokens[split]
 

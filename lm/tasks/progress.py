@@ -3,8 +3,10 @@
 Lightning's bar redraws one line with carriage returns: right in a terminal, unreadable in a log (a
 batch job, ``| tee``, a notebook's captured output). ``LineProgress`` takes over when the trainer has no
 bar (``--trainer.enable_progress_bar false``, which ``lm`` defaults to when stderr is not a terminal):
-one plain line every ``every_n_steps`` training steps and every ``every_n_batches`` evaluation batches,
-and at the end of each stage, with the rate and the time left.
+one plain line at the first training step and evaluation batch, then every ``every_n_steps`` steps /
+``every_n_batches`` batches or every ``every_s`` seconds, whichever comes first (a slow run is not silent
+for half an hour), with the loss, the rate and the time left; and one summary line at the end of each
+stage (training, each validation, test), however short the run.
 """
 
 from __future__ import annotations
@@ -29,10 +31,19 @@ def _total(value) -> int | None:
 
 
 class LineProgress(Callback):
-    def __init__(self, every_n_steps: int = 50, every_n_batches: int = 50, stream=None):
-        self.every_n_steps, self.every_n_batches = every_n_steps, every_n_batches
+    def __init__(self, every_n_steps: int = 50, every_n_batches: int = 50, every_s: float = 30.0, stream=None):
+        self.every_n_steps, self.every_n_batches, self.every_s = every_n_steps, every_n_batches, every_s
         self.stream = stream
         self._t0: dict[str, float] = {}
+        self._last: dict[str, float] = {}  # when each stage last printed a line
+
+    def _due(self, stage: str, done: int, every_n: int) -> bool:
+        """A line for the first step/batch, every ``every_n``, and once ``every_s`` seconds passed since the last."""
+        now = time.perf_counter()
+        if done == 1 or done % every_n == 0 or now - self._last.get(stage, now) >= self.every_s:
+            self._last[stage] = now
+            return True
+        return False
 
     def _on(self, trainer) -> bool:
         return trainer.progress_bar_callback is None and trainer.is_global_zero
@@ -49,30 +60,44 @@ class LineProgress(Callback):
 
     # ----- training ---------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
-        self._t0["train"] = time.perf_counter()
+        self._t0["train"] = self._last["train"] = time.perf_counter()
         self._step0 = trainer.global_step  # a resumed run counts its rate from here
+
+    @staticmethod
+    def _train_metrics(trainer) -> str:
+        metrics = trainer.callback_metrics
+        return "".join(f", {k.split('/')[-1]} {float(metrics[k]):.4g}"
+                       for k in ("train/loss", "train/ppl", "train/bpc") if k in metrics)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if not self._on(trainer) or step == 0 or step % self.every_n_steps or getattr(self, "_said", -1) == step:
+        if (not self._on(trainer) or step == self._step0 or getattr(self, "_said", -1) == step
+                or not self._due("train", step - self._step0, self.every_n_steps)):
             return
         self._said = step
-        metrics = trainer.callback_metrics
-        extra = "".join(f", {k.split('/')[-1]} {float(metrics[k]):.4g}"
-                        for k in ("train/loss", "train/ppl", "train/bpc") if k in metrics)
+        extra = self._train_metrics(trainer)
         total = _total(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else \
             _total(trainer.estimated_stepping_batches)
         line = self._line("step", step - self._step0, (total - self._step0) if total else None,
                           self._t0["train"], extra)
         self._say(line.replace(f"step {step - self._step0}/", f"step {step}/", 1) if self._step0 else line)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self._on(trainer) or "train" not in self._t0:
+            return
+        steps = trainer.global_step - self._step0
+        elapsed = time.perf_counter() - self._t0["train"]
+        rate = f", {steps / elapsed:.2f} steps/s" if elapsed > 0 else ""
+        self._say(f"train done: {steps} steps (global step {trainer.global_step}) in {_fmt_time(elapsed)}{rate}"
+                  + self._train_metrics(trainer))
+
     # ----- evaluation -------------------------------------------------------------------------
     def _eval_start(self, stage: str) -> None:
-        self._t0[stage] = time.perf_counter()
+        self._t0[stage] = self._last[stage] = time.perf_counter()
 
     def _eval_batch(self, trainer, stage: str, batch_idx: int, totals) -> None:
         done = batch_idx + 1
-        if not self._on(trainer) or done % self.every_n_batches:
+        if not self._on(trainer) or not self._due(stage, done, self.every_n_batches):
             return
         self._say(self._line(f"{stage} batch", done, _total(totals[0] if totals else None), self._t0[stage]))
 

@@ -45,3 +45,14 @@ def lr_factor(n: int, o: OptimConfig, total: int) -> float:
     progress = min(1.0, (n - w) / max(1, total - w))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
     return floor + (1 - floor) * shape
+
+
+def short_run_notice(o: OptimConfig, total: int) -> str | None:
+    """One line when a run of ``total`` updates ends inside its warm-up (``--trainer.max_steps 30`` with the tiny
+    recipe's 200 warm-up steps trains at 0.5-15% of ``optim.lr``): what rate it reaches and how to change that."""
+    if total <= 0 or o.warmup_steps <= 0 or total >= o.warmup_steps:
+        return None
+    last = lr_factor(total - 1, o, total)
+    return (f"lm: note: this run's {total} steps end inside its {o.warmup_steps}-step learning-rate warm-up: its last "
+            f"update runs at {last * o.lr:.3g} ({100 * last:.0f}% of model.optim.lr {o.lr:g}). For a short run at the "
+            f"full rate, pass --model.optim.warmup_steps {max(1, total // 10)} or fewer.")
