@@ -182,3 +182,24 @@ def test_test_of_an_old_run_reads_its_config(cpu, setup, capsys):
     capsys.readouterr()
     assert main(["test", "--config", str(cfg), "--trainer.precision", "auto", "--ckpt_path", str(path)]) == 0
     assert "lm: precision auto -> 32-true" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trained", ["32-true", "bf16-mixed"])
+def test_finetune_follows_the_pretrained_checkpoint(cpu, tmp_path, capsys, trained):
+    """`lm finetune fit` on a bf16 CPU: a float32 language model is finetuned in float32, a bf16 one in bf16; the
+    recipe (configs/sst2/finetune.yaml) says `auto`, and the run's config.yaml says what ran."""
+    from test_sst2 import make_lm_ckpt, sentences, write_tsv
+
+    root = tmp_path / "data"
+    write_tsv(root / "glue" / "SST-2" / "train.tsv", sentences(16, 0))
+    write_tsv(root / "glue" / "SST-2" / "dev.tsv", sentences(8, 1))
+    ckpt = make_lm_ckpt(tmp_path / "lm" / "checkpoints" / "last.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    torch.save({**state, "lm_precision": trained}, ckpt)
+    cpu("bf16")
+    run = tmp_path / "sst2"
+    assert main(["finetune", "fit", "--config", str(CONFIGS / "sst2" / "finetune.yaml"), "--data.root", str(root),
+                 "--model.pretrained", str(ckpt), "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "1",
+                 "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]) == 0
+    assert f"lm: precision auto -> {trained} (the precision the checkpoint was trained in)" in capsys.readouterr().err
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["precision"] == trained
