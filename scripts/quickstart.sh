@@ -25,13 +25,8 @@ if [ "$QUICK" = "1" ]; then
   FT_EXTRA=(--trainer.max_epochs 1 --trainer.limit_train_batches 30 --trainer.limit_val_batches 5)
   EVAL_EXTRA=(--limit_batches 10)
 fi
-# The recipes train in bf16-mixed, which is many times SLOWER than float32 on a CPU without bf16 matrix
-# instructions (lm.utils.cpu_bf16_native): there, train and test in float32 instead, and say so.
-PREC=()
-if python -c "import sys; from lm.utils import cpu_bf16_native as f; sys.exit(f() is False)"; then :; else
-  echo "[quickstart] this CPU has no bf16 matrix instructions: training in float32 (--trainer.precision 32-true)"
-  PREC=(--trainer.precision 32-true)
-fi
+# Precision: the recipes say `auto` (lm/precision.py): bf16-mixed on a CPU with bf16 matrix instructions, float32
+# on one without (an AVX2-only CPU, where bf16 is many times slower); `lm` prints which it chose.
 mkdir -p "$OUT"
 ckpts=()
 for v in $VARIANTS; do
@@ -41,11 +36,11 @@ for v in $VARIANTS; do
   echo "== [$v] train ($run)"
   start=$(date +%s)
   lm fit --config configs/wikitext2/tiny.yaml --config "configs/wikitext2/variants/${v}.yaml" \
-     --trainer.default_root_dir "$run" --trainer.enable_progress_bar false "${EXTRA[@]}" "${PREC[@]}" "${resume[@]}"
+     --trainer.default_root_dir "$run" --trainer.enable_progress_bar false "${EXTRA[@]}" "${resume[@]}"
   echo "$(( $(date +%s) - start ))" > "$run/train_wall_s.txt"
   echo "== [$v] test (clean, segments protocol)"
   lm test --config configs/wikitext2/tiny.yaml --config "configs/wikitext2/variants/${v}.yaml" \
-     --trainer.default_root_dir "$run" --ckpt_path "$run/checkpoints/last.ckpt" --trainer.enable_progress_bar false "${PREC[@]}" \
+     --trainer.default_root_dir "$run" --ckpt_path "$run/checkpoints/last.ckpt" --trainer.enable_progress_bar false \
      ${EVAL_EXTRA:+--trainer.limit_test_batches 10}
   ckpts+=("$run/checkpoints/last.ckpt")
 done

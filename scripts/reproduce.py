@@ -171,7 +171,8 @@ def findings(rows: list[dict], a) -> list[str]:
 def report(rows: list[dict], root: Path, a, done: str = "") -> str:
     lines = [f"# Reproduction at the scale of this machine ({'quick' if a.quick else 'full'} mode)", "",
              f"Runs finished: {done}. Training: tiny WikiText-2 recipes, {a.steps} steps (batch 16 x 128 tokens, "
-             f"bf16-mixed); SST-2: {a.sst2_batches} batches, one epoch at most.", "",
+             f"precision auto: bf16-mixed where the CPU has bf16 instructions, else 32-true, as each run's config.yaml "
+             f"records); SST-2: {a.sst2_batches} batches, one epoch at most.", "",
              f"Command: `python scripts/reproduce.py {' '.join(x for x in sys.argv[1:] if x != '--report_only')}`. WikiText-2 test, segments protocol "
              f"(window 128, no context across segments), PPL per token; word swap seed = training seed; "
              f"seeds {a.seeds}. SST-2: dev accuracy of the best-by-dev-loss checkpoint.", "",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv and install the package. Sourced by quickstart.sh and test.sh.
 # torch: an installed torch (e.g. a CUDA build in the system Python) is kept by giving the venv access
-# to system site-packages; otherwise torch==2.13.0 is installed explicitly, because an unpinned torch
-# would pull several GB of CUDA wheels.
+# to system site-packages; otherwise torch==2.13.0 is installed explicitly: the version the suite was run with,
+# the lower end of setup.cfg's range (torch>=2.13,<3), so a fresh CPU install gets exactly what was tested.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
