@@ -253,7 +253,7 @@ def unknown_command(cmd: str) -> str:
 
 def command_help(cmd: str, text: str) -> str:
     """``lm COMMAND --help``: the command's name, purpose, main options and example above the option list its parser
-    printed, which gets the command into its usage line and plain backticks for the docstrings' reST ones."""
+    printed, which gets the command into its usage line, and plain backticks for the docstrings' reST markup."""
     import re
     import textwrap
 
@@ -266,6 +266,7 @@ def command_help(cmd: str, text: str) -> str:
             usage_block = re.sub(r"\n +", lambda w: w.group(0) + " " * shift if shift > 0 else w.group(0), usage_block)
         text = usage_block + sep + rest
     text = text.replace("``", "`")
+    text = re.sub(r":(?:class|func|meth|paramref|attr|mod|obj|ref):`~?", "`", text)  # Sphinx roles in Lightning's
     head = [f"lm {cmd}: {COMMANDS[cmd]}", "", "example:", f"  {EXAMPLES[cmd]}", ""]
     if cmd in MAIN_OPTIONS:
         head[2:2] = ["main options:", textwrap.fill(MAIN_OPTIONS[cmd], 100, initial_indent="  ", subsequent_indent="  "),

@@ -203,3 +203,11 @@ def test_finetune_follows_the_pretrained_checkpoint(cpu, tmp_path, capsys, train
                  "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]) == 0
     assert f"lm: precision auto -> {trained} (the precision the checkpoint was trained in)" in capsys.readouterr().err
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["precision"] == trained
+    # the classifier's own checkpoint records it too: `finetune validate` scores it in the same precision
+    cpu("avx2")
+    assert main(["finetune", "validate", "--config", str(CONFIGS / "sst2" / "finetune.yaml"), "--data.root", str(root),
+                 "--model.pretrained", str(ckpt), "--trainer.default_root_dir", str(run), "--trainer.precision", "auto",
+                 "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.accelerator", "cpu"]) == 0
+    expected = "32-true (the checkpoint trained in bf16-mixed" if trained != "32-true" else "32-true (the precision"
+    assert f"lm: precision auto -> {expected}" in capsys.readouterr().err
+    assert [v.name for v in (run / "lightning_logs").iterdir()] == ["version_0"]  # validate adds no version folder
