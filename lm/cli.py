@@ -266,7 +266,8 @@ def command_help(cmd: str, text: str) -> str:
             usage_block = re.sub(r"\n +", lambda w: w.group(0) + " " * shift if shift > 0 else w.group(0), usage_block)
         text = usage_block + sep + rest
     text = text.replace("``", "`")
-    text = re.sub(r":(?:class|func|meth|paramref|attr|mod|obj|ref):`~?", "`", text)  # Sphinx roles in Lightning's
+    # Sphinx roles in Lightning's option docs (`:paramref:`~a.b.c``), also where the help wrapped a line after one
+    text = re.sub(r":(?:class|func|meth|paramref|attr|mod|obj|ref):(\s*)`~?", lambda m: m.group(1) + "`", text)
     head = [f"lm {cmd}: {COMMANDS[cmd]}", "", "example:", f"  {EXAMPLES[cmd]}", ""]
     if cmd in MAIN_OPTIONS:
         head[2:2] = ["main options:", textwrap.fill(MAIN_OPTIONS[cmd], 100, initial_indent="  ", subsequent_indent="  "),

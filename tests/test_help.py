@@ -51,7 +51,7 @@ def test_command_help(cmd, capsys):
     usage = next(ln for ln in lines if ln.startswith("usage: "))
     assert usage.startswith(f"usage: lm {cmd} ") or usage.startswith(f"usage: lm [options] {cmd} "), usage
     assert "``" not in out and "REFERENCE" not in out and "Lightning Trainer command line tool" not in out
-    assert not re.search(r":(class|func|meth|paramref):`", out)  # Sphinx roles of Lightning's docstrings
+    assert not re.search(r":(class|func|meth|paramref):\s*`", out)  # Sphinx roles of Lightning's docstrings
     # every option the example uses is one this command has (finetune's live under `finetune fit`)
     if cmd == "finetune":
         assert "{fit,validate}" in out  # no test or predict subcommand to offer
