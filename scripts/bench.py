@@ -146,7 +146,7 @@ def trainer(precision: str, max_steps: int, root: str, full: bool, timer, extra_
     kw = dict(**accelerator(device), precision=precision, max_steps=max_steps, gradient_clip_val=0.25,
               limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=root)
     if full:
-        # What `lm fit` installs (lm/cli.py): TensorBoard logger, RunCheckpoint, TokenThroughput; plus the
+        # What `lm fit` installs (lm/lightning_cli.py): TensorBoard logger, RunCheckpoint, TokenThroughput; plus the
         # progress bar and model summary, and logging EVERY step (the recipes log every 50: worst case).
         from lightning.pytorch.loggers import TensorBoardLogger
 

@@ -211,3 +211,16 @@ def test_finetune_follows_the_pretrained_checkpoint(cpu, tmp_path, capsys, train
     expected = "32-true (the checkpoint trained in bf16-mixed" if trained != "32-true" else "32-true (the precision"
     assert f"lm: precision auto -> {expected}" in capsys.readouterr().err
     assert [v.name for v in (run / "lightning_logs").iterdir()] == ["version_0"]  # validate adds no version folder
+
+
+def test_evaluate_scores_each_checkpoint_in_its_training_precision(cpu, setup, capsys):
+    tmp, cfg = setup
+    cpu("avx2")
+    assert fit(cfg) == 0  # float32
+    cpu("bf16")
+    capsys.readouterr()
+    ckpt = str(tmp / "run" / "checkpoints" / "last.ckpt")
+    assert main(["evaluate", "--ckpts", ckpt, "--corruptions", "", "--root", str(tmp / "data"), "--source", "local",
+                 "--limit_batches", "1", "--out", str(tmp / "ev")]) == 0
+    err = capsys.readouterr().err
+    assert "precision auto -> 32-true (the precision the checkpoint was trained in)" in err, err
