@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lightning  # noqa: F401
 import pytest
 import torch
 
@@ -17,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "scripts"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+# (`import lightning` above, at collection: Lightning's log handler keeps the stderr of the moment it is first
+# imported. `lm.cli` no longer imports Lightning, so without this the first test to run `lm fit` under capsys
+# would hand it a captured stream that is closed once that test ends: "--- Logging error ---" in later tests.)
 
 
 @pytest.fixture(scope="module")
