@@ -54,5 +54,5 @@ def short_run_notice(o: OptimConfig, total: int) -> str | None:
         return None
     last = lr_factor(total - 1, o, total)
     return (f"lm: note: this run's {total} steps end inside its {o.warmup_steps}-step learning-rate warm-up: its last "
-            f"update runs at {last * o.lr:.3g} ({100 * last:.0f}% of model.optim.lr {o.lr:g}). For a short run at the "
+            f"update runs at {last * o.lr:.3g} ({100 * last:.2g}% of model.optim.lr {o.lr:g}). For a short run at the "
             f"full rate, pass --model.optim.warmup_steps {max(1, total // 10)} or fewer.")
