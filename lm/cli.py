@@ -50,6 +50,7 @@ EXAMPLES = {  # `lm COMMAND --help`: one command that works as printed after the
     "analyze": f"lm analyze --ckpt {_CKPT} --split test --out results/analyze-softmax",
     "generate": f'lm generate --ckpt {_CKPT} --prompt "The cat" --max_new_tokens 30',
     "export": f"lm export --ckpt {_CKPT} --out exported/tiny-softmax",
+    "summary": "lm summary --config configs/wikitext103/small.yaml --vocab_size 267735",
 }
 # The Lightning commands list hundreds of options; these are the ones a user starts with.
 MAIN_OPTIONS = {
