@@ -56,7 +56,7 @@ class LMDataModule(L.LightningDataModule):
         valid_file: a file that replaces the valid split (e.g. a word-swapped copy); same vocabulary,
             unknown words map to ``<unk>``.
         test_file: a file that replaces the test split, likewise.
-        vocab_splits: the splits the word vocabulary is counted on: ``[train]`` (default, REFERENCE §3) or
+        vocab_splits: the splits the word vocabulary is counted on: ``[train]`` (default, the paper's) or
             ``[train, valid, test]`` as the MoE authors' ``data.Corpus`` does (no word of valid/test is then
             ``<unk>``-mapped by the vocabulary; WikiText already maps rare words to ``<unk>`` in all splits).
     """
