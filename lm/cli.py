@@ -68,6 +68,8 @@ MAIN_OPTIONS = {
 HARMLESS_WARNINGS = (
     r"LightningCLI's args parameter is intended to run from within Python",  # lm passes argv on purpose
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning vs newer torch pytree
+    # the model summary's size estimate in MB under bf16 (it counts 32 bits); `precision: auto` picks bf16 often
+    r"Precision bf16-mixed is not supported by the model summary",
 )
 HARMLESS_LOG_PREFIXES = ("💡 Tip: For seamless cloud",)  # Lightning's advertisement for its logger / registry
 

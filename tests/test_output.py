@@ -46,6 +46,7 @@ def test_only_the_known_harmless_messages_are_silenced(caplog, restore_log_filte
         quiet_harmless_warnings()
         warnings.warn("LightningCLI's args parameter is intended to run from within Python like if it were ...")
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` ...")
+        warnings.warn("Precision bf16-mixed is not supported by the model summary.  Estimated model size in MB ...")
         warnings.warn("The dataloader does something you should know about")
     assert [str(w.message) for w in seen] == ["The dataloader does something you should know about"]
     log = logging.getLogger("lightning.fabric.utilities.rank_zero")
