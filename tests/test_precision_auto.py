@@ -224,3 +224,15 @@ def test_evaluate_scores_each_checkpoint_in_its_training_precision(cpu, setup, c
                  "--limit_batches", "1", "--out", str(tmp / "ev")]) == 0
     err = capsys.readouterr().err
     assert "precision auto -> 32-true (the precision the checkpoint was trained in)" in err, err
+
+
+def test_a_resumed_fit_keeps_its_precision(cpu, setup, capsys):
+    """`--ckpt_path last` on another machine: the run goes on in the precision it started in, where that is fast."""
+    tmp, cfg = setup
+    cpu("avx2")
+    assert fit(cfg) == 0
+    cpu("bf16")
+    capsys.readouterr()
+    assert fit(cfg, "--trainer.max_steps", "3", "--ckpt_path", "last") == 0
+    assert "lm: precision auto -> 32-true (the precision the checkpoint was trained in)" in capsys.readouterr().err
+    assert yaml.safe_load((tmp / "run" / "config.yaml").read_text())["trainer"]["precision"] == "32-true"
