@@ -23,10 +23,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lm import checkpoint
-from lm.errors import CheckpointError, ConfigError, LMError
+from lm.errors import ConfigError, LMError
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 COMMANDS = {  # `lm --help`: every subcommand, one line each
     "fit": "train a language model from a YAML recipe (configs/...); resumable with --ckpt_path last",
     "validate": "evaluate a checkpoint on the validation split (--ckpt_path)",
@@ -74,125 +72,6 @@ HARMLESS_WARNINGS = (
 HARMLESS_LOG_PREFIXES = ("💡 Tip: For seamless cloud",)  # Lightning's advertisement for its logger / registry
 
 
-def parser_kwargs() -> dict:
-    # Subcommand parsers take their own kwargs in LightningCLI: give each the omegaconf mode.
-    # allow_abbrev=False: argparse would otherwise read a misspelt `--trainer.max_step 5` silently as
-    # `--trainer.max_steps 5`; a typo must be an error that names the option.
-    # prog: the usage lines read `lm fit ...` also when `lm.cli.main` runs inside another program (tests).
-    kw = {"parser_mode": "omegaconf", "allow_abbrev": False}
-    return {**kw, "prog": "lm", **{s: dict(kw) for s in LIGHTNING_SUBCOMMANDS}}
-
-
-def check_ckpt_path(path: str | None, model_class: type | None = None) -> dict | None:
-    """Fail early, with one paragraph, on a ``--ckpt_path`` that is a URL (never fetched: see
-    ``checkpoint.local_path``), missing, unreadable (truncated, pickled objects, not a checkpoint) or written for
-    another model class. Without this, Lightning's own load raises a raw OSError/RuntimeError/UnpicklingError deep
-    inside ``LightningCLI`` (and would unpickle a URL's contents without weights_only)."""
-    if path is None:
-        return None
-    ckpt = checkpoint.read(path, given_as="--ckpt_path", hint=f"Pass {checkpoint.LM_FIT_CKPT}, or `--ckpt_path "
-                           f"last` to resume the run in --trainer.default_root_dir.")
-    if model_class is not None:
-        checkpoint.check_model_class(ckpt, path, model_class)
-    return ckpt
-
-
-class CheckedCkptPathMixin:
-    """Checks ``--ckpt_path`` and the run directory right after parsing, before LightningCLI loads
-    hyper-parameters from the checkpoint and before anything is written (``lm.rundir``): ``fit`` locks the run
-    directory and refuses a used one without ``--ckpt_path``; ``validate``/``test`` score the run's
-    ``last.ckpt`` when no checkpoint is given, or refuse."""
-
-    def __init__(self, *args, **kwargs):
-        self._run_lock, self._ckpt_vocab = None, None
-        try:
-            super().__init__(*args, **kwargs)
-        finally:  # the whole run (LightningCLI runs inside its constructor) holds the lock
-            if self._run_lock is not None:
-                self._run_lock.release()
-
-    def parse_arguments(self, parser, args) -> None:
-        from lm.rundir import (RunLock, eval_checkpoint, other_rank, refuse_named_ckpt, refuse_used_run_dir,
-                               warn_replaced_model_options)
-
-        super().parse_arguments(parser, args)
-        sub = self.config.get("subcommand")
-        if not sub or self.config.get(sub) is None:
-            return
-        cfg = self.config[sub]
-        path = cfg.get("ckpt_path")
-        root = cfg.get("trainer.default_root_dir") or "."
-        if sub == "fit":
-            refuse_named_ckpt(sub, path, ("best", "hpc"))
-            if path == "last":
-                # The run's own last.ckpt (RunCheckpoint's folder) when it is there, else a fresh start, as
-                # Lightning's `last`: resolved here so Lightning never has to search checkpoint folders.
-                last = Path(root) / "checkpoints" / "last.ckpt"
-                path = str(last) if last.is_file() else None
-                cfg["ckpt_path"] = path
-            ckpt = check_ckpt_path(path, self.model_class)
-            self._remember_vocab(ckpt)
-            if path is not None:  # a file:// URL as the local path it names (the only URL that is read)
-                cfg["ckpt_path"] = path = str(checkpoint.local_path(path))
-            self._resolve_precision(cfg, ckpt, path)
-            if not other_rank():  # DDP's other ranks re-run this command: rank 0 holds the run's lock
-                self._run_lock = RunLock(root)
-                self._run_lock.acquire()
-                if cfg.get("ckpt_path") is None:
-                    refuse_used_run_dir(root)
-            return
-        refuse_named_ckpt(sub, path, ("hpc",))
-        path = eval_checkpoint(sub, path, root)
-        ckpt = check_ckpt_path(path, self.model_class)
-        self._remember_vocab(ckpt)
-        cfg["ckpt_path"] = path = str(checkpoint.local_path(path))
-        warn_replaced_model_options(cfg.get("model"), (ckpt or {}).get("hyper_parameters") or {}, path)
-        self._resolve_precision(cfg, ckpt, path)
-        if cfg.get("trainer.logger") in (None, True):
-            # An evaluation writes its result JSON; a TensorBoard version folder per `lm test` inside the run
-            # (lightning_logs/version_N) held only that same number.
-            cfg["trainer.logger"] = False
-
-    def _resolve_precision(self, cfg, ckpt: dict | None, path: str | None) -> None:
-        """``trainer.precision: auto`` (``lm.precision``) becomes what runs before anything is built, so the run's
-        config.yaml and the results record it, never ``auto``: the checkpoint's own precision when one is scored,
-        resumed or finetuned from (``model.pretrained``), else what fits this machine. One line says which."""
-        from lm import precision as lm_precision
-        from lm.rundir import other_rank
-
-        asked = cfg.get("trainer.precision")
-        if asked is None or lm_precision.canonical(asked) != lm_precision.AUTO:
-            return
-        if ckpt is None and path is None and cfg.get("model.pretrained"):  # lm finetune fit
-            path = cfg.get("model.pretrained")
-            try:
-                ckpt = checkpoint.read(path, given_as="--model.pretrained")
-            except CheckpointError:
-                path = None  # reported by the classifier when it loads it, with the fix
-        trained = lm_precision.trained_precision(ckpt, path) if ckpt is not None else None
-        chosen, why = lm_precision.resolve(asked, cfg.get("trainer.accelerator"), trained)
-        cfg["trainer.precision"] = chosen
-        if not other_rank():
-            print(f"lm: precision auto -> {chosen} ({why})", file=sys.stderr, flush=True)
-
-    def _remember_vocab(self, ckpt: dict | None) -> None:
-        self._ckpt_vocab = (ckpt or {}).get("lm_vocab")
-
-    def _check_vocab(self) -> None:
-        """The checkpoint's vocabulary against the data's, before the Trainer starts: the module's own check
-        (on_load_checkpoint) comes after the run directory's tokenizer.json and logs were written."""
-        dm, theirs = getattr(self, "datamodule", None), self._ckpt_vocab
-        if not theirs or dm is None or not hasattr(dm, "vocab") or theirs.get("sha256") == dm.vocab.sha256:
-            return
-        raise CheckpointError(
-            f"The checkpoint was trained with another vocabulary ({theirs.get('size')} entries, sha256 "
-            f"{str(theirs.get('sha256'))[:12]}) than this data gives ({dm.vocab.size} entries, sha256 "
-            f"{dm.vocab.sha256[:12]}): another data root or corpus. Use the run's own data (data.root in its "
-            f"config.yaml), or reuse its vocabulary with --data.tokenizer <run dir>/tokenizer.json. Nothing was "
-            f"written."
-        )
-
-
 def user_error(exc: BaseException) -> Exception | None:
     """The user-input error behind ``exc``: an ``LMError`` anywhere in its cause/context chain (jsonargparse
     wraps a dataclass's ConfigError in a ValueError about Union subtypes), or Lightning's own
@@ -224,7 +103,8 @@ def _is_lightning(exc: BaseException, module: str, name: str) -> bool:
 
 def __getattr__(name: str):
     # The LightningCLI entry points, as ``lm.cli`` attributes without importing Lightning up front.
-    if name in ("LMCLI", "FinetuneCLI", "lm_cli", "finetune_cli"):
+    if name in ("LMCLI", "FinetuneCLI", "lm_cli", "finetune_cli", "CheckedCkptPathMixin", "check_ckpt_path",
+                "parser_kwargs", "LIGHTNING_SUBCOMMANDS"):
         from lm import lightning_cli
 
         return getattr(lightning_cli, name)
@@ -260,14 +140,14 @@ def command_help(cmd: str, text: str) -> str:
     import re
     import textwrap
 
-    if cmd not in LIGHTNING_SUBCOMMANDS:  # their usage already reads "lm [options] fit"; the others lack the command
-        usage_block, sep, rest = text.partition("\n\n")
-        m = re.match(rf"usage: (?!lm {cmd} )(\S+) ", usage_block)  # prog: the script's name, `lm` from the console
+    usage_block, sep, rest = text.partition("\n\n")
+    if f" {cmd} " not in usage_block.splitlines()[0] + " ":  # fit/validate/test/finetune name it; the others do not
+        m = re.match(r"usage: (\S+) ", usage_block)  # prog: the script's name (`lm` from the console)
         if m:
             shift = len(f"lm {cmd}") - len(m.group(1))
             usage_block = f"usage: lm {cmd} " + usage_block[m.end():]
             usage_block = re.sub(r"\n +", lambda w: w.group(0) + " " * shift if shift > 0 else w.group(0), usage_block)
-        text = usage_block + sep + rest
+    text = usage_block + sep + rest
     text = text.replace("``", "`")
     # Sphinx roles in Lightning's option docs (`:paramref:`~a.b.c``), also where the help wrapped a line after one
     text = re.sub(r":(?:class|func|meth|paramref|attr|mod|obj|ref):(\s*)`~?", lambda m: m.group(1) + "`", text)

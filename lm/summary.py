@@ -29,7 +29,7 @@ from lm.model.transformer import TransformerLM
 
 def resolve_recipe(configs: list[str]) -> dict[str, Any]:
     """The recipe as ``lm fit --config ... --print_config`` prints it (a dict with ``model``, ``data``, ...)."""
-    from lm.cli import lm_cli
+    from lm.lightning_cli import lm_cli
 
     out = io.StringIO()
     try:
