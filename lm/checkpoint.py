@@ -25,6 +25,7 @@ import pickle
 import re
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,12 +71,14 @@ def read(path: str | Path, given_as: str = "Checkpoint", hint: str = f"Pass {LM_
     if not p.is_file():
         raise CheckpointError(f"{given_as} {path} does not exist (no such file). {hint}")
     try:
-        try:  # mmap: only the pickled structure is read now, tensor data when it is used
-            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if "_use_new_zipfile_serialization" not in str(e):  # a legacy (non-zip) file cannot be mmapped
-                raise
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a raw pickle's protocol: the error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:  # mmap: only the pickled structure is read now, tensor data when it is used
+                ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if "_use_new_zipfile_serialization" not in str(e):  # a legacy (non-zip) file cannot be mmapped
+                    raise
+                ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         gist = (str(e).strip().splitlines() or [""])[0][:200]
         # torch < 2.6: "Unsupported global: GLOBAL x"; 2.6+ (2.13 too): "... unsupported GLOBAL x whose module ..."
@@ -88,6 +91,15 @@ def read(path: str | Path, given_as: str = "Checkpoint", hint: str = f"Pass {LM_
                 f"only tensors and plain containers, so it cannot be loaded safely: unpickling it could run code. It "
                 f"was NOT loaded. `lm` reads the checkpoints written by `lm fit` and `lm finetune fit`; if you trust "
                 f"this file's origin, re-save it as a plain state (tensors, numbers, strings, dicts)."
+            ) from None
+        if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
+            # e.g. a pickle.dump()'d file (protocol 4+ opcodes): refused before any GLOBAL is reached
+            why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            raise CheckpointError(
+                f"Checkpoint {path} was refused by torch's safe (weights_only) loader"
+                f"{f' ({why.group(1).strip()[:120]})' if why else ''} and was NOT unpickled: it is not a tensors-only "
+                f"file written by torch.save (a raw pickle, a truncated copy, or not a checkpoint). `lm` reads the "
+                f"checkpoints written by `lm fit` and `lm finetune fit`; use one of those, e.g. last.ckpt."
             ) from None
         raise CheckpointError(
             f"Cannot read checkpoint {path} ({type(e).__name__}: {gist}). The file is truncated (an interrupted "

@@ -230,3 +230,23 @@ def test_no_unsafe_torch_load_outside_the_reader():
             if re.search(pat, text) and (p.name != "checkpoint.py" or "False" in pat):
                 bad.append(f"{p.relative_to(ROOT)}: {pat}")
     assert not bad, bad
+
+
+def test_a_raw_pickle_is_refused_unpickled_and_named(world, capsys, tmp_path):
+    """A file written by pickle.dump (protocol 4+, not torch.save) fails in torch's safe loader before any GLOBAL
+    is reached: the message says the safe loader refused it and nothing was unpickled; no torch warning line."""
+    import os
+    import pickle
+
+    marker = tmp_path / "raw-marker"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    raw = tmp_path / "raw.ckpt"
+    raw.write_bytes(pickle.dumps({"state_dict": Payload()}, protocol=4))
+    msg = one_paragraph(capsys, main(["test", "--config", str(world["cfg"]), "--ckpt_path", str(raw)]))
+    assert "refused by torch's safe (weights_only) loader" in msg and "NOT unpickled" in msg, msg
+    assert not marker.exists()
+    assert "Detected pickle protocol" not in capsys.readouterr().err
