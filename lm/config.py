@@ -338,6 +338,11 @@ class EvalConfig:
       ``tgt_len`` with memory, only whole blocks, and only while the block starts before
       ``column_length - tgt_len``: NOT every target is scored; results record the scored fraction.
     ``None`` values fall back to the training ``tgt_len`` / the model's ``mem_len``/``clamp_len``.
+
+    ``val_protocol``: what ``lm fit`` validates on. ``None`` (default): the whole valid split under ``protocol``.
+    ``rolling``: the MoE authors' validation (``lm/data/rolling.py``): each validation scores the next
+    ``val_blocks`` blocks of ``batch_size`` columns from where the previous one stopped, memory carried;
+    ``lm validate``/``lm test`` still use ``protocol``.
     """
 
     protocol: str = "segments"
@@ -346,9 +351,20 @@ class EvalConfig:
     clamp_len: int | None = None
     stride: int | None = None
     batch_size: int = 10
+    val_protocol: str | None = None
+    val_blocks: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("eval.protocol", self.protocol, ("segments", "memory", "sliding", "full_eval"))
+        if self.val_protocol is not None:
+            _check_choice("eval.val_protocol", self.val_protocol, ("rolling",))
+        if self.val_protocol == "rolling" and (self.val_blocks is None or self.val_blocks < 1):
+            raise ConfigError(f"eval.val_protocol: rolling scores eval.val_blocks blocks per validation; set it to a "
+                              f"number >= 1 (the MoE authors: max(1, nbatches // 10), 100 for --nbatches 1000), got "
+                              f"{self.val_blocks}.")
+        if self.val_blocks is not None and self.val_protocol != "rolling":
+            raise ConfigError("eval.val_blocks is the size of a rolling validation; it needs eval.val_protocol: "
+                              "rolling (or remove it: validation then scores the whole split).")
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}.")
         if self.tgt_len is not None and self.tgt_len < 1:

@@ -22,6 +22,7 @@ from lm.data.streams import OrderedStreams
 from lm.data.tokenizer import Vocab
 from lm.errors import ConfigError, DataError, unknown
 from lm.data.protocols import EvalBatches, eval_batches
+from lm.data.rolling import RollingBlocks, rolling_active
 from lm.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class LMDataModule(L.LightningDataModule):
         self._files: CorpusFiles | None = None
         self._vocab: Vocab | None = None
         self._tokens: dict[str, torch.Tensor] = {}
+        # Rolling validation (data.eval.val_protocol: rolling): one loader for the whole fit, its position in
+        # every checkpoint (state_dict below); a restored position waits here until the loader is built.
+        self._rolling: RollingBlocks | None = None
+        self._rolling_state: dict[str, Any] | None = None
 
     # ----- lazily built, cached ---------------------------------------------------------------
     @property
@@ -236,9 +241,27 @@ class LMDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         return OrderedStreams(self.tokens("train"), self.batch_size, self.tgt_len, rank, world)
 
-    def val_dataloader(self) -> EvalBatches:
+    def val_dataloader(self) -> EvalBatches | RollingBlocks:
         rank, world = self._rank_world()
+        if rolling_active(self.trainer, self.eval_cfg):
+            if self._rolling is None:
+                sanity = lambda: bool(getattr(self.trainer, "sanity_checking", False))  # noqa: E731
+                self._rolling = RollingBlocks(self.tokens("valid"), self.eval_cfg, self.tgt_len, rank, world,
+                                              dry_run=sanity)
+                if self._rolling_state is not None:
+                    self._rolling.load_state_dict(self._rolling_state)
+            return self._rolling
         return eval_batches(self.tokens("valid"), self.eval_cfg, self.tgt_len, rank, world)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning stores this in every checkpoint (under the class name) and hands it back on restore.
+        state = self._rolling.state_dict() if self._rolling is not None else self._rolling_state
+        return {"rolling_val": state} if state is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rolling_state = state.get("rolling_val")
+        if self._rolling is not None and self._rolling_state is not None:
+            self._rolling.load_state_dict(self._rolling_state)
 
     def test_dataloader(self) -> EvalBatches:
         rank, world = self._rank_world()

@@ -57,6 +57,9 @@ def check_protocol(e: EvalConfig, model: ModelConfig) -> None:
         raise ConfigError(f"eval.protocol '{e.protocol}' carries memory across segments and needs a model with "
                           f"memory (model.pos: relative or span); use 'segments' or 'sliding' for "
                           f"absolute-position models.")
+    if e.val_protocol == "rolling" and model.pos not in ("relative", "span"):
+        raise ConfigError("eval.val_protocol: rolling carries memory from one validation block to the next and needs "
+                          "a model with memory (model.pos: relative or span); remove it for absolute-position models.")
     if model.pos == "span" and e.mem_len is not None and e.mem_len != model.mem_len:
         raise ConfigError(f"model.pos: span attends to exactly model.mem_len={model.mem_len} previous tokens (its "
                           f"key_pe table has that many entries), so eval.mem_len={e.mem_len} cannot be used; leave "

@@ -18,6 +18,7 @@ from torchmetrics.aggregation import MeanMetric
 from lm.checkpoint import check_fits
 from lm.config import AttentionConfig, EvalConfig, FFNConfig, ModelConfig, OptimConfig, coerce
 from lm.data.protocols import MEMORY_PROTOCOLS, check_protocol
+from lm.data.rolling import rolling_active
 from lm.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from lm.model.transformer import TransformerLM
 from lm.tasks.lightning_compat import attached_trainer, logger_writes_now
@@ -107,6 +108,7 @@ class LanguageModel(L.LightningModule):
                 blk.compile()
         self.mems: list[torch.Tensor] | None = None  # training memory, per rank
         self._eval_mems: list[torch.Tensor] | None = None
+        self._val_mems: list[torch.Tensor] | None = None  # rolling validation: memory carried between validations
         self.eval_nll = MeanMetric()
         self._eval_t0 = 0.0
         self._ckpt_step: int | None = None  # global_step of the checkpoint loaded into this module (records)
@@ -190,15 +192,22 @@ class LanguageModel(L.LightningModule):
     def _check_protocol(self):
         check_protocol(self.eval_cfg, self.cfg)
 
+    def _rolling(self) -> bool:
+        """This is a rolling validation of a fit (data.eval.val_protocol: rolling, lm/data/rolling.py)."""
+        trainer = attached_trainer(self)
+        return trainer is not None and not trainer.testing and rolling_active(trainer, self.eval_cfg)
+
     def _eval_start(self):
         self._check_protocol()
-        self._eval_mems = None
+        # A rolling validation goes on with the memory the previous one ended with (the authors' hid_cache[1]).
+        self._eval_mems = self._val_mems if self._rolling() else None
         self.eval_nll.reset()
         self._eval_t0 = time.perf_counter()
 
     def _eval_step(self, batch: dict):
         e = self.eval_cfg
-        memory = e.protocol in MEMORY_PROTOCOLS
+        rolling = self._rolling()
+        memory = e.protocol in MEMORY_PROTOCOLS or rolling
         if batch.get("first", False) or not memory:
             self._eval_mems = None
         mem_len = (e.mem_len if e.mem_len is not None else self.cfg.mem_len) if memory else 0
@@ -208,6 +217,8 @@ class LanguageModel(L.LightningModule):
         out = self.net(batch["input"], self._eval_mems, mem_len=mem_len, clamp_len=clamp_len,
                        key_mask=batch.get("real"))
         self._eval_mems = out.mems
+        if rolling and not self.trainer.sanity_checking:  # the sanity check is a dry run (lm/data/rolling.py)
+            self._val_mems = out.mems
         mask = batch.get("mask")
         if mask is not None and not bool(mask.all()):
             # Score only the counted targets: a stride-S sliding window counts S of its T positions, so
@@ -259,12 +270,15 @@ class LanguageModel(L.LightningModule):
     def protocol_description(self) -> dict[str, Any]:
         e = self.eval_cfg
         window = e.tgt_len or self.tgt_len
+        rolling = self._rolling()
         return {
-            "protocol": e.protocol, "window": window,
-            "stride": (e.stride or window) if e.protocol == "sliding" else window,
-            "mem_len": (e.mem_len if e.mem_len is not None else self.cfg.mem_len) if e.protocol in MEMORY_PROTOCOLS else 0,
+            "protocol": "rolling" if rolling else e.protocol, "window": window,
+            "stride": (e.stride or window) if e.protocol == "sliding" and not rolling else window,
+            "mem_len": (e.mem_len if e.mem_len is not None else self.cfg.mem_len)
+            if e.protocol in MEMORY_PROTOCOLS or rolling else 0,
             "clamp_len": e.clamp_len if e.clamp_len is not None else self.cfg.clamp_len,
             "batch_size": e.batch_size, "normalised_by": "token" if self.unit == "word" else "byte",
+            **({"val_blocks": e.val_blocks} if rolling else {}),
         }
 
     def _write_result(self, stage: str):
@@ -320,6 +334,7 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Memories are part of the training state: resuming mid-epoch must continue with them.
         checkpoint["lm_mems"] = [m.detach().cpu() for m in self.mems] if self.mems else None
+        checkpoint["lm_val_mems"] = [m.detach().cpu() for m in self._val_mems] if self._val_mems else None
         # So is the RNG (dropout, MoE jitter): Lightning does not save it, so a resumed run would draw other
         # dropout masks than an uninterrupted one. Tensors only: the file stays loadable with weights_only.
         checkpoint["lm_rng"] = {"torch": torch.get_rng_state(),  # + this process's GPU, the one it trains on
@@ -347,6 +362,9 @@ class LanguageModel(L.LightningModule):
         mems = checkpoint.get("lm_mems")
         self.mems = [m.to(self.device) for m in mems] if mems else None
         rng, trainer = checkpoint.get("lm_rng"), attached_trainer(self)
+        val_mems = checkpoint.get("lm_val_mems")  # a rolling validation's carried memory (resuming a fit)
+        if val_mems and trainer is not None and getattr(trainer.state.fn, "value", None) == "fit":
+            self._val_mems = [m.to(self.device) for m in val_mems]
         if rng and trainer is not None and getattr(trainer.state.fn, "value", None) == "fit":  # resuming training
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
