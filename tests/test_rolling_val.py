@@ -109,6 +109,50 @@ def test_config_errors():
         rolling(n_tokens=B * (2 * T - 1) + 1)
 
 
+def test_ranks_take_their_own_columns_and_the_same_positions():
+    cfg = EvalConfig(protocol="full_eval", batch_size=4, val_protocol="rolling", val_blocks=3)
+    tokens = torch.arange(4 * C + 3)  # columns of C: column j starts at j * C
+    ranks = [RollingBlocks(tokens, cfg, T, rank=r, world_size=2, seed=SEED) for r in (0, 1)]
+    for _ in range(3):
+        b0, b1 = (list(r) for r in ranks)
+        for x, y in zip(b0, b1):
+            p = int(x["input"][0, 0])
+            assert x["input"][:, 0].tolist() == [p, C + p] and y["input"][:, 0].tolist() == [2 * C + p, 3 * C + p]
+            assert x["first"] == y["first"]
+    with pytest.raises(ConfigError, match="world_size"):
+        RollingBlocks(tokens, EvalConfig(batch_size=1, val_protocol="rolling", val_blocks=1), T, 0, 2)
+
+
+@pytest.mark.parametrize("fn,active", [("fit", True), ("validate", False), ("test", False)])
+def test_only_the_validations_of_a_fit_roll(fn, active):
+    from types import SimpleNamespace
+
+    from lm.data.rolling import rolling_active
+
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=SimpleNamespace(value=fn)))
+    assert rolling_active(trainer, EvalConfig(val_protocol="rolling", val_blocks=1)) is active
+    assert rolling_active(trainer, EvalConfig()) is False
+    assert rolling_active(None, EvalConfig(val_protocol="rolling", val_blocks=1)) is False
+
+
+MOE_RECIPES = ["wikitext103/switch_large", "wikitext103/switch_medium", "wikitext103/switch_medium_softmax",
+               "wikitext103/glam_medium", "wikitext103/glam_small", "enwik8/switch_medium"]
+
+
+@pytest.mark.parametrize("recipe", MOE_RECIPES)
+def test_moe_recipes_validate_as_the_authors(recipe):
+    from pathlib import Path
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{recipe}.yaml").read_text())
+    e = cfg["data"]["eval"]
+    # Their scripts: --nbatches 1000 (a validation every 1000 steps) -> max(1, 1000 // 10) = 100 blocks of
+    # --batch-sz columns; best checkpoint by that loss (RunCheckpoint's default monitor, val/loss).
+    assert cfg["trainer"]["val_check_interval"] == 1000 and cfg["trainer"]["max_steps"] % 1000 == 0
+    assert (e["val_protocol"], e["val_blocks"], e["batch_size"]) == ("rolling", max(1, 1000 // 10),
+                                                                     cfg["data"]["batch_size"])
+    assert "ckpt_path best" in (Path(__file__).parents[1] / "configs" / f"{recipe}.yaml").read_text()
+
+
 # ------------------------------------------------------------------------------------ a real fit (slow)
 SEEN: list[tuple[bool, int, list[int], bool, bool]] = []
 
