@@ -96,10 +96,11 @@ def read(path: str | Path, given_as: str = "Checkpoint", hint: str = f"Pass {LM_
             # e.g. a pickle.dump()'d file (protocol 4+ opcodes): refused before any GLOBAL is reached
             why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
             raise CheckpointError(
-                f"Checkpoint {path} was refused by torch's safe (weights_only) loader"
-                f"{f' ({why.group(1).strip()[:120]})' if why else ''} and was NOT unpickled: it is not a tensors-only "
-                f"file written by torch.save (a raw pickle, a truncated copy, or not a checkpoint). `lm` reads the "
-                f"checkpoints written by `lm fit` and `lm finetune fit`; use one of those, e.g. last.ckpt."
+                f"Cannot read checkpoint {path}: torch's safe (weights_only) loader refused it"
+                f"{f' ({why.group(1).strip()[:120]})' if why else ''} and it was NOT unpickled. The file is truncated "
+                f"(an interrupted copy or download), not a checkpoint, or a raw pickle rather than a torch.save file; "
+                f"use a checkpoint written by `lm fit` or `lm finetune fit`, e.g. last.ckpt or the best-by-validation "
+                f"file in the same checkpoints folder."
             ) from None
         raise CheckpointError(
             f"Cannot read checkpoint {path} ({type(e).__name__}: {gist}). The file is truncated (an interrupted "
