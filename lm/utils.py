@@ -10,7 +10,6 @@ from pathlib import Path
 from lm.errors import ConfigError
 
 
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -123,3 +122,18 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_writable_dir(folder: str | os.PathLike, option: str, example: str) -> Path:
+    """Create ``folder`` and write (and remove) a probe file in it, so that an unusable output folder (under /proc,
+    through a file, read-only, full) is one paragraph naming ``option`` before any work, not an ``OSError``
+    traceback after it. (mkdir under /proc fails with ENOENT, which ``write_error`` does not translate.)"""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{option} {folder} cannot be written: {e.strerror or e} ({e.filename or folder}). "
+                          f"Nothing was written. Pass a writable folder, e.g. {option} {example}.") from None
+    return folder

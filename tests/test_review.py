@@ -1,0 +1,34 @@
+"""Defects found in the review of issues 29-31's work (one test per fix; each fails on the code before it)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from helpers import train_tiny
+
+from lm.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("review"))
+
+
+def one_paragraph(capsys, code: int) -> str:
+    out = capsys.readouterr()
+    assert code not in (0, None) and "Traceback" not in out.err
+    return " ".join(out.err.split())
+
+
+@pytest.mark.parametrize("bad", ["/proc/lm-review/out", "FILE/out"])
+def test_evaluate_out_that_cannot_be_created_is_one_paragraph(run, tmp_path, capsys, bad):
+    """`lm evaluate --out /proc/x` raised FileNotFoundError with a traceback (ENOENT is not a write errno):
+    now the shared probe (lm.utils.check_writable_dir, also lm corrupt's --out_dir) names --out."""
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    out = bad.replace("FILE", str(tmp_path / "FILE"))
+    if out.startswith("/proc") and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    code = main(["evaluate", "--ckpts", str(run["ckpt"]), "--corruptions", "", "--out", out])
+    err = one_paragraph(capsys, code)
+    assert f"--out {out} cannot be written" in err and "Nothing was written" in err
