@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from lm import checkpoint
+from lm.checkpoint import refuse_non_finite
 from lm.errors import CheckpointError, did_you_mean
 from lm.utils import atomic_write_text
 
@@ -107,15 +108,6 @@ def check_out(out: Path, force: bool) -> None:
             f"--out {out} is not empty and holds no previous export (it has {shown}); an export would replace any "
             f"{', '.join(FILES)} there. Pass a new or empty folder (e.g. exported/<name>), or add `--force true` to "
             f"write those four files into it anyway (nothing else is touched). Nothing was written.")
-
-
-def refuse_non_finite(net: torch.nn.Module, source: str | Path) -> None:
-    bad = [n for n, t in net.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise CheckpointError(
-            f"{source} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. {bad[0]}): it was saved after "
-            f"training diverged, and it would give NaN scores and no text. Use an earlier checkpoint of the run (its "
-            f"checkpoints folder) or retrain with a lower learning rate.")
 
 
 def write(module, vocab, out: str | Path, meta: dict[str, Any], force: bool = False) -> Path:

@@ -32,3 +32,21 @@ def test_evaluate_out_that_cannot_be_created_is_one_paragraph(run, tmp_path, cap
     code = main(["evaluate", "--ckpts", str(run["ckpt"]), "--corruptions", "", "--out", out])
     err = one_paragraph(capsys, code)
     assert f"--out {out} cannot be written" in err and "Nothing was written" in err
+
+
+def test_non_finite_names_float_tensors_with_nan_or_inf_only():
+    """The one "is it finite" check (lm.checkpoint.non_finite) that export, generate, analyze and test share."""
+    import torch
+
+    from lm import checkpoint
+
+    tensors = [("ok", torch.ones(3)), ("nan", torch.tensor([1.0, float("nan")])), ("int", torch.tensor([7])),
+               ("inf", torch.tensor([-float("inf")], dtype=torch.bfloat16)), ("big", torch.tensor([3e38]))]
+    assert checkpoint.non_finite(tensors) == ["nan", "inf"]
+    net = torch.nn.Linear(2, 2)
+    checkpoint.refuse_non_finite(net, "fine.ckpt")  # finite: no error
+    with torch.no_grad():
+        net.bias[1] = float("nan")
+    with pytest.raises(checkpoint.CheckpointError, match=r"bad.ckpt holds non-finite weights \(NaN or inf in 1 "
+                                                         r"tensors, e.g. bias\): why"):
+        checkpoint.refuse_non_finite(net, "bad.ckpt", "why")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lm import checkpoint
 from lm.analysis.metrics import attention_entropy, collapse, head_redundancy
 from lm.errors import ConfigError
 from lm.utils import atomic_write_text
@@ -107,7 +108,9 @@ def analyze(
     if passage_start < 0:
         raise ConfigError(f"--passage_start must be >= 0, got {passage_start}.")
     model, vocab, ckpt_dict = load_language_model(ckpt)
-    _check_finite(model, ckpt)
+    checkpoint.refuse_non_finite(model, ckpt, "it was saved after training diverged, and every metric would be "
+                                 "NaN. Analyze an earlier checkpoint (a best-* file, or one saved before the loss "
+                                 "became NaN). Nothing was written.")
     _check_windows(model, seq_len, n_sequences, passage_len)
     p = Path(ckpt).resolve()
     out_dir = Path(out) if out else (p.parent.parent if p.parent.name == "checkpoints" else p.parent) / "analysis"
@@ -136,15 +139,6 @@ def analyze(
     atomic_write_text(out_dir / "analysis.json", json.dumps(_finite_or_null(result), indent=2, allow_nan=False))
     print(json.dumps({k: v for k, v in result.items() if k != "entropy_per_layer_head"}, indent=2))
     return result
-
-
-def _check_finite(model, ckpt: str) -> None:
-    """Non-finite weights give NaN everywhere: refused, as ``lm test`` and ``lm evaluate`` refuse them."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise ConfigError(f"The weights of {ckpt} are non-finite ({len(bad)} tensors, e.g. {bad[0]}): it was saved "
-                          f"after training diverged, and every metric would be NaN. Analyze an earlier checkpoint "
-                          f"(a best-* file, or one saved before the loss became NaN). Nothing was written.")
 
 
 def _check_windows(model, seq_len: int, n_sequences: int, passage_len: int) -> None:
