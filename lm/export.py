@@ -28,7 +28,7 @@ import torch
 from lm import checkpoint
 from lm.checkpoint import refuse_non_finite
 from lm.errors import CheckpointError, did_you_mean
-from lm.utils import atomic_write_text
+from lm.utils import atomic_write_text, unwritable
 
 FORMAT = "elliptical-lm"
 FORMAT_VERSION = 1
@@ -128,9 +128,12 @@ def write(module, vocab, out: str | Path, meta: dict[str, Any], force: bool = Fa
         "data": meta.get("data") or {}, "parameters": sum(p.numel() for p in module.net.parameters()),
         "trained": meta.get("trained") or {}, "name": meta.get("name") or "", "metrics": meta.get("metrics") or [],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = out.is_dir()  # the temporary folder sits on the same filesystem, so every rename is atomic
-    tmp = Path(tempfile.mkdtemp(dir=out if existing else out.parent, prefix=".lm-export.", suffix=".tmp"))
+    try:  # (a path under /proc fails with ENOENT, which the CLI's write-error paragraph does not cover)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        existing = out.is_dir()  # the temporary folder sits on the same filesystem, so every rename is atomic
+        tmp = Path(tempfile.mkdtemp(dir=out if existing else out.parent, prefix=".lm-export.", suffix=".tmp"))
+    except OSError as e:
+        raise unwritable("--out", out, e, "exported/<name>") from None
     try:
         save_model(module.net, str(tmp / "model.safetensors"))  # tied embedding/softmax tables are stored once
         with open(tmp / "model.safetensors", "rb+") as f:

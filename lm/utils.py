@@ -134,6 +134,11 @@ def check_writable_dir(folder: str | os.PathLike, option: str, example: str) -> 
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
             pass
     except OSError as e:
-        raise ConfigError(f"{option} {folder} cannot be written: {e.strerror or e} ({e.filename or folder}). "
-                          f"Nothing was written. Pass a writable folder, e.g. {option} {example}.") from None
+        raise unwritable(option, folder, e, example) from None
     return folder
+
+
+def unwritable(option: str, folder: str | os.PathLike, e: OSError, example: str) -> ConfigError:
+    """The paragraph for an output folder that could not be created or written (``check_writable_dir``)."""
+    return ConfigError(f"{option} {folder} cannot be written: {e.strerror or e} ({e.filename or folder}). "
+                       f"Nothing was written. Pass a writable folder, e.g. {option} {example}.")

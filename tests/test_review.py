@@ -50,3 +50,12 @@ def test_non_finite_names_float_tensors_with_nan_or_inf_only():
     with pytest.raises(checkpoint.CheckpointError, match=r"bad.ckpt holds non-finite weights \(NaN or inf in 1 "
                                                          r"tensors, e.g. bias\): why"):
         checkpoint.refuse_non_finite(net, "bad.ckpt", "why")
+
+
+def test_export_out_that_cannot_be_created_is_one_paragraph(run, capsys):
+    """`lm export --out /proc/x` (mkdtemp under /proc: ENOENT) raised a raw FileNotFoundError."""
+    if not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    code = main(["export", "--ckpt", str(run["ckpt"]), "--out", "/proc/lm-review-export"])
+    err = one_paragraph(capsys, code)
+    assert "--out /proc/lm-review-export cannot be written" in err and "Nothing was written" in err
