@@ -59,3 +59,27 @@ def test_export_out_that_cannot_be_created_is_one_paragraph(run, capsys):
     code = main(["export", "--ckpt", str(run["ckpt"]), "--out", "/proc/lm-review-export"])
     err = one_paragraph(capsys, code)
     assert "--out /proc/lm-review-export cannot be written" in err and "Nothing was written" in err
+
+
+def test_summary_counts_the_vocabulary_on_the_recipes_vocab_splits(tmp_path, capsys):
+    """`lm summary` without --vocab_size dropped data.vocab_splits (the MoE recipes' [train, valid, test]) and
+    counted train only: a vocabulary, and so a parameter count, other than the one `lm fit` builds."""
+    import yaml
+    from helpers import write_config, write_corpus
+
+    from lm.data.datamodule import LMDataModule
+
+    data = write_corpus(tmp_path / "data")
+    valid = data / "wikitext-2" / "wiki.valid.tokens"
+    valid.write_text(valid.read_text() + " onlyinvalid onlyinvalid2 \n", encoding="utf-8")
+    cfg_path = write_config(tmp_path / "cfg.yaml", tmp_path / "run", data, tmp_path / "cache")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["data"]["vocab_splits"] = ["train", "valid", "test"]
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    fit_vocab = LMDataModule(root=str(data), cache_dir=str(tmp_path / "cache"), source="local",
+                             vocab_splits=["train", "valid", "test"]).vocab_size
+    train_only = LMDataModule(root=str(data), cache_dir=str(tmp_path / "cache"), source="local").vocab_size
+    assert fit_vocab == train_only + 2
+    capsys.readouterr()
+    assert main(["summary", "--config", str(cfg_path)]) == 0
+    assert f"vocabulary {fit_vocab:,} (counted on wikitext-2)" in capsys.readouterr().out
