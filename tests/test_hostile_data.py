@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import helpers
 from helpers import train_tiny
 from hub_server import HubServer, parquet_bytes, serve_dir
 
@@ -31,26 +32,9 @@ def world(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("hostile-data"))
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
 def refused(capsys, world, argv, *needles) -> str:
-    """`lm argv` exits 2 with one `lm: error:` paragraph naming every needle, no traceback, and no file under
-    the shared tmp folder added or rewritten."""
-    before = snapshot(world["tmp"])
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err, err[-3000:]
-    msg = err[err.index("lm: error:"):].strip()
-    assert "\n" not in msg, f"more than one paragraph:\n{msg}"
-    for n in needles:
-        assert n in msg, f"{n!r} not in:\n{msg}"
-    assert snapshot(world["tmp"]) == before, "a refused command changed files written before it"
-    return msg
+    """helpers.refused, strictly: exit 2 and a one-line `lm: error:` paragraph."""
+    return helpers.refused(capsys, world, argv, *needles, exact=True)
 
 
 # ----- class 2: one window-memory guard for every command -------------------------------------------------
