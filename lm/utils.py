@@ -21,7 +21,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Non
     a temporary file in the same directory, fsync, then ``os.replace`` (atomic on POSIX). The file
     gets the usual permissions (0666 minus the umask), not mkstemp's private 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -67,10 +67,25 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EEXIST: "a file of that name is in the way", errno.EISDIR: "it is a folder, not a file"}
 
 
+class FolderNotCreatable(FileNotFoundError):
+    """``make_dirs`` could not create a folder (ENOENT from mkdir: a path under /proc, a vanished mount): a write
+    failure, unlike the ENOENT of a missing input file, which stays a bug with a traceback."""
+
+
+def make_dirs(folder: str | os.PathLike) -> Path:
+    """``mkdir -p folder``; a folder that cannot be created at all raises ``FolderNotCreatable``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as e:
+        raise FolderNotCreatable(e.errno, e.strerror, e.filename or str(folder)) from None
+    return folder
+
+
 def write_error(exc: OSError) -> ConfigError | None:
     """One paragraph for an ``OSError`` from writing a file or folder (full disk, read-only filesystem, a path
-    through a file); None for other OSErrors (those stay bugs with a traceback)."""
-    why = WRITE_ERRNOS.get(exc.errno)
+    through a file, a folder that cannot be created); None for other OSErrors (those stay bugs with a traceback)."""
+    why = "the folder cannot be created there" if isinstance(exc, FolderNotCreatable) else WRITE_ERRNOS.get(exc.errno)
     if why is None:
         return None
     where = exc.filename or "(unknown path)"
@@ -96,7 +111,7 @@ class RunLock:
 
         path = self.run_dir / ".lock"
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.run_dir)
             lock = FileLock(path, mode=0o666)
             lock.acquire(timeout=0)
         except Timeout:

@@ -83,3 +83,43 @@ def test_summary_counts_the_vocabulary_on_the_recipes_vocab_splits(tmp_path, cap
     capsys.readouterr()
     assert main(["summary", "--config", str(cfg_path)]) == 0
     assert f"vocabulary {fit_vocab:,} (counted on wikitext-2)" in capsys.readouterr().out
+
+
+def _fit_run_dir(run, tmp_path):
+    return ["fit", "--config", str(run["cfg"]), "--trainer.default_root_dir", "/proc/lm-review/run"]
+
+
+def _fit_cache_dir(run, tmp_path):
+    return ["fit", "--config", str(run["cfg"]), "--trainer.default_root_dir", str(tmp_path / "new"),
+            "--data.cache_dir", "/proc/lm-review/cache"]
+
+
+def _analyze_out(run, tmp_path):
+    return ["analyze", "--ckpt", str(run["ckpt"]), "--root", str(run["data"]), "--source", "local", "--seq_len", "8",
+            "--n_sequences", "2", "--passage_len", "6", "--out", "/proc/lm-review/an"]
+
+
+@pytest.mark.parametrize("argv, needle", [(_fit_run_dir, "/proc/lm-review/run cannot be used"),
+                                          (_fit_cache_dir, "the folder cannot be created there"),
+                                          (_analyze_out, "--out /proc/lm-review/an cannot be written")],
+                         ids=["fit-run-dir", "fit-cache-dir", "analyze-out"])
+def test_folders_that_cannot_be_created_are_one_paragraph(run, tmp_path, capsys, argv, needle):
+    """mkdir under /proc fails with ENOENT, which write_error did not translate: `lm fit` into such a run folder
+    or cache, and `lm analyze --out` there, ended in a FileNotFoundError traceback. lm.utils.make_dirs marks it
+    (FolderNotCreatable) wherever lm creates folders: the run lock, atomic writes, the output probes."""
+    if not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    err = one_paragraph(capsys, main(argv(run, tmp_path)))
+    assert needle in err and "lm: error:" in err
+
+
+def test_write_error_keeps_a_missing_input_file_a_bug():
+    """Only a folder lm failed to create is a write error; the ENOENT of a file it reads stays a traceback."""
+    from lm.utils import FolderNotCreatable, make_dirs, write_error
+
+    with pytest.raises(FileNotFoundError) as missing:
+        open("/nonexistent-lm-review/x")
+    assert write_error(missing.value) is None
+    with pytest.raises(FolderNotCreatable) as e:
+        make_dirs("/proc/lm-review/a/b")
+    assert "Cannot write /proc/lm-review" in str(write_error(e.value))

@@ -16,7 +16,7 @@ import torch
 from lm import checkpoint
 from lm.analysis.metrics import attention_entropy, collapse, head_redundancy
 from lm.errors import ConfigError
-from lm.utils import atomic_write_text
+from lm.utils import atomic_write_text, check_writable_dir
 
 ANALYZE_BATCH = 4  # windows per forward pass
 
@@ -114,7 +114,7 @@ def analyze(
     _check_windows(model, seq_len, n_sequences, passage_len)
     p = Path(ckpt).resolve()
     out_dir = Path(out) if out else (p.parent.parent if p.parent.name == "checkpoints" else p.parent) / "analysis"
-    out_dir.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, before the work
+    check_writable_dir(out_dir, "--out", "results/analysis")  # an unusable --out fails now, before the work
     corpus = ckpt_dict.get("lm_data", {}).get("corpus", "wikitext-2")
     # The data module reads the checkpoint's vocabulary from a file: a scratch copy, removed afterwards.
     with tempfile.TemporaryDirectory(prefix="lm-analyze-") as scratch:
