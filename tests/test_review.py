@@ -123,3 +123,29 @@ def test_write_error_keeps_a_missing_input_file_a_bug():
     with pytest.raises(FolderNotCreatable) as e:
         make_dirs("/proc/lm-review/a/b")
     assert "Cannot write /proc/lm-review" in str(write_error(e.value))
+
+
+def test_analyze_prints_strict_json_too(run, tmp_path, capsys, monkeypatch):
+    """analysis.json became strict JSON (a NaN metric is null), but the summary printed on stdout still had `NaN`."""
+    import json
+
+    import lm.analysis.cli as analysis
+
+    real = analysis.analyze_model
+
+    def with_a_nan(*a, **k):
+        r = real(*a, **k)
+        r["collapse_per_layer"][0] = float("nan")
+        return r
+
+    monkeypatch.setattr(analysis, "analyze_model", with_a_nan)
+    capsys.readouterr()
+    assert main(["analyze", "--ckpt", str(run["ckpt"]), "--root", str(run["data"]), "--source", "local",
+                 "--seq_len", "8", "--n_sequences", "2", "--passage_len", "6", "--out", str(tmp_path / "an")]) == 0
+    out = capsys.readouterr().out
+
+    def no_constants(c):
+        raise AssertionError(f"invalid JSON constant {c}")
+
+    printed = json.loads(out[out.index("{"):], parse_constant=no_constants)
+    assert printed["collapse_per_layer"][0] is None and printed["complete"] is True

@@ -137,7 +137,8 @@ def analyze(
     # earlier run's file untouched. Strict JSON: a NaN/inf metric (a degenerate window) is null, never `NaN`.
     result["complete"] = True
     atomic_write_text(out_dir / "analysis.json", json.dumps(_finite_or_null(result), indent=2, allow_nan=False))
-    print(json.dumps({k: v for k, v in result.items() if k != "entropy_per_layer_head"}, indent=2))
+    print(json.dumps(_finite_or_null({k: v for k, v in result.items() if k != "entropy_per_layer_head"}), indent=2,
+                     allow_nan=False))  # the printed summary is strict JSON too (`lm analyze ... | jq`)
     return result
 
 
