@@ -28,7 +28,7 @@ import torch
 from lm import checkpoint
 from lm.checkpoint import refuse_non_finite
 from lm.errors import CheckpointError, did_you_mean
-from lm.utils import atomic_write_text, unwritable
+from lm.utils import atomic_write_text, current_umask, unwritable
 
 FORMAT = "elliptical-lm"
 FORMAT_VERSION = 1
@@ -141,8 +141,7 @@ def write(module, vocab, out: str | Path, meta: dict[str, Any], force: bool = Fa
         vocab.save(tmp / "tokenizer.json")
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
         atomic_write_text(tmp / "README.md", model_card(config, module))
-        mask = os.umask(0)
-        os.umask(mask)
+        mask = current_umask()
         for f in FILES:  # the usual modes (0666/0777 minus the umask): mkdtemp's folder is private (0700)
             os.chmod(tmp / f, 0o666 & ~mask)
         os.chmod(tmp, 0o777 & ~mask)

@@ -10,7 +10,8 @@ from pathlib import Path
 from lm.errors import ConfigError
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -26,7 +27,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Non
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
