@@ -96,3 +96,13 @@ def refused(capsys, world: dict, argv: list[str], *needles: str, exact: bool = F
         assert n in msg, f"{n!r} not in:\n{msg}"
     assert snapshot(world["tmp"]) == before, "a refused command changed files written before it"
     return msg
+
+
+def one_paragraph(capsys, code: int) -> str:
+    """The single `lm: error:` line a refused command printed (exit 2, no traceback)."""
+    out = capsys.readouterr()
+    assert code == 2, out.err[-2000:]
+    err = out.err.strip()
+    lines = [x for x in err.splitlines() if x.startswith("lm: error:")]
+    assert "Traceback" not in err and len(lines) == 1, err[-2000:]
+    return lines[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import train_tiny
+from helpers import one_paragraph, train_tiny
 
 from lm.cli import main
 
@@ -13,12 +13,6 @@ from lm.cli import main
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("review"))
-
-
-def one_paragraph(capsys, code: int) -> str:
-    out = capsys.readouterr()
-    assert code not in (0, None) and "Traceback" not in out.err
-    return " ".join(out.err.split())
 
 
 @pytest.mark.parametrize("bad", ["/proc/lm-review/out", "FILE/out"])

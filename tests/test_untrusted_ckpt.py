@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_tiny
+from helpers import one_paragraph, train_tiny
 from hub_server import serve_dir
 from test_sst2 import make_lm_ckpt, sentences, write_tsv
 
@@ -57,15 +57,6 @@ def world(tmp_path_factory):
     with serve_dir(serve) as (url, hits):
         w.update(marker=marker, hits=hits, url=f"{url}evil.ckpt", local_evil=serve / "evil.ckpt")
         yield w
-
-
-def one_paragraph(capsys, code: int) -> str:
-    out = capsys.readouterr()
-    assert code == 2, out.err[-2000:]
-    err = out.err.strip()
-    lines = [x for x in err.splitlines() if x.startswith("lm: error:")]
-    assert "Traceback" not in err and len(lines) == 1, err[-2000:]
-    return lines[0]
 
 
 def assert_refused_url(world, capsys, argv):
