@@ -15,6 +15,7 @@ from corruptions.manifest import corrupt_file
 from corruptions.recipes import RECIPES, get_recipe, resolve_format
 from corruptions.spec import DEFAULT_RATE
 from corruptions.word_swap import DEFAULT_SAMPLING, ConfigError, validate_rate, validate_sampling
+from lm.utils import check_writable_dir
 
 __all__ = ["RECIPES", "DEFAULT_RATE", "corrupt", "corrupt_cli"]
 
@@ -60,7 +61,7 @@ def corrupt(
         raise ConfigError("No source file given; pass at least one clean split, e.g. wiki.test.tokens.")
     for path in sources:  # all sources checked before the first is corrupted
         _check_source(path, resolve_format(format, path))
-    _check_out_dir(out_dir)
+    check_writable_dir(out_dir, "--out_dir", ".cache/corruptions (the default)")  # before any work
     summaries = []
     for path in sources:
         result = corrupt_file(
@@ -108,25 +109,6 @@ def _check_source(path: str, fmt: str) -> None:
             raise DataError(f"{path} is not valid UTF-8: byte offset {e.start} (0x{data[e.start]:02x}) cannot be "
                             f"decoded. A word-level split must be UTF-8 text: re-extract it, or convert it with "
                             f"e.g. `iconv -f <encoding> -t utf-8`.") from None
-
-
-def _check_out_dir(out_dir: str) -> None:
-    """Create ``out_dir`` and write a probe in it, so an unusable folder (a path under /proc, through a file,
-    read-only, full) is one paragraph naming --out_dir before any work, not an OSError traceback after it.
-    (An ENOENT from mkdir, e.g. under /proc, is not among the write errors the `lm` command translates.)"""
-    import tempfile
-    from pathlib import Path
-
-    from lm.errors import DataError
-
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
-            pass
-    except OSError as e:
-        raise DataError(f"--out_dir {out_dir} cannot be written: {e.strerror or e} ({e.filename or out_dir}). "
-                        f"Nothing was written. Pass a writable folder, e.g. --out_dir .cache/corruptions "
-                        f"(the default).") from None
 
 
 def corrupt_cli(argv: list[str] | None = None, resolve_corpus=None) -> list[dict[str, Any]]:

@@ -353,7 +353,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Model:
 
         module, vocab, raw = load_language_model(str(p))
         meta = exp.checkpoint_meta(raw, p)
-        exp.refuse_non_finite(module.net, p)
+        checkpoint.refuse_non_finite(module.net, p)
     else:
         raise CheckpointError(f"{path}: no such checkpoint or folder. Pass a .ckpt written by `lm fit` (e.g. runs/"
                               f"<name>/checkpoints/last.ckpt), a folder written by `lm export`, or hf://owner/name.")

@@ -179,3 +179,23 @@ def check_fits(src: dict[str, Tensor], dst: dict[str, Tensor], what: str, fix: s
     problems = list(also or []) + mismatches(src, dst, keys)
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems) + f". {fix}")
+
+
+DIVERGED = ("it was saved after training diverged, and it would give NaN scores and no text. Use an earlier checkpoint "
+            "of the run (its checkpoints folder) or retrain with a lower learning rate.")
+
+
+def non_finite(named_tensors) -> list[str]:
+    """The names, among ``(name, tensor)`` pairs, of the floating-point tensors that hold a NaN or an inf."""
+    import torch
+
+    return [n for n, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def refuse_non_finite(module, source: str | Path, why: str = DIVERGED) -> None:
+    """Non-finite weights give NaN everywhere: ``lm export``, ``lm generate``/``lm.load`` and ``lm analyze`` refuse
+    them in one paragraph (``lm test``/``evaluate`` find them behind a NaN loss, ``LanguageModel._write_result``)."""
+    bad = non_finite(module.state_dict().items())
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. {bad[0]}): "
+                              f"{why}")

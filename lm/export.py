@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from lm import checkpoint
+from lm.checkpoint import refuse_non_finite
 from lm.errors import CheckpointError, did_you_mean
-from lm.utils import atomic_write_text
+from lm.utils import atomic_write_text, current_umask, unwritable
 
 FORMAT = "elliptical-lm"
 FORMAT_VERSION = 1
@@ -109,15 +110,6 @@ def check_out(out: Path, force: bool) -> None:
             f"write those four files into it anyway (nothing else is touched). Nothing was written.")
 
 
-def refuse_non_finite(net: torch.nn.Module, source: str | Path) -> None:
-    bad = [n for n, t in net.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise CheckpointError(
-            f"{source} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. {bad[0]}): it was saved after "
-            f"training diverged, and it would give NaN scores and no text. Use an earlier checkpoint of the run (its "
-            f"checkpoints folder) or retrain with a lower learning rate.")
-
-
 def write(module, vocab, out: str | Path, meta: dict[str, Any], force: bool = False) -> Path:
     """Write ``module`` (a ``LanguageModel``) and ``vocab`` as an exported folder ``out``.
 
@@ -136,9 +128,12 @@ def write(module, vocab, out: str | Path, meta: dict[str, Any], force: bool = Fa
         "data": meta.get("data") or {}, "parameters": sum(p.numel() for p in module.net.parameters()),
         "trained": meta.get("trained") or {}, "name": meta.get("name") or "", "metrics": meta.get("metrics") or [],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = out.is_dir()  # the temporary folder sits on the same filesystem, so every rename is atomic
-    tmp = Path(tempfile.mkdtemp(dir=out if existing else out.parent, prefix=".lm-export.", suffix=".tmp"))
+    try:  # (a path under /proc fails with ENOENT, which the CLI's write-error paragraph does not cover)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        existing = out.is_dir()  # the temporary folder sits on the same filesystem, so every rename is atomic
+        tmp = Path(tempfile.mkdtemp(dir=out if existing else out.parent, prefix=".lm-export.", suffix=".tmp"))
+    except OSError as e:
+        raise unwritable("--out", out, e, "exported/<name>") from None
     try:
         save_model(module.net, str(tmp / "model.safetensors"))  # tied embedding/softmax tables are stored once
         with open(tmp / "model.safetensors", "rb+") as f:
@@ -146,8 +141,7 @@ def write(module, vocab, out: str | Path, meta: dict[str, Any], force: bool = Fa
         vocab.save(tmp / "tokenizer.json")
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
         atomic_write_text(tmp / "README.md", model_card(config, module))
-        mask = os.umask(0)
-        os.umask(mask)
+        mask = current_umask()
         for f in FILES:  # the usual modes (0666/0777 minus the umask): mkdtemp's folder is private (0700)
             os.chmod(tmp / f, 0o666 & ~mask)
         os.chmod(tmp, 0o777 & ~mask)

@@ -55,7 +55,7 @@ def corpus_vocab_size(data: dict[str, Any]) -> int:
     """The vocabulary ``lm fit`` would count for the recipe's data section, from local files only."""
     from lm.data.datamodule import LMDataModule
 
-    keep = ("corpus", "root", "cache_dir", "tokenizer")
+    keep = ("corpus", "root", "cache_dir", "tokenizer", "vocab_splits")  # the MoE recipes count train+valid+test
     try:
         return LMDataModule(**{k: data[k] for k in keep if data.get(k) is not None}, source="local").vocab_size
     except LMError as e:  # the data layer's message explains how to fetch a corpus; here one line of it is enough

@@ -10,8 +10,8 @@ from pathlib import Path
 from lm.errors import ConfigError
 
 
-
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -22,12 +22,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Non
     a temporary file in the same directory, fsync, then ``os.replace`` (atomic on POSIX). The file
     gets the usual permissions (0666 minus the umask), not mkstemp's private 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -68,10 +68,25 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EEXIST: "a file of that name is in the way", errno.EISDIR: "it is a folder, not a file"}
 
 
+class FolderNotCreatable(FileNotFoundError):
+    """``make_dirs`` could not create a folder (ENOENT from mkdir: a path under /proc, a vanished mount): a write
+    failure, unlike the ENOENT of a missing input file, which stays a bug with a traceback."""
+
+
+def make_dirs(folder: str | os.PathLike) -> Path:
+    """``mkdir -p folder``; a folder that cannot be created at all raises ``FolderNotCreatable``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as e:
+        raise FolderNotCreatable(e.errno, e.strerror, e.filename or str(folder)) from None
+    return folder
+
+
 def write_error(exc: OSError) -> ConfigError | None:
     """One paragraph for an ``OSError`` from writing a file or folder (full disk, read-only filesystem, a path
-    through a file); None for other OSErrors (those stay bugs with a traceback)."""
-    why = WRITE_ERRNOS.get(exc.errno)
+    through a file, a folder that cannot be created); None for other OSErrors (those stay bugs with a traceback)."""
+    why = "the folder cannot be created there" if isinstance(exc, FolderNotCreatable) else WRITE_ERRNOS.get(exc.errno)
     if why is None:
         return None
     where = exc.filename or "(unknown path)"
@@ -97,7 +112,7 @@ class RunLock:
 
         path = self.run_dir / ".lock"
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.run_dir)
             lock = FileLock(path, mode=0o666)
             lock.acquire(timeout=0)
         except Timeout:
@@ -123,3 +138,23 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_writable_dir(folder: str | os.PathLike, option: str, example: str) -> Path:
+    """Create ``folder`` and write (and remove) a probe file in it, so that an unusable output folder (under /proc,
+    through a file, read-only, full) is one paragraph naming ``option`` before any work, not an ``OSError``
+    traceback after it. (mkdir under /proc fails with ENOENT, which ``write_error`` does not translate.)"""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise unwritable(option, folder, e, example) from None
+    return folder
+
+
+def unwritable(option: str, folder: str | os.PathLike, e: OSError, example: str) -> ConfigError:
+    """The paragraph for an output folder that could not be created or written (``check_writable_dir``)."""
+    return ConfigError(f"{option} {folder} cannot be written: {e.strerror or e} ({e.filename or folder}). "
+                       f"Nothing was written. Pass a writable folder, e.g. {option} {example}.")

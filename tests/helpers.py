@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -65,3 +66,43 @@ class Loader:
 
     def __iter__(self):
         return iter(self.items)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (but run locks) and its sha256: equal before and after a refused command."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def refused(capsys, world: dict, argv: list[str], *needles: str, exact: bool = False) -> str:
+    """`lm argv` exits non-zero with one `lm: error:` paragraph naming every needle, no traceback, and no file
+    under ``world["tmp"]`` changed (none added, none rewritten). ``exact``: exit code 2 and a single line.
+    Shared by the hostile-input tests (test_hostile.py, test_hostile_data.py)."""
+    from lm.cli import main
+
+    before = snapshot(world["tmp"])
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # jsonargparse's own parse errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert (code == 2) if exact else code not in (0, None), err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert ("lm: error:" if exact else "error:") in err, err[-2000:]
+    msg = err[err.index("lm: error:" if exact else "error:"):].strip()
+    assert ("\n" if exact else "\n\n") not in msg, f"more than one paragraph:\n{msg}"
+    for n in needles:
+        assert n in msg, f"{n!r} not in:\n{msg}"
+    assert snapshot(world["tmp"]) == before, "a refused command changed files written before it"
+    return msg
+
+
+def one_paragraph(capsys, code: int) -> str:
+    """The single `lm: error:` line a refused command printed (exit 2, no traceback)."""
+    out = capsys.readouterr()
+    assert code == 2, out.err[-2000:]
+    err = out.err.strip()
+    lines = [x for x in err.splitlines() if x.startswith("lm: error:")]
+    assert "Traceback" not in err and len(lines) == 1, err[-2000:]
+    return lines[0]

@@ -1,4 +1,8 @@
-"""A stand-in for the Hugging Face hub on 127.0.0.1, for the download tests: the two endpoints that
+"""Local HTTP servers on 127.0.0.1 for the download tests (no test touches the internet).
+
+``serve_dir(folder)``: a plain static file server (EnWik8's zip, a checkpoint URL), with its GET log.
+
+``HubServer``: a stand-in for the Hugging Face hub, for the dataset downloads: the two endpoints that
 ``lm.data.download.hub_split`` uses through huggingface_hub (``HfApi.list_repo_tree`` and ``hf_hub_download``),
 serving parquet files written by the test. Point ``HF_ENDPOINT`` at ``url``.
 
@@ -9,6 +13,8 @@ serving parquet files written by the test. Point ``HF_ENDPOINT`` at ``url``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import http.server
 import io
@@ -26,6 +32,33 @@ def parquet_bytes(columns: dict) -> bytes:
     buf = io.BytesIO()
     pq.write_table(pa.table(columns), buf)
     return buf.getvalue()
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    gets: list[str]
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.gets.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@contextlib.contextmanager
+def serve_dir(folder):
+    """Serve ``folder`` on 127.0.0.1; yields (base URL ending in ``/``, the list of GET paths, growing)."""
+    gets: list[str] = []
+    handler = functools.partial(type("Files", (_QuietFiles,), {"gets": gets}), directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", gets
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
 
 
 class HubServer:

@@ -61,8 +61,6 @@ def requirements() -> dict[str, Requirement]:
 # import name -> distribution name, where they differ
 DIST = {"yaml": "pyyaml", "lightning": "lightning", "huggingface_hub": "huggingface-hub"}
 OPTIONAL = {"matplotlib", "pytest"}  # extras: [plot], [test]
-# Chosen by the change that replaced `datasets` with a plain hub download (issue 30): its range is its own call.
-NOT_YET = {"pyarrow"}
 
 
 def third_party_imports() -> set[str]:
@@ -88,8 +86,6 @@ def test_every_imported_package_is_declared():
 
 def test_every_requirement_has_a_tested_range():
     for name, req in requirements().items():
-        if name in NOT_YET:
-            continue
         ops = {s.operator for s in req.specifier}
         assert ">=" in ops, f"{req}: no lower bound"
         assert "<" in ops or name == "fsspec", f"{req}: no upper bound (fsspec alone has date versions)"

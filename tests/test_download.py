@@ -4,15 +4,12 @@ $HF_ENDPOINT."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -24,20 +21,9 @@ from lm.data.datamodule import LMDataModule
 from lm.data.sst2 import find_sst2, read_tsv
 from lm.errors import DataError
 
-from hub_server import HubServer, parquet_bytes
+from hub_server import HubServer, parquet_bytes, serve_dir
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class CountingHandler(http.server.SimpleHTTPRequestHandler):
-    gets: list[str] = []
-
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        type(self).gets.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
 
 
 @pytest.fixture
@@ -45,17 +31,8 @@ def server(tmp_path):
     """An HTTP server on 127.0.0.1 serving ``tmp_path/www``; yields (base URL, served dir, GET log)."""
     www = tmp_path / "www"
     www.mkdir()
-    handler = type("H", (CountingHandler,), {"gets": []})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(www)))
-    httpd.timeout = 5
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/", www, handler.gets
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        t.join(timeout=5)
+    with serve_dir(www) as (url, gets):
+        yield url, www, gets
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ lock and the untrained-weights cases are in ``test_run_safety.py``.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import train_tiny, write_config
+from helpers import refused, snapshot, train_tiny, write_config
 
 import lm.utils
 from lm.cli import main
@@ -36,32 +35,6 @@ def world(tmp_path_factory):
     assert main(["test", "--config", str(world["cfg"]), "--ckpt_path", str(world["ckpt"])]) == 0
     (world["tmp"] / "a_file").write_text("not a folder\n")
     return world
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
-def refused(capsys, world, argv, *needles, cwd=None) -> str:
-    """`lm argv` exits non-zero with one `lm: error:` paragraph naming every needle, no traceback, and no file
-    under the shared tmp folder changed (none added, none rewritten)."""
-    before = snapshot(world["tmp"])
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as e:  # jsonargparse's own parse errors
-        code = e.code
-    err = capsys.readouterr().err
-    assert code not in (0, None), err[-2000:]
-    assert "Traceback" not in err, err[-3000:]
-    assert "lm: error:" in err or "error:" in err, err[-2000:]
-    msg = err[err.index("error:"):].strip()
-    assert "\n\n" not in msg, f"more than one paragraph:\n{msg}"
-    for n in needles:
-        assert n in msg, f"{n!r} not in:\n{msg}"
-    assert snapshot(world["tmp"]) == before, "a refused command changed files written before it"
-    return msg
 
 
 def fit_args(world, *extra):

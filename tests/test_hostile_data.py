@@ -5,9 +5,7 @@ the leftover is gone. ``scripts/hostile.sh`` runs this module with tests/test_ho
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import json
 import sys
@@ -17,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import helpers
 from helpers import train_tiny
-from hub_server import HubServer, parquet_bytes
+from hub_server import HubServer, parquet_bytes, serve_dir
 
 import lm.data.corpora as corpora
 import lm.data.download as download
@@ -33,26 +32,9 @@ def world(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("hostile-data"))
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
 def refused(capsys, world, argv, *needles) -> str:
-    """`lm argv` exits 2 with one `lm: error:` paragraph naming every needle, no traceback, and no file under
-    the shared tmp folder added or rewritten."""
-    before = snapshot(world["tmp"])
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err, err[-3000:]
-    msg = err[err.index("lm: error:"):].strip()
-    assert "\n" not in msg, f"more than one paragraph:\n{msg}"
-    for n in needles:
-        assert n in msg, f"{n!r} not in:\n{msg}"
-    assert snapshot(world["tmp"]) == before, "a refused command changed files written before it"
-    return msg
+    """helpers.refused, strictly: exit 2 and a one-line `lm: error:` paragraph."""
+    return helpers.refused(capsys, world, argv, *needles, exact=True)
 
 
 # ----- class 2: one window-memory guard for every command -------------------------------------------------
@@ -223,11 +205,6 @@ def test_corrupt_out_dir_that_cannot_be_created(world, capsys, tmp_path):
 
 
 # ----- class 7: leftovers of killed downloads ---------------------------------------------------------------
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 def test_stale_partial_downloads_are_removed_by_the_next_download(fresh, tmp_path, monkeypatch):
     """A killed `fetch` leaves `.enwik8.zip.*.part`, a killed hub download `.<name>.partial.*` folders. The next
     download into that root holds the download lock, so none of them can belong to a live download."""
@@ -245,11 +222,8 @@ def test_stale_partial_downloads_are_removed_by_the_next_download(fresh, tmp_pat
     for p in stale:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"half a download")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(www)))
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    url, found = f"http://127.0.0.1:{httpd.server_address[1]}/", {}
-    try:
+    found = {}
+    with serve_dir(www) as (url, _):
         # A live download (here: this thread) holds the root's lock: its `.part` files are left alone; the next
         # download waits for the lock and only then clears what a killed holder left.
         with download._locked(root):
@@ -259,9 +233,6 @@ def test_stale_partial_downloads_are_removed_by_the_next_download(fresh, tmp_pat
             later.join(timeout=1.0)
             assert later.is_alive() and all(p.exists() for p in stale)
         later.join(timeout=60)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     files = found["files"]
     assert files.read_bytes("train") == raw[: len(raw) * 90 // 100]
     assert sorted(p.name for p in root.iterdir()) == [".lm-download.lock", "enwik8"]

@@ -9,14 +9,13 @@ it is served by an HTTP server on 127.0.0.1 started here, which also counts the 
 from __future__ import annotations
 
 import builtins
-import http.server
 import re
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_tiny
+from helpers import one_paragraph, train_tiny
+from hub_server import serve_dir
 from test_sst2 import make_lm_ckpt, sentences, write_tsv
 
 import lm
@@ -55,34 +54,9 @@ def world(tmp_path_factory):
     serve = tmp / "served"
     serve.mkdir()
     evil_ckpt(serve / "evil.ckpt", marker, like=w["ckpt"])
-    hits = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(serve), **kw)
-
-        def do_GET(self):
-            hits.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    w.update(marker=marker, hits=hits, url=f"http://127.0.0.1:{server.server_address[1]}/evil.ckpt",
-             local_evil=serve / "evil.ckpt")
-    yield w
-    server.shutdown()
-
-
-def one_paragraph(capsys, code: int) -> str:
-    out = capsys.readouterr()
-    assert code == 2, out.err[-2000:]
-    err = out.err.strip()
-    lines = [x for x in err.splitlines() if x.startswith("lm: error:")]
-    assert "Traceback" not in err and len(lines) == 1, err[-2000:]
-    return lines[0]
+    with serve_dir(serve) as (url, hits):
+        w.update(marker=marker, hits=hits, url=f"{url}evil.ckpt", local_evil=serve / "evil.ckpt")
+        yield w
 
 
 def assert_refused_url(world, capsys, argv):

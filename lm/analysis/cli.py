@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from lm import checkpoint
 from lm.analysis.metrics import attention_entropy, collapse, head_redundancy
 from lm.errors import ConfigError
-from lm.utils import atomic_write_text
+from lm.utils import atomic_write_text, check_writable_dir
 
 ANALYZE_BATCH = 4  # windows per forward pass
 
@@ -107,11 +108,13 @@ def analyze(
     if passage_start < 0:
         raise ConfigError(f"--passage_start must be >= 0, got {passage_start}.")
     model, vocab, ckpt_dict = load_language_model(ckpt)
-    _check_finite(model, ckpt)
+    checkpoint.refuse_non_finite(model, ckpt, "it was saved after training diverged, and every metric would be "
+                                 "NaN. Analyze an earlier checkpoint (a best-* file, or one saved before the loss "
+                                 "became NaN). Nothing was written.")
     _check_windows(model, seq_len, n_sequences, passage_len)
     p = Path(ckpt).resolve()
     out_dir = Path(out) if out else (p.parent.parent if p.parent.name == "checkpoints" else p.parent) / "analysis"
-    out_dir.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, before the work
+    check_writable_dir(out_dir, "--out", "results/analysis")  # an unusable --out fails now, before the work
     corpus = ckpt_dict.get("lm_data", {}).get("corpus", "wikitext-2")
     # The data module reads the checkpoint's vocabulary from a file: a scratch copy, removed afterwards.
     with tempfile.TemporaryDirectory(prefix="lm-analyze-") as scratch:
@@ -134,17 +137,9 @@ def analyze(
     # earlier run's file untouched. Strict JSON: a NaN/inf metric (a degenerate window) is null, never `NaN`.
     result["complete"] = True
     atomic_write_text(out_dir / "analysis.json", json.dumps(_finite_or_null(result), indent=2, allow_nan=False))
-    print(json.dumps({k: v for k, v in result.items() if k != "entropy_per_layer_head"}, indent=2))
+    print(json.dumps(_finite_or_null({k: v for k, v in result.items() if k != "entropy_per_layer_head"}), indent=2,
+                     allow_nan=False))  # the printed summary is strict JSON too (`lm analyze ... | jq`)
     return result
-
-
-def _check_finite(model, ckpt: str) -> None:
-    """Non-finite weights give NaN everywhere: refused, as ``lm test`` and ``lm evaluate`` refuse them."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise ConfigError(f"The weights of {ckpt} are non-finite ({len(bad)} tensors, e.g. {bad[0]}): it was saved "
-                          f"after training diverged, and every metric would be NaN. Analyze an earlier checkpoint "
-                          f"(a best-* file, or one saved before the loss became NaN). Nothing was written.")
 
 
 def _check_windows(model, seq_len: int, n_sequences: int, passage_len: int) -> None:

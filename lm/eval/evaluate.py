@@ -18,7 +18,7 @@ from lm import checkpoint
 from lm.config import EvalConfig
 from lm.errors import ConfigError, StopRequested
 from lm.tasks.pretrained import load_language_model
-from lm.utils import RunLock, atomic_write_text
+from lm.utils import RunLock, atomic_write_text, check_writable_dir
 
 
 def evaluate(
@@ -112,7 +112,7 @@ def evaluate(
     for c in ckpts:  # one model in memory at a time, here and in the loop below
         _check_windows(_check_checkpoint(c), ecfg, accelerator)
     out_dir = Path(out) if out else default_out(ckpts)
-    _check_writable(out_dir)
+    check_writable_dir(out_dir, "--out", "results/evaluate")
     rows, row, step = [], None, 0
     # One evaluation per --out at a time (a second would replace the first's results.json); the per-checkpoint
     # tokenizers and Lightning folders are scratch, removed on every exit (a stop signal included).
@@ -234,13 +234,6 @@ def default_out(ckpts: list[str]) -> Path:
     if len(ckpts) == 1 and p.parent.name == "checkpoints":
         return p.parent.parent / "evaluate"
     return Path("results") / time.strftime("evaluate-%Y%m%d-%H%M%S")
-
-
-def _check_writable(out_dir: Path) -> None:
-    """Creates ``out_dir`` and writes a probe file in it (an OSError here is reported in one paragraph)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
-        pass
 
 
 def markdown_table(report: dict) -> str:

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torchmetrics.aggregation import MeanMetric
 
-from lm.checkpoint import check_fits
+from lm.checkpoint import check_fits, non_finite
 from lm.config import AttentionConfig, EvalConfig, FFNConfig, ModelConfig, OptimConfig, coerce
 from lm.data.protocols import MEMORY_PROTOCOLS, check_protocol
 from lm.data.rolling import rolling_active
@@ -284,7 +284,7 @@ class LanguageModel(L.LightningModule):
     def _write_result(self, stage: str):
         if not math.isfinite(self.last_result["nll"]):
             # A NaN in the JSON would replace a real result and poison every table built from it.
-            bad = [n for n, p in self.named_parameters() if not torch.isfinite(p).all()]
+            bad = non_finite(self.named_parameters())
             why = (f"the checkpoint's weights are non-finite ({len(bad)} tensors, e.g. {bad[0]}): it was saved after "
                    f"training diverged; score an earlier checkpoint") if bad else (
                    "the weights are finite, so the evaluation overflowed: evaluate in 32-true precision")
