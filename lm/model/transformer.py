@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lm.config import ModelConfig
 from lm.errors import ConfigError
 from lm.model.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
-from lm.model.attention import AttnContext, LayerState, build_attention
+from lm.model.attention import AttnContext, LayerState, build_attention, check_config
 from lm.model.moe import DenseFFN, MoEFFN
 from lm.model.positions import attention_mask, padding_mask, relative_positions, sinusoid, span_mask, span_padding
 
@@ -77,6 +77,7 @@ class TransformerLM(nn.Module):
     reads the hidden states only (the SST-2 classifier) carries no LM-softmax parameters."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, lm_head: bool = True):
+        check_config(cfg)  # before any weight is drawn: a typo costs no time
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         d, relative, span = cfg.d_model, cfg.pos == "relative", cfg.pos == "span"
