@@ -185,3 +185,17 @@ def test_the_cycle_check_sees_a_cycle_through_a_subpackage(tmp_path, monkeypatch
         (tmp_path / f).write_text(text)
     assert import_cycles() == []
     assert import_cycles(package) == [["lm.config", "lm.model"]]
+
+
+def test_no_import_cycle_among_scripts():
+    # scripts/ are run as scripts (scripts/ is sys.path[0]) and import each other by file name; a cycle
+    # (study.py <-> study_report.py once did) works only while nobody imports the "wrong" one first.
+    names = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    g: dict[str, set[str]] = {n: set() for n in names}
+    for n in names:
+        for node in ast.walk(ast.parse((ROOT / "scripts" / f"{n}.py").read_text(encoding="utf-8"))):
+            found = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            g[n] |= {m for m in found if m in names and m != n}
+    found = strongly_connected({k: sorted(v) for k, v in g.items()})
+    assert not found, f"import cycles in scripts/: {found}"
