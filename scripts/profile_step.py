@@ -14,7 +14,6 @@ markdown table per (shape, precision) for docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -24,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_attention as ba  # noqa: E402
+import benchlib as bl  # noqa: E402
 
 from lm.config import AttentionConfig  # noqa: E402
 from lm.model.transformer import TransformerLM  # noqa: E402
@@ -56,11 +55,11 @@ def category(name: str) -> str:
 
 
 def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int) -> dict:
-    shape = ba.SHAPES[shape_name]
+    shape = bl.SHAPES[shape_name]
     torch.manual_seed(seed)
-    net = TransformerLM(ba.model_config(shape, AttentionConfig(name="softmax")), shape["vocab"]).train()
+    net = TransformerLM(bl.model_config(shape, AttentionConfig(name="softmax")), shape["vocab"]).train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    data = list(ba.streams(shape, steps + warmup, seed=seed))
+    data = list(bl.streams(shape, steps + warmup, seed=seed))
     bf16 = precision == "bf16"
 
     def step(batch):
@@ -124,9 +123,9 @@ def main(argv=None) -> int:
         skipped.append("bf16: this CPU has no bf16 matrix instructions (lm.utils.cpu_bf16_native)")
     rows = [run(s, pr, a.steps, a.warmup, a.seed) for s in a.shapes.split(",") for pr in precisions]
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": torch.get_num_threads(),
-              "loadavg": ba.loadavg(), "torch": torch.__version__, "cpu_bf16_native": cpu_bf16_native(),
+              "loadavg": bl.loadavg(), "torch": torch.__version__, "cpu_bf16_native": cpu_bf16_native(),
               "skipped": skipped, "results": rows}
-    ba.write_json(a.out, report)
+    bl.write_json(a.out, report)
     for r in rows:
         print(markdown(r) + "\n")
     print(f"wrote {a.out}")
