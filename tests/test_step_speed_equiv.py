@@ -1,0 +1,147 @@
+"""Issue 32's cheaper CPU training step gives the same training, to the stated tolerance.
+
+- Adam's fused kernel (``LanguageModel.configure_optimizers``) against the per-parameter loop that ran
+  before: the same weights after several steps to float32 rounding, not bit for bit.
+- The dropout mask (``lm/model/dropout.py``) against what dropout must be: the drop rate ``p`` (to 1/65536),
+  kept values scaled so the expectation is the input, the gradient through the same mask, independent
+  elements, one seed -> one mask (restoring torch's generator state, as a resumed checkpoint does,
+  redraws it), no dependence on the thread count, and a 1-byte mask kept for backward.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lm.config import ModelConfig
+from lm.model.dropout import Dropout, dropout, keep_mask
+from lm.model.transformer import TransformerLM
+from lm.tasks.lm_module import LanguageModel
+
+P = 0.1
+P_USED = round(P * 65536) / 65536  # 6554 / 65536
+
+
+def tiny_lm(dropout: float = 0.0, **kw) -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(vocab_size=300, tgt_len=16, n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64,
+                         dropout=dropout, cutoffs=[50, 150], **kw)
+
+
+def attach(lm: LanguageModel, scaler=None) -> None:
+    lm._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), estimated_stepping_batches=100)
+
+
+# ------------------------------------------------------------------------------------------------
+# fused Adam
+# ------------------------------------------------------------------------------------------------
+def test_language_model_uses_fused_adam_except_under_a_grad_scaler():
+    lm = tiny_lm()
+    attach(lm)
+    assert lm.configure_optimizers()["optimizer"].defaults["fused"] is True
+    attach(lm, scaler=object())  # 16-mixed: Lightning refuses to clip gradients of a self-unscaling optimizer
+    assert not lm.configure_optimizers()["optimizer"].defaults["fused"]
+
+
+def test_fused_adam_trains_like_the_loop_adam():
+    # Same initial weights and batches, 8 updates (weight decay on, as recipes may set it): the weights agree
+    # to float32 rounding. The loss of each step agrees likewise.
+    weights, losses = [], []
+    for fused in (False, True):
+        lm = tiny_lm(optim=dict(lr=3e-3, warmup_steps=0, weight_decay=0.01))
+        opt = torch.optim.Adam(lm.parameters(), lr=3e-3, weight_decay=0.01, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        run = []
+        for _ in range(8):
+            x = torch.randint(0, 300, (4, 17), generator=g)
+            loss = lm.net.nll(lm.net(x[:, :-1]).hidden, x[:, 1:]).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.append(loss.item())
+        weights.append(torch.cat([p.detach().flatten() for p in lm.parameters()]))
+        losses.append(run)
+    assert losses[0][0] == losses[1][0]  # same start
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# dropout
+# ------------------------------------------------------------------------------------------------
+def test_the_models_dropouts_are_the_cheap_ones():
+    for ffn in ({"name": "dense"}, {"name": "switch", "n_experts": 2}):
+        net = TransformerLM(ModelConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=P,
+                                        cutoffs=[50], ffn=ffn), 100)
+        drops = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+        assert drops and all(type(m) is Dropout and m.p == P for m in drops), ffn
+
+
+def test_rate_scale_and_gradient():
+    torch.manual_seed(3)
+    x = torch.randn(1 << 20, requires_grad=True)
+    y = dropout(x, P)
+    kept = y != 0
+    n = x.numel()
+    sd = (P_USED * (1 - P_USED) / n) ** 0.5
+    assert abs((1 - kept.float().mean().item()) - P_USED) < 5 * sd
+    scale = 65536 / (65536 - 6554)
+    assert torch.equal(y[kept], (x * scale)[kept])  # exact: one float32 multiply by 1 / (1 - p_used)
+    g = torch.randn(n)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(kept, g * scale, 0.0))
+
+
+def test_elements_are_independent():
+    # Four elements share one 64-bit Philox output: neighbours must still drop independently (p^2 together).
+    torch.manual_seed(4)
+    keep, _ = keep_mask((1 << 20,), 0.5)
+    drop = ~keep
+    for lag in (1, 2, 3, 4, 5):
+        both = (drop[lag:] & drop[:-lag]).float().mean().item()
+        assert abs(both - 0.25) < 5 * (0.25 * 0.75 / (drop.numel() - lag)) ** 0.5, lag
+
+
+def test_one_seed_one_mask_and_resume_redraws_it():
+    torch.manual_seed(7)
+    a = keep_mask((64, 33), P)[0]
+    state = torch.get_rng_state()
+    b = keep_mask((64, 33), P)[0]
+    torch.set_rng_state(state)  # what a resumed checkpoint does (lm_rng)
+    assert torch.equal(keep_mask((64, 33), P)[0], b)
+    assert not torch.equal(a, b)
+    torch.manual_seed(7)
+    assert torch.equal(keep_mask((64, 33), P)[0], a)
+
+
+def test_mask_does_not_depend_on_the_thread_count():
+    n = torch.get_num_threads()
+    try:
+        masks = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(5)
+            masks.append(keep_mask((300, 700), P)[0])
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(*masks)
+
+
+def test_backward_keeps_a_one_byte_mask_not_a_float_one():
+    saved = []
+    x = torch.randn(8, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        Dropout(P)(x)
+    assert saved == [torch.bool]
+
+
+def test_eval_mode_p0_and_bf16():
+    x = torch.randn(4, 8)
+    d = Dropout(P).eval()
+    assert d(x) is x
+    assert dropout(x, 0.0) is x
+    xb = torch.randn(64, 64, dtype=torch.bfloat16)
+    yb = Dropout(0.5).train()(xb)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb[yb != 0], (xb * 2)[yb != 0])
