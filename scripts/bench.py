@@ -512,6 +512,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1111)
     p.add_argument("--timeout", type=float, default=3600, help="per worker, seconds")
     p.add_argument("--out", default="results/bench.json")
+    p.add_argument("--versus", action="store_true", help="framework vs reference vs the framework before issue 32, "
+                   "on the quickstart recipe, interleaved in one process (scripts/bench_versus.py)")
+    p.add_argument("--versus-data", default="wikitext-2", choices=["wikitext-2", "synthetic"])
+    p.add_argument("--chunk", type=int, default=5, help="--versus: steps per turn")
+    p.add_argument("--eval-every", type=int, default=100, help="--versus: validation PPL every N steps")
+    p.add_argument("--val-batches", type=int, default=10, help="--versus: validation batches scored")
+    p.add_argument("--target-ppl", type=float, default=None, help="--versus: default the lowest PPL all reached")
     # worker-only
     p.add_argument("--worker", choices=["train", "sliding"], help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
@@ -528,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(n_threads)
     a.threads = str(n_threads)  # workers get the number decided here
 
+    if a.versus:
+        return versus(a, threads_reason)
     if a.worker == "train":
         print("BENCH_JSON " + json.dumps(run_worker(a)))
         return 0
@@ -597,6 +606,23 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(report)
     print("\nsummary: " + json.dumps(report["summary"]))
     print(f"\nwrote {a.out} in {report['wall_s']:.0f} s")
+    return 0
+
+
+def versus(a, threads_reason: str) -> int:
+    import bench_versus
+
+    if a.smoke:
+        a.steps, a.chunk, a.eval_every, a.val_batches, a.versus_data = a.steps or 4, 2, 2, 2, "synthetic"
+    a.steps = a.steps or 300
+    load = bl.loadavg()
+    r = bench_versus.run(a)
+    report = {"schema": "bench_versus/1", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "machine": {**bl.machine_info(), "loadavg_before": load, "loadavg_after": bl.loadavg()},
+              "threads": torch.get_num_threads(), "threads_reason": threads_reason, **r}
+    bl.write_json(a.out, report)
+    print(bench_versus.markdown(r))
+    print(f"\nload {load} -> {report['machine']['loadavg_after']}; wrote {a.out}")
     return 0
 
 

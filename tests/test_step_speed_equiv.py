@@ -145,3 +145,50 @@ def test_eval_mode_p0_and_bf16():
     xb = torch.randn(64, 64, dtype=torch.bfloat16)
     yb = Dropout(0.5).train()(xb)
     assert yb.dtype == torch.bfloat16 and torch.equal(yb[yb != 0], (xb * 2)[yb != 0])
+
+
+# ------------------------------------------------------------------------------------------------
+# scripts/bench.py --versus
+# ------------------------------------------------------------------------------------------------
+def test_versus_contenders_are_the_old_and_new_code_paths_on_the_same_weights():
+    import bench_versus  # scripts/ is on sys.path (tests/conftest.py)
+
+    shape = dict(bench_versus.recipe(), n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64, vocab=500,
+                 cutoffs=[100, 300])
+    runs = bench_versus.contenders(shape, total=100, seed=3)
+    drops = {k: {type(m) for m in net.modules() if isinstance(m, torch.nn.Dropout)} for k, (net, _, _) in runs.items()}
+    assert drops == {"reference": {torch.nn.Dropout}, "before": {torch.nn.Dropout}, "after": {Dropout}}
+    fused = {k: step.__closure__ for k, (_, step, _) in runs.items()}
+    opts = {k: next(c.cell_contents for c in cl if isinstance(c.cell_contents, torch.optim.Optimizer))
+            for k, cl in fused.items()}
+    assert {k: bool(o.defaults["fused"]) for k, o in opts.items()} == {"reference": False, "before": False, "after": True}
+    states = {k: net.state_dict() for k, (net, _, _) in runs.items()}
+    for k in ("before", "reference"):
+        assert states[k].keys() == states["after"].keys()
+        assert all(torch.equal(states[k][n], states["after"][n]) for n in states["after"])
+
+
+@pytest.mark.slow  # runs scripts/bench.py end to end (three contenders, a few steps each)
+def test_bench_versus_smoke(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "versus.json"
+    p = subprocess.run([sys.executable, str(root / "scripts" / "bench.py"), "--versus", "--smoke", "--threads", "1",
+                        "--out", str(out)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["schema"] == "bench_versus/1" and r["data"] == "synthetic"
+    assert list(r["results"]) == ["reference", "before", "after"]
+    for row in r["results"].values():
+        assert row["train_tokens_per_s"] > 0 and [s for s, _ in row["val_ppl"]] == [2, 4]
+        assert row["steps_to_target"] is not None  # the default target is a PPL every contender reached
+    assert set(r["ratios"]) == {"after_vs_reference", "after_vs_before", "before_vs_reference"}
+    assert all(v["tokens_per_s"] > 0 for v in r["ratios"].values())
+    assert len(r["loadavg_per_round"]) == 2 and "cpu_flags" in r["machine"]
+    assert "| after |" in p.stdout
