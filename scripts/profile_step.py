@@ -35,7 +35,7 @@ CATEGORIES = [
     ("adaptive softmax", ("log_softmax", "nll_loss", "gather", "logsumexp", "_softmax")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
     ("LayerNorm", ("layer_norm",)),
-    ("dropout", ("dropout", "bernoulli")),
+    ("dropout", ("dropout", "bernoulli", "aten::random_", "aten::ge")),  # (+ lm::dropout_mask's numpy time)
     ("embedding", ("embedding", "index_select", "index_add", "index_put", "scatter")),
     ("dtype casts", ("aten::_to_copy", "aten::to", "aten::copy_")),
     ("optimizer", ("_foreach", "adam", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::sqrt")),
@@ -54,11 +54,15 @@ def category(name: str) -> str:
     return "other ops"
 
 
-def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int) -> dict:
+def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int, code: str = "after") -> dict:
     shape = bl.SHAPES[shape_name]
     torch.manual_seed(seed)
     net = TransformerLM(bl.model_config(shape, AttentionConfig(name="softmax")), shape["vocab"]).train()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    if code == "before":  # issue 32's old code paths: torch's dropout mask, Adam's per-parameter loop
+        for m in net.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.__class__ = torch.nn.Dropout
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=code == "after")  # as LanguageModel configures it
     data = list(bl.streams(shape, steps + warmup, seed=seed))
     bf16 = precision == "bf16"
 
@@ -80,6 +84,9 @@ def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int) -> 
         wall = time.perf_counter() - t0
     by_cat, by_op = defaultdict(float), defaultdict(float)
     for e in prof.key_averages():
+        if e.key == "lm::dropout_mask":  # its self time is numpy's Philox, outside any aten op
+            by_cat["dropout"] += e.self_cpu_time_total
+            continue
         if not e.key.startswith("aten::") and not e.key.startswith("_"):
             continue  # record_function scopes and autograd nodes: their time is in the aten ops under them
         us = e.self_cpu_time_total
@@ -91,7 +98,7 @@ def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int) -> 
     by_cat["python / dispatch / autograd"] = max(0.0, wall - total_ops) * 1e6
     share = {k: round(v / 1e6 / wall, 4) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
-    return {"shape": shape_name, "precision": precision, "steps": steps, "batch": shape["batch"],
+    return {"shape": shape_name, "precision": precision, "code": code, "steps": steps, "batch": shape["batch"],
             "tgt_len": shape["tgt_len"], "wall_s_per_step": round(wall / steps, 4),
             "tokens_per_s": round(shape["batch"] * shape["tgt_len"] * steps / wall, 1),
             "share_of_step": share,
@@ -100,7 +107,7 @@ def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int) -> 
 
 def markdown(r: dict) -> str:
     rows = [f"| {k} | {v * 100:.1f}% | {v * r['wall_s_per_step'] * 1e3:.0f} |" for k, v in r["share_of_step"].items()]
-    return "\n".join([f"**{r['shape']} {r['precision']}** ({r['wall_s_per_step'] * 1e3:.0f} ms/step, "
+    return "\n".join([f"**{r['shape']} {r['precision']}, code {r['code']}** ({r['wall_s_per_step'] * 1e3:.0f} ms/step, "
                       f"{r['tokens_per_s']:.0f} tokens/s)", "", "| where | share | ms/step |", "|---|---:|---:|", *rows])
 
 
@@ -112,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=1111)
+    p.add_argument("--code", default="after", help="after (the framework now), before (issue 32's old dropout "
+                   "and Adam), or both, interleaved per (shape, precision)")
     p.add_argument("--out", default="results/profile_step.json")
     a = p.parse_args(argv)
     if a.threads:
@@ -121,9 +130,10 @@ def main(argv=None) -> int:
     if "bf16" in precisions and cpu_bf16_native() is False:  # its scalar fallback: minutes per step, nothing to learn
         precisions.remove("bf16")
         skipped.append("bf16: this CPU has no bf16 matrix instructions (lm.utils.cpu_bf16_native)")
-    rows = [run(s, pr, a.steps, a.warmup, a.seed) for s in a.shapes.split(",") for pr in precisions]
+    codes = ["before", "after"] if a.code == "both" else [a.code]
+    rows = [run(s, pr, a.steps, a.warmup, a.seed, c) for s in a.shapes.split(",") for pr in precisions for c in codes]
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": torch.get_num_threads(),
-              "loadavg": bl.loadavg(), "torch": torch.__version__, "cpu_bf16_native": cpu_bf16_native(),
+              "loadavg": bl.loadavg(), "torch": torch.__version__, "machine": bl.machine_info(), "cpu_bf16_native": cpu_bf16_native(),
               "skipped": skipped, "results": rows}
     bl.write_json(a.out, report)
     for r in rows:

@@ -44,24 +44,26 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return x
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < round(p * _LEVELS) < _LEVELS:
         return F.dropout(x, p, True)  # (and a p within 1/131072 of 0 or 1, which 16 bits cannot express)
-    keep, scale = keep_mask(x.shape, p)
+    with torch.profiler.record_function("lm::dropout_mask"):  # scripts/profile_step.py counts it as dropout
+        keep, scale = keep_mask(x.shape, p)
     return _MaskedScale.apply(x, keep, scale)
 
 
 class _MaskedScale(torch.autograd.Function):
-    """``x * keep * scale`` in one pass (``native_dropout_backward`` is that kernel), and the same on the
-    gradient; only the boolean mask is kept for backward (aten's own formula would keep ``x`` too)."""
+    """``where(keep, x, 0) * scale`` forward and the same on the gradient: two passes each way, no float
+    copy of the mask (aten's ``native_dropout_backward`` casts it and multiplies twice), and only the
+    boolean mask is kept for backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.ops.aten.native_dropout_backward(x, keep, scale)
+        return torch.where(keep, x, 0.0).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (keep,) = ctx.saved_tensors
-        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
 
 
 class Dropout(nn.Dropout):
