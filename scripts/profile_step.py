@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
+from bench_versus import old_code_paths  # noqa: E402
 
 from lm.config import AttentionConfig  # noqa: E402
 from lm.model.transformer import TransformerLM  # noqa: E402
@@ -58,10 +59,8 @@ def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int, cod
     shape = bl.SHAPES[shape_name]
     torch.manual_seed(seed)
     net = TransformerLM(bl.model_config(shape, AttentionConfig(name="softmax")), shape["vocab"]).train()
-    if code == "before":  # issue 32's old code paths: torch's dropout mask, Adam's per-parameter loop
-        for m in net.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.__class__ = torch.nn.Dropout
+    if code == "before":  # issue 32's old code paths: torch's dropout mask, in-place ReLU, Adam's loop
+        old_code_paths(net)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=code == "after")  # as LanguageModel configures it
     data = list(bl.streams(shape, steps + warmup, seed=seed))
     bf16 = precision == "bf16"

@@ -148,6 +148,37 @@ def test_eval_mode_p0_and_bf16():
 
 
 # ------------------------------------------------------------------------------------------------
+# the dense FFN's ReLU
+# ------------------------------------------------------------------------------------------------
+def _graph(fn) -> set[str]:
+    seen, todo = set(), [fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            todo += [g for g, _ in f.next_functions]
+    return {type(f).__name__ for f in seen}
+
+
+def test_dense_ffn_backward_copies_no_slices_and_computes_the_same():
+    from lm.model.moe import DenseFFN
+
+    torch.manual_seed(0)
+    f = DenseFFN(16, 64, 0.0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y = f(x)
+    assert "CopySlices" not in _graph(y.grad_fn)  # an in-place ReLU on Linear's view put one here
+    old = torch.nn.Sequential(f.net[0], torch.nn.ReLU(inplace=True), f.net[3])
+    x2 = x.detach().clone().requires_grad_()
+    y2 = old(x2)
+    assert "CopySlices" in _graph(y2.grad_fn)  # (the check sees it)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+
+
+# ------------------------------------------------------------------------------------------------
 # scripts/bench.py --versus
 # ------------------------------------------------------------------------------------------------
 def test_versus_contenders_are_the_old_and_new_code_paths_on_the_same_weights():
@@ -158,6 +189,8 @@ def test_versus_contenders_are_the_old_and_new_code_paths_on_the_same_weights():
     runs = bench_versus.contenders(shape, total=100, seed=3)
     drops = {k: {type(m) for m in net.modules() if isinstance(m, torch.nn.Dropout)} for k, (net, _, _) in runs.items()}
     assert drops == {"reference": {torch.nn.Dropout}, "before": {torch.nn.Dropout}, "after": {Dropout}}
+    relus = {k: {m.inplace for m in net.modules() if isinstance(m, torch.nn.ReLU)} for k, (net, _, _) in runs.items()}
+    assert relus == {"reference": {True}, "before": {True}, "after": {False}}
     fused = {k: step.__closure__ for k, (_, step, _) in runs.items()}
     opts = {k: next(c.cell_contents for c in cl if isinstance(c.cell_contents, torch.optim.Optimizer))
             for k, cl in fused.items()}

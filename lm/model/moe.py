@@ -53,7 +53,9 @@ class DenseFFN(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(d_model, d_inner),
-            nn.ReLU(inplace=True),
+            # Not in place: Linear's 3-D output is a view of its 2-D GEMM result, and an in-place op on a view
+            # costs three full copies of [B, T, d_inner] in backward (CopySlices); same values either way.
+            nn.ReLU(),
             Dropout(dropout),
             nn.Linear(d_inner, d_model),
             Dropout(dropout) if out_dropout else nn.Identity(),
