@@ -47,6 +47,21 @@ CATEGORIES = [
 ]
 
 
+# lm.model.dropout's scopes: every op under them is dropout (its where/mul_ would otherwise count as element-wise).
+# (torch's own: its forward's div_/mul run under aten::dropout; its backward is a MulBackward0 that cannot be
+# told from other multiplications and stays element-wise.)
+DROPOUT_SCOPES = ("lm::dropout_mask", "_MaskedScale", "_MaskedScaleBackward", "aten::dropout")
+
+
+def _under_dropout(e) -> bool:
+    p = e.cpu_parent
+    while p is not None:
+        if p.name in DROPOUT_SCOPES:
+            return True
+        p = p.cpu_parent
+    return False
+
+
 def category(name: str) -> str:
     low = name.lower()
     for cat, keys in CATEGORIES:
@@ -82,15 +97,15 @@ def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int, cod
             step(b)
         wall = time.perf_counter() - t0
     by_cat, by_op = defaultdict(float), defaultdict(float)
-    for e in prof.key_averages():
-        if e.key == "lm::dropout_mask":  # its self time is numpy's Philox, outside any aten op
+    for e in prof.events():
+        if e.name in DROPOUT_SCOPES:  # self time: numpy's Philox, the autograd Function's Python, aten::dropout's own
             by_cat["dropout"] += e.self_cpu_time_total
             continue
-        if not e.key.startswith("aten::") and not e.key.startswith("_"):
+        if not e.name.startswith("aten::"):
             continue  # record_function scopes and autograd nodes: their time is in the aten ops under them
         us = e.self_cpu_time_total
-        by_cat[category(e.key)] += us
-        by_op[e.key] += us
+        by_cat["dropout" if _under_dropout(e) else category(e.name)] += us
+        by_op[e.name] += us
     total_ops = sum(by_cat.values()) / 1e6
     # Self times of ops running on intra-op threads are not summed into the step's wall time one to one;
     # with one thread the difference is interpreter, dispatch and autograd-engine overhead.
