@@ -3,6 +3,8 @@
     .venv/bin/python scripts/bench.py --quick          # < 5 min on a 2-core CPU
     .venv/bin/python scripts/bench.py                  # the README numbers (~25 min on a 2-core CPU)
     .venv/bin/python scripts/bench.py --compile        # also torch.compile (minutes of compilation)
+    .venv/bin/python scripts/bench.py --versus         # framework vs reference vs itself before issue 32, one
+                                                       # process, quickstart recipe (scripts/bench_versus.py)
 
 For softmax, Elliptical, QUEST and a Switch MoE model, at the tiny (WikiText-2 recipe) and small (the
 paper's WikiText-103 small) shapes, fp32 and bf16-mixed, it measures in one invocation:
@@ -536,7 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     a.threads = str(n_threads)  # workers get the number decided here
 
     if a.versus:
-        return versus(a, threads_reason)
+        import bench_versus
+
+        return bench_versus.main(a, threads_reason)
     if a.worker == "train":
         print("BENCH_JSON " + json.dumps(run_worker(a)))
         return 0
@@ -606,23 +610,6 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(report)
     print("\nsummary: " + json.dumps(report["summary"]))
     print(f"\nwrote {a.out} in {report['wall_s']:.0f} s")
-    return 0
-
-
-def versus(a, threads_reason: str) -> int:
-    import bench_versus
-
-    if a.smoke:
-        a.steps, a.chunk, a.eval_every, a.val_batches, a.versus_data = a.steps or 4, 2, 2, 2, "synthetic"
-    a.steps = a.steps or 300
-    load = bl.loadavg()
-    r = bench_versus.run(a)
-    report = {"schema": "bench_versus/1", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": {**bl.machine_info(), "loadavg_before": load, "loadavg_after": bl.loadavg()},
-              "threads": torch.get_num_threads(), "threads_reason": threads_reason, **r}
-    bl.write_json(a.out, report)
-    print(bench_versus.markdown(r))
-    print(f"\nload {load} -> {report['machine']['loadavg_after']}; wrote {a.out}")
     return 0
 
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -214,3 +216,19 @@ def markdown(r: dict) -> str:
         lines.append(f"- {k.replace('_vs_', ' / ')}: tokens/s ×{v['tokens_per_s']}, speed to the target PPL "
                      f"×{v['speed_to_target']}")
     return "\n".join(lines)
+
+
+def main(a, threads_reason: str) -> int:
+    """``scripts/bench.py --versus`` (``a``: its parsed arguments)."""
+    if a.smoke:
+        a.steps, a.chunk, a.eval_every, a.val_batches, a.versus_data = a.steps or 4, 2, 2, 2, "synthetic"
+    a.steps = a.steps or 300
+    load = bl.loadavg()
+    r = run(a)
+    report = {"schema": "bench_versus/1", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "machine": {**bl.machine_info(), "loadavg_before": load, "loadavg_after": bl.loadavg()},
+              "threads": torch.get_num_threads(), "threads_reason": threads_reason, **r}
+    bl.write_json(a.out, report)
+    print(markdown(r))
+    print(f"\nload {load} -> {report['machine']['loadavg_after']}; wrote {a.out}")
+    return 0
