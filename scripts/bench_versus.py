@@ -150,7 +150,7 @@ def run(a) -> dict:
     total = shape["max_steps"]
     runs = contenders(shape, total, a.seed)
     rng = {k: torch.get_rng_state() for k in runs}
-    res = {k: {"step_s": [], "ppl": []} for k in runs}
+    res = {k: {"step_s": [], "ppl": [], "round_s": []} for k in runs}
     batches = iter(train)
     tokens = shape["batch"] * shape["tgt_len"]
     rounds, done, loads = 0, 0, []
@@ -166,6 +166,7 @@ def run(a) -> dict:
                 t0 = time.perf_counter()
                 step(b)
                 res[name]["step_s"].append(time.perf_counter() - t0)
+            res[name]["round_s"].append(sum(res[name]["step_s"][-len(chunk):]))
             rng[name] = torch.get_rng_state()
         done += len(chunk)
         rounds += 1
@@ -198,11 +199,16 @@ def summarize(a, shape: dict, res: dict, tokens: int, loads: list) -> dict:
 
     ratios = {}
     for x, y in (("after", "reference"), ("after", "before"), ("before", "reference")):
+        # Paired per round (same batches, back to back): robust to load that drifts over the run.
+        paired = sorted(b / a for a, b in zip(res[x]["round_s"], res[y]["round_s"]))
+        q = lambda f: round(paired[min(len(paired) - 1, int(f * len(paired)))], 3)  # noqa: E731
         ratios[f"{x}_vs_{y}"] = {"tokens_per_s": ratio("train_tokens_per_s", x, y),
-                                 "speed_to_target": ratio("train_s_to_target", x, y, inverse=True)}
+                                 "speed_to_target": ratio("train_s_to_target", x, y, inverse=True),
+                                 "per_round_median": q(0.5), "per_round_quartiles": [q(0.25), q(0.75)]}
     return {"target_ppl": target, "target_from": "given" if a.target_ppl else "lowest PPL all reached",
             "steps": a.steps, "chunk": a.chunk, "eval_every": a.eval_every, "val_batches": a.val_batches,
-            "data": a.versus_data, "shape": shape, "results": rows, "ratios": ratios, "loadavg_per_round": loads}
+            "data": a.versus_data, "shape": shape, "results": rows, "ratios": ratios, "loadavg_per_round": loads,
+            "step_s": {k: [round(t, 4) for t in r["step_s"]] for k, r in res.items()}}
 
 
 def markdown(r: dict) -> str:
@@ -213,7 +219,8 @@ def markdown(r: dict) -> str:
                      f"{row['val_ppl'][-1][1]:.1f} | {row['steps_to_target']} | {row['train_s_to_target']} |")
     lines.append("")
     for k, v in r["ratios"].items():
-        lines.append(f"- {k.replace('_vs_', ' / ')}: tokens/s ×{v['tokens_per_s']}, speed to the target PPL "
+        lines.append(f"- {k.replace('_vs_', ' / ')}: tokens/s ×{v['tokens_per_s']} (per round: median "
+                     f"×{v['per_round_median']}, quartiles {v['per_round_quartiles']}), speed to the target PPL "
                      f"×{v['speed_to_target']}")
     return "\n".join(lines)
 

@@ -131,7 +131,7 @@ def test_mask_does_not_depend_on_the_thread_count():
 
 def test_backward_keeps_a_one_byte_mask_not_a_float_one():
     saved = []
-    x = torch.randn(8, 16, requires_grad=True)
+    x = torch.randn(256, 256, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
         Dropout(P)(x)
     assert saved == [torch.bool]
@@ -142,9 +142,23 @@ def test_eval_mode_p0_and_bf16():
     d = Dropout(P).eval()
     assert d(x) is x
     assert dropout(x, 0.0) is x
-    xb = torch.randn(64, 64, dtype=torch.bfloat16)
+    xb = torch.randn(256, 256, dtype=torch.bfloat16)
     yb = Dropout(0.5).train()(xb)
     assert yb.dtype == torch.bfloat16 and torch.equal(yb[yb != 0], (xb * 2)[yb != 0])
+
+
+def test_small_tensors_keep_torchs_mask():
+    # Under MIN_ELEMENTS torch's dropout is the faster one: the same seed gives exactly F.dropout's output.
+    x = torch.randn(8, 100)
+    torch.manual_seed(9)
+    ours = Dropout(P)(x)
+    torch.manual_seed(9)
+    assert torch.equal(ours, torch.nn.functional.dropout(x, P, True))
+    big = torch.randn(256, 256)
+    torch.manual_seed(9)
+    ours = Dropout(P)(big)
+    torch.manual_seed(9)
+    assert not torch.equal(ours, torch.nn.functional.dropout(big, P, True))
 
 
 # ------------------------------------------------------------------------------------------------
