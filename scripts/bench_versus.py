@@ -44,11 +44,13 @@ CONTENDERS = ("reference", "before", "after")
 
 
 class _Trainer:
-    """What ``LanguageModel.configure_optimizers`` reads of a Lightning trainer (no fp16 scaler)."""
+    """What ``LanguageModel.configure_optimizers`` reads of a Lightning trainer (float32: 32-true)."""
 
     def __init__(self, total: int):
+        from lightning.pytorch.plugins.precision import Precision
+
         self.estimated_stepping_batches = total
-        self.precision_plugin = type("Plugin", (), {"scaler": None})()
+        self.precision_plugin = Precision()  # 32-true
 
 
 def framework(shape: dict, total: int, seed: int) -> LanguageModel:

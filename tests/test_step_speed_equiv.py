@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 from lm.config import ModelConfig
 from lm.model.dropout import Dropout, dropout, keep_mask
@@ -30,19 +31,33 @@ def tiny_lm(dropout: float = 0.0, **kw) -> LanguageModel:
                          dropout=dropout, cutoffs=[50, 150], **kw)
 
 
-def attach(lm: LanguageModel, scaler=None) -> None:
-    lm._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), estimated_stepping_batches=100)
+def attach(lm: LanguageModel, plugin=None) -> None:
+    lm._trainer = SimpleNamespace(precision_plugin=plugin or Precision(), estimated_stepping_batches=100)
 
 
 # ------------------------------------------------------------------------------------------------
 # fused Adam
 # ------------------------------------------------------------------------------------------------
-def test_language_model_uses_fused_adam_except_under_a_grad_scaler():
+def test_language_model_uses_fused_adam_except_under_mixed_precision():
     lm = tiny_lm()
-    attach(lm)
+    attach(lm)  # 32-true
     assert lm.configure_optimizers()["optimizer"].defaults["fused"] is True
-    attach(lm, scaler=object())  # 16-mixed: Lightning refuses to clip gradients of a self-unscaling optimizer
+    attach(lm, MixedPrecision("bf16-mixed", "cpu"))  # refuses to clip gradients of a self-unscaling optimizer
     assert not lm.configure_optimizers()["optimizer"].defaults["fused"]
+
+
+@pytest.mark.slow  # a real Lightning fit in bf16-mixed with gradient clipping (the recipes' setting)
+def test_bf16_mixed_fit_with_clipping_runs(tmp_path):
+    import lightning as L
+
+    from lm.data.streams import OrderedStreams
+
+    lm = tiny_lm()
+    batches = OrderedStreams(torch.randint(0, 300, (2 * (16 * 2 + 1),)), 2, 16)
+    L.Trainer(precision="bf16-mixed", max_steps=2, gradient_clip_val=0.25, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+              default_root_dir=tmp_path).fit(lm, train_dataloaders=batches)
+    assert lm.trainer.global_step == 2
 
 
 def test_fused_adam_trains_like_the_loop_adam():

@@ -333,9 +333,10 @@ class LanguageModel(L.LightningModule):
     def _fused_adam(self) -> bool | None:
         """Adam's fused kernel: one pass over each parameter instead of ~10 element-wise ops (~8x faster
         on CPU, where it was ~5% of a tiny fp32 step; docs/performance.md). Same update to float32
-        rounding (tests/test_step_speed_equiv.py), not bit for bit. Not under fp16's GradScaler: a fused
-        optimizer unscales internally, which Lightning refuses together with gradient clipping."""
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        rounding (tests/test_step_speed_equiv.py), not bit for bit. Not under Lightning's mixed precision
+        (bf16-mixed, 16-mixed: the plugins with a ``scaler``): they refuse gradient clipping with an optimizer
+        that could unscale internally, as fused ones can."""
+        if hasattr(self.trainer.precision_plugin, "scaler"):
             return None
         ok = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.float16,
                                                                    torch.bfloat16) for p in self.parameters())
