@@ -280,16 +280,11 @@ class ModelConfig:
             raise ConfigError(f"model.cutoffs must be strictly increasing positive integers, got {self.cutoffs}.")
         if self.div_val < 1:
             raise ConfigError(f"model.div_val must be >= 1, got {self.div_val}.")
-        # Layer selections, variant names and their options are validated here, so a typo fails when
-        # the config is built, not halfway through building the model.
+        # Layer selections are validated here, so a bad one fails when the config is built. Attention
+        # variant names and options belong to the model's registry: the model checks them first thing when
+        # it is built (lm.model.attention.check_config), so the config imports nothing of the model.
         self.attention_layers()
         self.ffn.layer_kinds(self.n_layer)
-        from lm.model.attention import ATTENTION
-
-        for name in {self.attention.name, self.attention.default}:
-            if name not in ATTENTION:
-                raise unknown("attention variant", name, ATTENTION)
-        ATTENTION[self.attention.name].parse_options(self.attention.options)
         if self.pos == "span":
             self._check_span()
 
@@ -307,14 +302,7 @@ class ModelConfig:
             raise ConfigError("model.same_length and model.clamp_len belong to Transformer-XL's relative positions; "
                               "with model.pos: span every query already sees exactly model.mem_len keys and the "
                               "learned key_pe table has one entry per distance. Remove them or use model.pos: relative.")
-        from lm.model.attention import ATTENTION
-
-        for name in set(self.attention_layers()):
-            if not ATTENTION[name].span_capable():
-                ok = ", ".join(sorted(n for n, c in ATTENTION.items() if c.span_capable()))
-                raise ConfigError(f"attention '{name}' has no key_pe position term, so it cannot run with "
-                                  f"model.pos: span (the adaptive-span host). Choose a variant that supports it "
-                                  f"({ok}) or model.pos: absolute.")
+        # Whether each layer's variant can run on the span host is the registry's to say: check_config.
 
     def attention_layers(self) -> list[str]:
         """The attention variant name of every layer."""

@@ -3,6 +3,8 @@
     .venv/bin/python scripts/bench.py --quick          # < 5 min on a 2-core CPU
     .venv/bin/python scripts/bench.py                  # the README numbers (~25 min on a 2-core CPU)
     .venv/bin/python scripts/bench.py --compile        # also torch.compile (minutes of compilation)
+    .venv/bin/python scripts/bench.py --versus         # framework vs reference vs itself before issue 32, one
+                                                       # process, quickstart recipe (scripts/bench_versus.py)
 
 For softmax, Elliptical, QUEST and a Switch MoE model, at the tiny (WikiText-2 recipe) and small (the
 paper's WikiText-103 small) shapes, fp32 and bf16-mixed, it measures in one invocation:
@@ -50,7 +52,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -63,7 +64,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_attention as ba  # noqa: E402  (shared helpers)
+import benchlib as bl  # noqa: E402  (shared with bench_attention.py and profile_step.py)
 import reference_decoder as refdec  # noqa: E402
 
 from lm.config import EvalConfig, FFNConfig, OptimConfig  # noqa: E402
@@ -92,7 +93,7 @@ def language_model(spec: dict, shape: dict, seed: int = 1111):
     from lm.tasks.lm_module import LanguageModel
 
     torch.manual_seed(seed)
-    att = ba.attention_config(spec["attention"])
+    att = bl.attention_config(spec["attention"])
     keys = ("n_layer", "d_model", "n_head", "d_head", "d_inner")
     return LanguageModel(vocab_size=shape["vocab"], tgt_len=shape["tgt_len"], **{k: shape[k] for k in keys},
                          dropout=0.1, cutoffs=list(shape["cutoffs"]), attention=att, ffn=ffn_config(spec),
@@ -101,7 +102,7 @@ def language_model(spec: dict, shape: dict, seed: int = 1111):
 
 
 def reference_model(spec: dict, shape: dict, state_dict: dict) -> refdec.ReferenceDecoder:
-    att = ba.attention_config(spec["attention"])
+    att = bl.attention_config(spec["attention"])
     moe = None
     if "ffn" in spec:
         f = ffn_config(spec)
@@ -169,7 +170,7 @@ def eval_trainer(precision: str, root: str, device: torch.device = torch.device(
 
 def count_train_flops(net, batch, bf16: bool) -> int:
     net.train()
-    with ba.flop_counter() as fc:
+    with bl.flop_counter() as fc:
         with torch.autocast(batch["input"].device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(batch["input"])
             loss = net.nll(out.hidden, batch["target"]).mean()
@@ -182,7 +183,7 @@ def count_train_flops(net, batch, bf16: bool) -> int:
 
 def count_eval_flops(net, batch, bf16: bool) -> int:
     net.eval()
-    with ba.flop_counter() as fc, torch.no_grad(), torch.autocast(batch["input"].device.type, dtype=torch.bfloat16, enabled=bf16):
+    with bl.flop_counter() as fc, torch.no_grad(), torch.autocast(batch["input"].device.type, dtype=torch.bfloat16, enabled=bf16):
         net.nll(net(batch["input"]).hidden, batch["target"])
     return int(fc.get_total_flops())
 
@@ -197,16 +198,16 @@ def run_worker(a) -> list[dict]:
     import lightning as L  # noqa: F401
 
     warnings.filterwarnings("ignore")
-    shape = dict(ba.SHAPES[a.shape], batch=a.batch, tgt_len=a.tgt_len)
+    shape = dict(bl.SHAPES[a.shape], batch=a.batch, tgt_len=a.tgt_len)
     bf16 = a.precision == "bf16"
     tokens = shape["batch"] * shape["tgt_len"]
     warmup, steps, rounds = (1, 1, 1) if a.memory else (a.warmup, a.steps, a.rounds)
     n_steps = warmup + steps
-    data = ba.streams(shape, n_steps, a.seed)
-    evb = Batches(ba.streams(shape, a.eval_steps, a.seed + 2))
+    data = bl.streams(shape, n_steps, a.seed)
+    evb = Batches(bl.streams(shape, a.eval_steps, a.seed + 2))
     dev = a.device
-    peak = None if a.memory else ba.matmul_peak(torch.bfloat16 if bf16 else torch.float32, device=dev)
-    measure = (ba.cuda_peak_over if dev.type == "cuda" else ba.peak_over) if a.memory else (lambda fn: fn())
+    peak = None if a.memory else bl.matmul_peak(torch.bfloat16 if bf16 else torch.float32, device=dev)
+    measure = (bl.cuda_peak_over if dev.type == "cuda" else bl.peak_over) if a.memory else (lambda fn: fn())
     rows = []
     for name in a.models.split(","):
         spec = MODELS[name]
@@ -214,12 +215,12 @@ def run_worker(a) -> list[dict]:
         if not a.memory:
             row.update({"batch": shape["batch"], "tgt_len": shape["tgt_len"], "tokens_per_step": tokens,
                         "matmul_peak_gflops": round(peak, 1), "threads": torch.get_num_threads(),
-                        "loadavg_start": ba.loadavg()})
+                        "loadavg_start": bl.loadavg()})
         master = language_model(spec, shape, a.seed)
         state = copy.deepcopy(master.net.state_dict())
         if not a.memory:
             row["params"] = sum(p.numel() for p in master.parameters())
-            b0 = ba.to_device(evb.batches[0], dev)
+            b0 = bl.to_device(evb.batches[0], dev)
             master.net.to(dev)
             row["train_flops_per_step"] = count_train_flops(master.net, b0, bf16)
             row["eval_flops_per_step"] = count_eval_flops(master.net, b0, bf16)
@@ -270,7 +271,7 @@ def run_worker(a) -> list[dict]:
             else:
                 row["lightning_eval_tokens_per_s"] = model.last_result["tokens_per_s"]
                 ref = reference_model(spec, shape, state).to(dev).eval()
-                evd = [ba.to_device(b, dev) for b in evb]
+                evd = [bl.to_device(b, dev) for b in evb]
                 with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     ref(evd[0]["input"], evd[0]["target"])
                     t0 = time.perf_counter()
@@ -296,7 +297,7 @@ def run_worker(a) -> list[dict]:
             row[f"{mode}_mfu"] = round(row["train_flops_per_step"] * steps_per_s / (peak * 1e9), 4)
         row["model_gflops_per_s"] = round(row["train_flops_per_step"] * row["lightning_train_tokens_per_s"]
                                           / tokens / 1e9, 2)
-        row["loadavg_end"] = ba.loadavg()
+        row["loadavg_end"] = bl.loadavg()
         rows.append(row)
         gc.collect()
     if a.compile and not a.memory:
@@ -360,14 +361,14 @@ def sliding_eval(n_tokens: int, window: int, batch: int, seed: int = 1111, shape
     from lm.data.protocols import eval_batches
 
     warnings.filterwarnings("ignore")
-    shape = dict(ba.SHAPES[shape_name], tgt_len=window, batch=batch)
+    shape = dict(bl.SHAPES[shape_name], tgt_len=window, batch=batch)
     model = language_model(MODELS["softmax"], shape, seed)
     model.eval_cfg = EvalConfig(protocol="sliding", tgt_len=window, stride=1, batch_size=batch)
-    toks = ba.zipf_tokens(n_tokens, shape["vocab"], seed=seed + 3)
+    toks = bl.zipf_tokens(n_tokens, shape["vocab"], seed=seed + 3)
     batches = eval_batches(toks, model.eval_cfg, window)
     with tempfile.TemporaryDirectory() as root:
         t = eval_trainer("32-true", root, device=device)
-        load0 = ba.loadavg()
+        load0 = bl.loadavg()
         t.validate(model, dataloaders=batches, verbose=False)
     res = model.last_result
     batched_total = res["nll"] * res["tokens_scored"]
@@ -391,7 +392,7 @@ def sliding_eval(n_tokens: int, window: int, batch: int, seed: int = 1111, shape
             "relative_difference": rel, "nll_match": ok, "batched_wall_s": round(batched_s, 3),
             "naive_wall_s": round(naive_s, 3), "batched_tokens_per_s": round(n / batched_s, 1),
             "naive_tokens_per_s": round(n / naive_s, 1), "speedup": round(naive_s / batched_s, 2),
-            "loadavg": [load0, ba.loadavg()], "model": "softmax, tiny shape, random weights, fp32",
+            "loadavg": [load0, bl.loadavg()], "model": "softmax, tiny shape, random weights, fp32",
             "device": str(device)}
 
 
@@ -399,11 +400,11 @@ def sliding_eval(n_tokens: int, window: int, batch: int, seed: int = 1111, shape
 # orchestration
 # ------------------------------------------------------------------------------------------------
 def spawn(argv: list[str], timeout: float, memory: bool = False) -> list[dict] | dict:
-    env = {**os.environ, "PYTHONPATH": str(ba.ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(bl.ROOT)}
     if memory:
-        env.update(ba.MALLOC_ENV)
+        env.update(bl.MALLOC_ENV)
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ba.ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=bl.ROOT)
     if p.returncode != 0:
         tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
         raise RuntimeError(f"worker {' '.join(argv)} failed:\n{tail}")
@@ -468,7 +469,7 @@ def print_tables(report: dict) -> None:
     rows = [r for r in report["results"] if not r.get("compile")]
     print(f"\nTraining/evaluation throughput (tokens/s), load {report['machine']['loadavg_before']} -> "
           f"{report['machine']['loadavg_after']}\n")
-    print(ba.markdown_table(rows, [
+    print(bl.markdown_table(rows, [
         ("model", "model", ""), ("shape", "shape", ""), ("precision", "precision", ""), ("batch", "B", "d"),
         ("tgt_len", "T", "d"), ("reference_train_tokens_per_s", "reference train", ".0f"),
         ("lightning_train_tokens_per_s", "Lightning train", ".0f"), ("lightning_vs_reference", "× ref", ".2f"),
@@ -513,6 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1111)
     p.add_argument("--timeout", type=float, default=3600, help="per worker, seconds")
     p.add_argument("--out", default="results/bench.json")
+    p.add_argument("--versus", action="store_true", help="framework vs reference vs the framework before issue 32, "
+                   "on the quickstart recipe, interleaved in one process (scripts/bench_versus.py)")
+    p.add_argument("--versus-data", default="wikitext-2", choices=["wikitext-2", "synthetic"])
+    p.add_argument("--chunk", type=int, default=5, help="--versus: steps per turn")
+    p.add_argument("--eval-every", type=int, default=100, help="--versus: validation PPL every N steps")
+    p.add_argument("--val-batches", type=int, default=10, help="--versus: validation batches scored")
+    p.add_argument("--target-ppl", type=float, default=None, help="--versus: default the lowest PPL all reached")
     # worker-only
     p.add_argument("--worker", choices=["train", "sliding"], help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
@@ -524,11 +532,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, help=argparse.SUPPRESS)
     p.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.device = ba.resolve_device(a.device)
-    n_threads, threads_reason = ba.choose_threads(a.threads)
+    a.device = bl.resolve_device(a.device)
+    n_threads, threads_reason = bl.choose_threads(a.threads)
     torch.set_num_threads(n_threads)
     a.threads = str(n_threads)  # workers get the number decided here
 
+    if a.versus:
+        import bench_versus
+
+        return bench_versus.main(a, threads_reason)
     if a.worker == "train":
         print("BENCH_JSON " + json.dumps(run_worker(a)))
         return 0
@@ -541,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     t_start = time.perf_counter()
-    load_before = ba.loadavg()
-    peaks = {k: round(ba.matmul_peak(dt, device=a.device), 1) for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    load_before = bl.loadavg()
+    peaks = {k: round(bl.matmul_peak(dt, device=a.device), 1) for k, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     results = []
     for shape in pl["shapes"]:
         for prec in pl["precisions"]:
@@ -563,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                     r.update({k: v for k, v in mem.get((r["model"], r["shape"], r["precision"]), {}).items()
                               if k.endswith("_mb")})
             print(f"[bench] {shape} {prec}: timing {t1 - t0:.0f} s, memory {time.perf_counter() - t1:.0f} s "
-                  f"(load {ba.loadavg()[0]})", file=sys.stderr, flush=True)
+                  f"(load {bl.loadavg()[0]})", file=sys.stderr, flush=True)
             results.extend(rows)
     sliding = None
     if not a.no_sliding:
@@ -577,10 +589,10 @@ def main(argv: list[str] | None = None) -> int:
         "schema": SCHEMA,
         "summary": summarize(results, sliding),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {**ba.machine_info(), **ba.device_info(a.device), "loadavg_before": load_before, "loadavg_after": ba.loadavg(),
+        "machine": {**bl.machine_info(), **bl.device_info(a.device), "loadavg_before": load_before, "loadavg_after": bl.loadavg(),
                     "matmul_peak_gflops_main_process": peaks},
         "settings": {**pl, "quick": a.quick, "smoke": a.smoke, "threads": n_threads, "threads_reason": threads_reason,
-                     "device": str(a.device), "shapes_def": {k: ba.SHAPES[k] for k in pl["shapes"]},
+                     "device": str(a.device), "shapes_def": {k: bl.SHAPES[k] for k in pl["shapes"]},
                      "models_def": {k: MODELS[k] for k in pl["models"].split(",")},
                      "token_distribution": "zipf a=1.1 over the frequency-sorted vocabulary", "dropout": 0.1,
                      "optimizer": "Adam lr 1e-3, warm-up 200 then cosine, grad-norm clip 0.25",
@@ -592,9 +604,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     if sliding is not None and not sliding["nll_match"]:
-        ba.write_json(a.out, report)
+        bl.write_json(a.out, report)
         raise SystemExit(f"sliding evaluation: batched and naive total NLL differ ({sliding})")
-    ba.write_json(a.out, report)
+    bl.write_json(a.out, report)
     print_tables(report)
     print("\nsummary: " + json.dumps(report["summary"]))
     print(f"\nwrote {a.out} in {report['wall_s']:.0f} s")

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import tempfile
 
-    from bench_attention import write_json  # the benchmarks' atomic JSON writer
+    from benchlib import write_json  # the benchmarks' atomic JSON writer
 
     summary = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "smoke": a.smoke, "steps": {}}
     t0 = time.perf_counter()

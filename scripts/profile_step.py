@@ -14,7 +14,6 @@ markdown table per (shape, precision) for docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -24,7 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_attention as ba  # noqa: E402
+import benchlib as bl  # noqa: E402
+from bench_versus import old_code_paths  # noqa: E402
 
 from lm.config import AttentionConfig  # noqa: E402
 from lm.model.transformer import TransformerLM  # noqa: E402
@@ -36,7 +36,7 @@ CATEGORIES = [
     ("adaptive softmax", ("log_softmax", "nll_loss", "gather", "logsumexp", "_softmax")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
     ("LayerNorm", ("layer_norm",)),
-    ("dropout", ("dropout", "bernoulli")),
+    ("dropout", ("dropout", "bernoulli", "aten::random_", "aten::ge")),  # (+ lm::dropout_mask's numpy time)
     ("embedding", ("embedding", "index_select", "index_add", "index_put", "scatter")),
     ("dtype casts", ("aten::_to_copy", "aten::to", "aten::copy_")),
     ("optimizer", ("_foreach", "adam", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::sqrt")),
@@ -47,6 +47,21 @@ CATEGORIES = [
 ]
 
 
+# lm.model.dropout's scopes: every op under them is dropout (its where/mul_ would otherwise count as element-wise).
+# (torch's own: its forward's div_/mul run under aten::dropout; its backward is a MulBackward0 that cannot be
+# told from other multiplications and stays element-wise.)
+DROPOUT_SCOPES = ("lm::dropout_mask", "_MaskedScale", "_MaskedScaleBackward", "aten::dropout")
+
+
+def _under_dropout(e) -> bool:
+    p = e.cpu_parent
+    while p is not None:
+        if p.name in DROPOUT_SCOPES:
+            return True
+        p = p.cpu_parent
+    return False
+
+
 def category(name: str) -> str:
     low = name.lower()
     for cat, keys in CATEGORIES:
@@ -55,12 +70,14 @@ def category(name: str) -> str:
     return "other ops"
 
 
-def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int) -> dict:
-    shape = ba.SHAPES[shape_name]
+def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int, code: str = "after") -> dict:
+    shape = bl.SHAPES[shape_name]
     torch.manual_seed(seed)
-    net = TransformerLM(ba.model_config(shape, AttentionConfig(name="softmax")), shape["vocab"]).train()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    data = list(ba.streams(shape, steps + warmup, seed=seed))
+    net = TransformerLM(bl.model_config(shape, AttentionConfig(name="softmax")), shape["vocab"]).train()
+    if code == "before":  # issue 32's old code paths: torch's dropout mask, in-place ReLU, Adam's loop
+        old_code_paths(net)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=code == "after")  # as LanguageModel configures it
+    data = list(bl.streams(shape, steps + warmup, seed=seed))
     bf16 = precision == "bf16"
 
     def step(batch):
@@ -80,19 +97,22 @@ def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int) -> 
             step(b)
         wall = time.perf_counter() - t0
     by_cat, by_op = defaultdict(float), defaultdict(float)
-    for e in prof.key_averages():
-        if not e.key.startswith("aten::") and not e.key.startswith("_"):
+    for e in prof.events():
+        if e.name in DROPOUT_SCOPES:  # self time: numpy's Philox, the autograd Function's Python, aten::dropout's own
+            by_cat["dropout"] += e.self_cpu_time_total
+            continue
+        if not e.name.startswith("aten::"):
             continue  # record_function scopes and autograd nodes: their time is in the aten ops under them
         us = e.self_cpu_time_total
-        by_cat[category(e.key)] += us
-        by_op[e.key] += us
+        by_cat["dropout" if _under_dropout(e) else category(e.name)] += us
+        by_op[e.name] += us
     total_ops = sum(by_cat.values()) / 1e6
     # Self times of ops running on intra-op threads are not summed into the step's wall time one to one;
     # with one thread the difference is interpreter, dispatch and autograd-engine overhead.
     by_cat["python / dispatch / autograd"] = max(0.0, wall - total_ops) * 1e6
     share = {k: round(v / 1e6 / wall, 4) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])}
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
-    return {"shape": shape_name, "precision": precision, "steps": steps, "batch": shape["batch"],
+    return {"shape": shape_name, "precision": precision, "code": code, "steps": steps, "batch": shape["batch"],
             "tgt_len": shape["tgt_len"], "wall_s_per_step": round(wall / steps, 4),
             "tokens_per_s": round(shape["batch"] * shape["tgt_len"] * steps / wall, 1),
             "share_of_step": share,
@@ -101,7 +121,7 @@ def run(shape_name: str, precision: str, steps: int, warmup: int, seed: int) -> 
 
 def markdown(r: dict) -> str:
     rows = [f"| {k} | {v * 100:.1f}% | {v * r['wall_s_per_step'] * 1e3:.0f} |" for k, v in r["share_of_step"].items()]
-    return "\n".join([f"**{r['shape']} {r['precision']}** ({r['wall_s_per_step'] * 1e3:.0f} ms/step, "
+    return "\n".join([f"**{r['shape']} {r['precision']}, code {r['code']}** ({r['wall_s_per_step'] * 1e3:.0f} ms/step, "
                       f"{r['tokens_per_s']:.0f} tokens/s)", "", "| where | share | ms/step |", "|---|---:|---:|", *rows])
 
 
@@ -113,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=1111)
+    p.add_argument("--code", default="after", help="after (the framework now), before (issue 32's old dropout "
+                   "and Adam), or both, interleaved per (shape, precision)")
     p.add_argument("--out", default="results/profile_step.json")
     a = p.parse_args(argv)
     if a.threads:
@@ -122,11 +144,12 @@ def main(argv=None) -> int:
     if "bf16" in precisions and cpu_bf16_native() is False:  # its scalar fallback: minutes per step, nothing to learn
         precisions.remove("bf16")
         skipped.append("bf16: this CPU has no bf16 matrix instructions (lm.utils.cpu_bf16_native)")
-    rows = [run(s, pr, a.steps, a.warmup, a.seed) for s in a.shapes.split(",") for pr in precisions]
+    codes = ["before", "after"] if a.code == "both" else [a.code]
+    rows = [run(s, pr, a.steps, a.warmup, a.seed, c) for s in a.shapes.split(",") for pr in precisions for c in codes]
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": torch.get_num_threads(),
-              "loadavg": ba.loadavg(), "torch": torch.__version__, "cpu_bf16_native": cpu_bf16_native(),
+              "loadavg": bl.loadavg(), "torch": torch.__version__, "machine": bl.machine_info(), "cpu_bf16_native": cpu_bf16_native(),
               "skipped": skipped, "results": rows}
-    ba.write_json(a.out, report)
+    bl.write_json(a.out, report)
     for r in rows:
         print(markdown(r) + "\n")
     print(f"wrote {a.out}")

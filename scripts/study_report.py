@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 
 from reproduce import mean_std as reproduce_mean_std  # scripts/ is on sys.path (run as a script, or tests)
+from study_cells import CELLS, CHAR_RATES, WORD_RATES  # the cells' descriptions live with their overrides
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (any table); 1.96 beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -68,8 +69,6 @@ def _paired_gaps(ell: list[dict], soft: list[dict]) -> list[float]:
 
 
 def attribution(rows: list[dict], root: Path, a, planned: int) -> str:
-    from study import CELLS  # the cells' descriptions live with their overrides
-
     lines = [f"# Attribution: Elliptical vs softmax, one factor flipped at a time ({len(rows)} of {planned} runs"
              + ("" if len(rows) >= planned else ", PARTIAL: rerun the command to finish") + ")", "",
              f"Command: `python scripts/study.py attribution --steps {a.steps} --seeds {' '.join(map(str, a.seeds))}`. "
@@ -156,8 +155,6 @@ def paired_slope_difference(a: dict[int, float], b: dict[int, float]) -> tuple[f
 
 
 def curve(rows: list[dict], root: Path, a, planned: int) -> str:
-    from study import CELLS, CHAR_RATES, WORD_RATES
-
     specs = [f"word_swap:{r:g}" for r in WORD_RATES] + [f"char_swap:{r:g}" for r in CHAR_RATES]
     lines = [f"# Robustness curve ({len(rows)} of {planned} runs" + ("" if len(rows) >= planned else
              ", PARTIAL: rerun the command to finish") + ")", "",

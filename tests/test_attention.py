@@ -641,9 +641,9 @@ def test_unknown_variant_suggests_closest():
     with pytest.raises(ConfigError, match="Did you mean 'elliptical'") as e:
         build_attention("ellipitcal", d_model=D_MODEL, n_head=H, d_head=D)
     assert "ellipitcal" in str(e.value)
-    with pytest.raises(ConfigError, match="Did you mean 'elliptical'"):  # already when the config is built
-        ModelConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, adaptive=False, cutoffs=[],
-                    attention=AttentionConfig(name="ellipitcal"))
+    with pytest.raises(ConfigError, match="Did you mean 'elliptical'"):  # and when the model is built
+        TransformerLM(ModelConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, adaptive=False, cutoffs=[],
+                                  attention=AttentionConfig(name="ellipitcal")), 10)
 
 
 @pytest.mark.parametrize("name, options, names, suggestion", [
@@ -672,9 +672,10 @@ def test_incompatible_options_fail_at_construction():
     with pytest.raises(ConfigError, match="median"):
         build_attention("elliptical", d_model=D_MODEL, n_head=H, d_head=D,
                         options={"estimator": "causal", "reduce": "median"})
-    with pytest.raises(ConfigError, match="median"):  # already when the config is built
-        ModelConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, adaptive=False, cutoffs=[],
-                    attention=AttentionConfig(name="elliptical", options={"estimator": "causal", "reduce": "median"}))
+    with pytest.raises(ConfigError, match="median"):  # and when the model is built
+        TransformerLM(ModelConfig(n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32, adaptive=False, cutoffs=[],
+                                  attention=AttentionConfig(name="elliptical",
+                                                            options={"estimator": "causal", "reduce": "median"})), 10)
 
 
 def test_mismatched_previous_values_are_reported():

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"  # on sys.path via tests/conftest.py
 
 import bench
-import bench_attention
+import benchlib
 from reference_decoder import ReferenceDecoder
 
 from lm.tasks.lm_module import LanguageModel
@@ -93,7 +93,7 @@ def test_reference_decoder_matches_framework(variant):
     V, shape = 600, dict(n_layer=3, d_model=32, n_head=2, d_head=16, d_inner=64, cutoffs=[100, 300])
     name = "softmax" if variant == "moe" else variant
     spec = dict(bench.MODELS["moe_switch"]) if variant == "moe" else {"attention": name}
-    att = bench_attention.attention_config(name)
+    att = benchlib.attention_config(name)
     ffn = bench.ffn_config(spec)
     torch.manual_seed(0)
     lm = LanguageModel(vocab_size=V, tgt_len=16, dropout=0.0, attention=att, ffn=ffn, **shape)
@@ -128,9 +128,9 @@ def test_reference_decoder_rejects_unknown_kind():
 # sliding-window evaluation: batched framework evaluator == naive one-window-per-token loop
 # ------------------------------------------------------------------------------------------------
 def test_sliding_batched_equals_naive(monkeypatch):
-    small = dict(bench_attention.SHAPES["tiny"], n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64,
+    small = dict(benchlib.SHAPES["tiny"], n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64,
                  vocab=500, cutoffs=[100, 300])
-    monkeypatch.setitem(bench_attention.SHAPES, "test", small)
+    monkeypatch.setitem(benchlib.SHAPES, "test", small)
     r = bench.sliding_eval(n_tokens=70, window=12, batch=8, shape_name="test")
     assert r["targets_scored"] == 69
     assert r["nll_match"], r
@@ -139,7 +139,7 @@ def test_sliding_batched_equals_naive(monkeypatch):
 
 def test_flop_counter_counts_cpu_attention():
     q = torch.randn(2, 4, 32, 16, requires_grad=True)
-    with bench_attention.flop_counter() as fc:
+    with benchlib.flop_counter() as fc:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
     fwd = 2 * (2 * 2 * 4 * 32 * 32 * 16)  # QK^T and PV, full T x S
     assert fc.get_total_flops() == fwd + 2.5 * fwd  # backward: 5 matmuls of the same size
@@ -156,7 +156,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(script):
 
 
 def test_device_resolution():
-    ba = bench_attention
+    ba = benchlib
     assert ba.resolve_device("cpu") == torch.device("cpu")
     assert ba.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(SystemExit, match="expected auto, cpu, cuda"):

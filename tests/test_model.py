@@ -159,11 +159,17 @@ def test_select_layers_single_int():
         select_layers(7, 4)
 
 
-def test_attention_typos_fail_when_the_config_is_built():
+def test_attention_typos_fail_before_the_model_draws_a_weight(monkeypatch):
+    # The registry check runs first in TransformerLM (the config imports no model code), so a typo fails
+    # even where no layer selects the misspelt variant, and before any parameter is initialised.
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda *a, **k: pytest.fail("the model was built"))
     with pytest.raises(ConfigError, match="Did you mean 'elliptical'"):
-        ModelConfig(attention=AttentionConfig(name="ellipitcal"))
+        TransformerLM(ModelConfig(attention=AttentionConfig(name="ellipitcal", layers="none")), 10)
+    with pytest.raises(ConfigError, match="Did you mean 'softmax'"):
+        TransformerLM(ModelConfig(attention=AttentionConfig(default="sofmax")), 10)
     with pytest.raises(ConfigError, match="no option 'estimtor'"):
-        ModelConfig(attention=AttentionConfig(name="elliptical", options={"estimtor": "causal"}))
+        TransformerLM(ModelConfig(attention=AttentionConfig(name="elliptical", layers=[],
+                                                            options={"estimtor": "causal"})), 10)
 
 
 def test_model_config_bad_layers_fail_at_construction():

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from lm.model.dropout import Dropout
 from lm.model.moe import DenseFFN, MoEFFN
 
 
@@ -55,7 +56,7 @@ def test_dense_ffn_shape_and_aux():
     x = torch.randn(2, 5, 8)
     assert f(x).shape == x.shape
     assert f.aux_loss is None
-    assert [type(l) for l in f.net] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.Dropout]
+    assert [type(l) for l in f.net] == [nn.Linear, nn.ReLU, Dropout, nn.Linear, Dropout]  # lm.model.dropout
 
 
 # ---------------------------------------------------------------------------------- routing = naive

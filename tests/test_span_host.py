@@ -137,8 +137,10 @@ def test_embed_scale_option():
     (dict(abs_pos_order="down"), "abs_pos_order"),
 ])
 def test_span_incompatible_settings_fail_at_construction(bad, words):
+    # The config's own rules fail when it is built; a variant without key_pe when the model is (the registry
+    # is the model's: lm.model.attention.check_config), before any weight is drawn.
     with pytest.raises(ConfigError, match=words):
-        _span_cfg(**bad)
+        TransformerLM(_span_cfg(**bad), 10)
 
 
 def test_protocol_checks():

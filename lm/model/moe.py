@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm.model.dropout import Dropout  # nn.Dropout with a cheap CPU mask (what a seed gives: see there)
+
 GATES = ("auto", "softmax_then_topk", "topk_then_softmax")
 
 
@@ -51,10 +53,12 @@ class DenseFFN(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(d_model, d_inner),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
+            # Not in place: Linear's 3-D output is a view of its 2-D GEMM result, and an in-place op on a view
+            # costs three full copies of [B, T, d_inner] in backward (CopySlices); same values either way.
+            nn.ReLU(),
+            Dropout(dropout),
             nn.Linear(d_inner, d_model),
-            nn.Dropout(dropout) if out_dropout else nn.Identity(),
+            Dropout(dropout) if out_dropout else nn.Identity(),
         )
         # Same interface as MoEFFN, so the model can sum aux losses without isinstance checks.
         self.aux_loss = None
@@ -160,7 +164,7 @@ class MoEFFN(nn.Module):
         self.b1 = nn.Parameter(torch.empty(n_experts, d_expert))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.b2 = nn.Parameter(torch.empty(n_experts, d_model))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.reset_parameters()
 
         self.aux_loss: torch.Tensor | None = None

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from lm.config import ModelConfig
 from lm.errors import ConfigError
 from lm.model.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax
-from lm.model.attention import AttnContext, LayerState, build_attention
+from lm.model.attention import AttnContext, LayerState, build_attention, check_config
+from lm.model.dropout import Dropout
 from lm.model.moe import DenseFFN, MoEFFN
 from lm.model.positions import attention_mask, padding_mask, relative_positions, sinusoid, span_mask, span_padding
 
@@ -44,7 +45,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model) if ffn is not None else None
         self.norm_ffn = nn.LayerNorm(d_model) if nested_norm and ffn is not None else None
-        self.drop = nn.Dropout(dropout) if attn_dropout else nn.Identity()
+        self.drop = Dropout(dropout) if attn_dropout else nn.Identity()
 
     def forward(self, h: Tensor, mem: Tensor | None, ctx: AttnContext, prev: LayerState | None,
                 token_mask: Tensor | None = None):
@@ -77,6 +78,7 @@ class TransformerLM(nn.Module):
     reads the hidden states only (the SST-2 classifier) carries no LM-softmax parameters."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, lm_head: bool = True):
+        check_config(cfg)  # before any weight is drawn: a typo costs no time
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         d, relative, span = cfg.d_model, cfg.pos == "relative", cfg.pos == "span"
@@ -88,7 +90,7 @@ class TransformerLM(nn.Module):
                                        tie_to=self.embed if cfg.tie_weight else None, init_std=cfg.init_std)
         xl_dropout = cfg.dropout_placement == "xl"  # else the MoE authors': inside the FFNs only
         # Embeddings, relative position embeddings and the final hidden states (Transformer-XL's sites).
-        self.drop = nn.Dropout(cfg.dropout) if xl_dropout else nn.Identity()
+        self.drop = Dropout(cfg.dropout) if xl_dropout else nn.Identity()
         names, kinds = cfg.attention_layers(), cfg.ffn.layer_kinds(cfg.n_layer)
         blocks = []
         for i, name in enumerate(names):
