@@ -72,8 +72,7 @@ def third_party_imports() -> set[str]:
                     names |= {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
                     names.add(node.module.split(".")[0])
-    own = {"lm", "corruptions", "bench", "bench_attention", "study", "study_report", "reproduce", "reference_decoder",
-           "quickstart_table", "gpu_check", "profile_step", "word_swap_table"}
+    own = {"lm", "corruptions"} | {p.stem for p in (ROOT / "scripts").glob("*.py")}  # scripts import each other
     return {n for n in names if n not in sys.stdlib_module_names and n not in own}
 
 
