@@ -512,8 +512,9 @@ def test_moe_stats_and_per_expert_load_are_logged_at_the_log_interval():
 
 
 def test_default_moe_layer_placement():
-    # GLaM: every other layer, the odd ones (1, 3, ...), dense FFN in the rest (README, FFNConfig, and the
-    # recipes, which spell out `layers: odd`); Switch: every layer. Defaults for top_k: 2 and 1.
+    # GLaM without a layout: every other layer, the odd ones (1, 3, ...), dense FFN in the rest (FFNConfig's
+    # default; the paper recipes set ffn.layout: glam_authors instead, tests/test_moe_parity.py); Switch: every
+    # layer. Defaults for top_k: 2 and 1.
     glam, switch = FFNConfig(name="glam"), FFNConfig(name="switch")
     assert glam.moe_layers(6) == [1, 3, 5] and glam.moe_layers(5) == [1, 3]
     assert glam.resolved_top_k == 2
