@@ -1,9 +1,9 @@
-"""GLUE SST-2 for sequence classification (REFERENCE §7).
+"""GLUE SST-2 for sequence classification (docs/sst2.md).
 
 Files (``lm.data.sst2_files``): GLUE's ``<root>/glue/SST-2/{train,dev}.tsv``, downloaded when missing.
 Vocabulary (``vocab``, ``lm.data.sst2_vocab``): ``reuse`` (default) the pretraining vocabulary stored in
 the checkpoint, so the embeddings transfer; ``fresh`` a new lower-cased vocabulary counted on SST-2 train,
-or on train + dev as the paper's code (``vocab_count``). The unknown-word rate is logged and goes into
+or on train + dev as the paper's code (``vocab_count``). The unknown-word rate is printed (``lm: data:`` lines) and goes into
 the result JSON.
 
 Padding and batching (``batching``):
@@ -27,15 +27,16 @@ Batches are ``{"input": LongTensor[B, T], "n_pad": LongTensor[B], "label": LongT
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lm.data.datamodule import note
 from lm.data.sst2_files import SOURCES, SPLITS, find_sst2, read_tsv
 from lm.data.sst2_protocol import VOCAB_COUNTS, drop_partial
 from lm.data.sst2_vocab import SST2Encoder, checkpoint_vocab, fresh_vocab
@@ -227,14 +228,20 @@ class SST2DataModule(L.LightningDataModule):
     @property
     def files(self) -> dict[str, Path]:
         if self._files is None:
-            self._files = find_sst2(self.root, self.source)
+            self._files = find_sst2(self.root, self.source)  # announces a download itself (lm.data.download)
+            note(f"SST-2: train.tsv and dev.tsv in {self._files['train'].parent}")
         return self._files
 
     def raw(self, split: str) -> tuple[list[str], list[int]]:
         if split not in self._raw:
+            t0 = time.perf_counter()
             sentences, labels = read_tsv(self.files[split])
+            n_file = len(sentences)
             if split == "train" and self.limit_train:
                 sentences, labels = sentences[: self.limit_train], labels[: self.limit_train]
+            kept = f" (the first {len(sentences)} kept: data.limit_train)" if len(sentences) < n_file else ""
+            note(f"SST-2 {split}: read {n_file} sentences from {self.files[split].name} in "
+                 f"{time.perf_counter() - t0:.1f} s{kept}")
             self._raw[split] = (sentences, labels)
         return self._raw[split]
 
@@ -243,9 +250,14 @@ class SST2DataModule(L.LightningDataModule):
         if self._vocab is None:
             if self.vocab_mode == "reuse":
                 self._vocab = checkpoint_vocab(self.pretrained)
+                note(f"SST-2 vocabulary: reused from {self.pretrained} ({self._vocab.unit}, "
+                     f"{self._vocab.size} entries)")
             else:
                 counted = self.raw("train")[0] + (self.raw("dev")[0] if self.vocab_count == "train+dev" else [])
+                t0 = time.perf_counter()
                 self._vocab = fresh_vocab(counted, self.min_freq, self.cls_framing)
+                note(f"SST-2 vocabulary: counted on {self.vocab_count} ({len(counted)} sentences, min_freq "
+                     f"{self.min_freq}): {self._vocab.size} entries in {time.perf_counter() - t0:.1f} s")
         return self._vocab
 
     @property
@@ -270,18 +282,20 @@ class SST2DataModule(L.LightningDataModule):
     def encoded(self, split: str) -> tuple[list[list[int]], list[int]]:
         if split not in self._data:
             sentences, labels = self.raw(split)
-            ids, info = self.encoder.encode(sentences)
+            encoder = self.encoder  # the vocabulary first: its own line comes before this split's
+            t0 = time.perf_counter()
+            ids, info = encoder.encode(sentences)
             truncated = sum(len(x) > self.max_len for x in ids)
             ids = [x[-self.max_len :] for x in ids]  # keep the end: the last position is what is read
             info["truncated"] = truncated
             info["mean_len"] = float(np.mean([len(x) for x in ids]))
             self.stats[split] = info
             self._data[split] = (ids, labels)
-            rank_zero_info(
-                f"SST-2 {split}: {len(ids)} sentences, {info['words']} words, unknown-word rate "
-                f"{100 * info['unk_rate']:.2f}% ({info['case_fallback']} case fallbacks, {info['respelled']} "
-                f"re-spelled, {truncated} truncated to {self.max_len} tokens); vocab {self.vocab_mode} "
-                f"({self.vocabulary.unit}, {self.vocabulary.size} entries)")
+            note(f"SST-2 {split}: tokenised {len(ids)} sentences, {info['words']} words in "
+                 f"{time.perf_counter() - t0:.1f} s; unknown-word rate {100 * info['unk_rate']:.2f}% "
+                 f"({info['case_fallback']} case fallbacks, {info['respelled']} re-spelled, {truncated} truncated "
+                 f"to {self.max_len} tokens); vocab {self.vocab_mode} ({self.vocabulary.unit}, "
+                 f"{self.vocabulary.size} entries)")
         return self._data[split]
 
     # ----- Lightning hooks --------------------------------------------------------------------------
