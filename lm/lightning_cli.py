@@ -237,7 +237,7 @@ class FinetuneCLI(CheckedCkptPathMixin, LightningCLI):
 
 
 def finetune_cli(argv: list[str] | None = None, run: bool = True) -> FinetuneCLI:
-    """``lm finetune fit|validate``: SST-2 classification from a pretrained checkpoint (REFERENCE §7).
+    """``lm finetune fit|validate``: SST-2 classification from a pretrained checkpoint (docs/sst2.md).
 
         lm finetune fit --config configs/sst2/finetune.yaml --model.pretrained runs/<lm run>/checkpoints/last.ckpt
         lm finetune validate --config runs/<sst2 run>/config.yaml --ckpt_path runs/<sst2 run>/checkpoints/last.ckpt

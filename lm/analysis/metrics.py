@@ -1,4 +1,4 @@
-"""Analysis metrics of REFERENCE §8, each a small pure function of model intermediates.
+"""Analysis metrics of ``lm analyze`` (the Elliptical paper's), each a small pure function of model intermediates.
 
 - representation collapse: per layer, mean pairwise cosine similarity between the token outputs of
   a sequence (strict lower triangle), averaged over sequences; higher = more collapse;

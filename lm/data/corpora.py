@@ -1,4 +1,4 @@
-"""Locating and reading corpora (REFERENCE §9).
+"""Locating and reading corpora (docs/options.md, Data options).
 
 Local files come first (``data.root``, $LM_DATA_DIR, ./data, ../shared/data). With ``source: auto``
 (the data module's default) a corpus found nowhere is downloaded into the data root once and read
@@ -38,7 +38,7 @@ def repo_root() -> Path:
 
 def resolve_roots(root: str | os.PathLike | None = None) -> list[Path]:
     """Data roots in search order: configured root, $LM_DATA_DIR, ./data, then ../shared/data
-    relative to the working directory and to the repository root (REFERENCE §9 layout)."""
+    relative to the working directory and to the repository root (docs/options.md, Data options)."""
     candidates = [root, os.environ.get("LM_DATA_DIR") or None, Path.cwd() / "data",
                   Path.cwd().parent / "shared" / "data", repo_root().parent / "shared" / "data"]
     out: list[Path] = []

@@ -1,4 +1,4 @@
-"""Evaluation batches for the three protocols of REFERENCE §6.
+"""Evaluation batches for the three protocols of docs/methods.md.
 
 Every batch is ``{"input": LongTensor[b, T], "target": LongTensor[b, T], "mask": BoolTensor[b, T],
 "real": BoolTensor[b, T], "first": bool}``; ``target[i, t]`` is the token after ``input[i, t]`` and

@@ -1,7 +1,7 @@
 """The data-side pieces of the paper's SST-2 protocol that are options of ``SST2DataModule``.
 
 Transcribed from the authors' finetuning code (``lazizcodes/smoe_expertcount``: ``finetune_data.py``,
-its ``Vocab`` and ``SST2Iterator``; see docs/sst2.md), which is the ground truth where REFERENCE §7 is
+its ``Vocab`` and ``SST2Iterator``; see docs/sst2.md), which is the ground truth where docs/sst2.md is
 terser:
 
 - framing (``data.cls_framing``): every sentence becomes ``<CLS> words <S>``; the classifier reads the

@@ -1,4 +1,4 @@
-"""Vocabularies: word level as in Transformer-XL (REFERENCE §3) and raw bytes (EnWik8).
+"""Vocabularies: word level as in Transformer-XL and raw bytes (EnWik8).
 
 Word level: each line is ``line.split() + ['<eos>']`` (empty lines still give one ``<eos>``), counted
 on the training split, case kept. Order: ``<eos>`` at id 0 (XL's special), then decreasing frequency,
@@ -36,7 +36,7 @@ def _clean(line: str) -> str:
 
 
 def count_words(lines: Iterable[str]) -> list[str]:
-    """The ordered vocabulary of ``lines`` (REFERENCE §3); ``<unk>`` appended if absent."""
+    """The ordered vocabulary of ``lines`` (the order above); ``<unk>`` appended if absent."""
     counter: Counter[str] = Counter()
     for line in lines:
         counter.update(line.split())

@@ -1,4 +1,4 @@
-"""Sequence classification (SST-2) on top of a pretrained decoder (REFERENCE §7).
+"""Sequence classification (SST-2) on top of a pretrained decoder (docs/sst2.md).
 
 The pretrained ``TransformerLM`` blocks are transferred (``lm.tasks.pretrained``); the decoder is built
 without the LM softmax. The sentence is

@@ -1,5 +1,5 @@
 """Trained language models as starting points: loading an ``lm fit`` checkpoint (evaluation, analysis)
-and building the SST-2 classifier's decoder from one (REFERENCE §7).
+and building the SST-2 classifier's decoder from one (docs/sst2.md).
 
 The classifier's decoder is built from a config, never patched after construction: the pretrained
 ``ModelConfig`` with the finetuning changes applied (no memory, the dropout override, dropless MoE, a
