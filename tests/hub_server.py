@@ -2,9 +2,15 @@
 
 ``serve_dir(folder)``: a plain static file server (EnWik8's zip, a checkpoint URL), with its GET log.
 
-``HubServer``: a stand-in for the Hugging Face hub, for the dataset downloads: the two endpoints that
-``lm.data.download.hub_split`` uses through huggingface_hub (``HfApi.list_repo_tree`` and ``hf_hub_download``),
-serving parquet files written by the test. Point ``HF_ENDPOINT`` at ``url``.
+``HubServer``: a stand-in for the Hugging Face hub speaking the endpoints huggingface_hub's own client uses:
+
+- dataset repos, for ``lm.data.download.hub_split`` (``HfApi.list_repo_tree``, ``hf_hub_download``): parquet
+  files written by the test with ``add``;
+- model repos, for ``Model.push_to_hub``/``from_pretrained`` and ``lm export --push_to`` (``create_repo``,
+  ``upload_folder``: preupload + commit, ``snapshot_download``): ``repos[repo_id] = {"sha", "files"}``, filled
+  by uploads or by the test.
+
+Point ``HF_ENDPOINT`` (or huggingface_hub's constants, which it reads at import) at ``url``.
 
     with HubServer() as hub:
         hub.add("nyu-mll/glue", "sst2/train-00000-of-00001.parquet", parquet_bytes({...}))
@@ -13,6 +19,7 @@ serving parquet files written by the test. Point ``HF_ENDPOINT`` at ``url``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import hashlib
@@ -21,6 +28,8 @@ import io
 import json
 import threading
 import urllib.parse
+
+import yaml
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex revision
 
@@ -61,10 +70,24 @@ def serve_dir(folder):
         thread.join(timeout=5)
 
 
+def _commit_sha(files: dict[str, bytes]) -> str:
+    return hashlib.sha1(json.dumps(sorted((k, v.hex()) for k, v in files.items())).encode()).hexdigest()
+
+
+def _tree(files: dict[str, bytes]) -> list[dict]:
+    return [{"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+            for p, d in sorted(files.items())]
+
+
 class HubServer:
+    """Dataset files (``files``, via ``add``) and model repositories (``repos``) in memory; ``gets`` logs the
+    GET paths, ``log`` every (method, path)."""
+
     def __init__(self):
-        self.files: dict[tuple[str, str], bytes] = {}  # (repo, path) -> bytes
+        self.files: dict[tuple[str, str], bytes] = {}  # dataset (repo, path) -> bytes
+        self.repos: dict[str, dict] = {}  # model repo id -> {"sha": commit, "files": {path: bytes}}
         self.gets: list[str] = []
+        self.log: list[tuple[str, str]] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -72,28 +95,30 @@ class HubServer:
                 pass
 
             def do_HEAD(self):  # noqa: N802 (http.server's name)
-                self._answer(body=False)
+                self._answer()
 
             def do_GET(self):  # noqa: N802
                 server.gets.append(self.path)
-                self._answer(body=True)
+                self._answer()
 
-            def _answer(self, body: bool):
+            def do_POST(self):  # noqa: N802
+                self._answer(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+            def _answer(self, body: bytes = b""):
+                server.log.append((self.command, self.path))
                 path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-                data, ctype, extra = server.route(path)
-                if data is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.send_header("X-Error-Code", "EntryNotFound")
-                    self.end_headers()
-                    return
-                self.send_response(200)
+                host = f"http://{self.headers['Host']}"
+                if self.command == "POST":
+                    status, data, ctype, extra = server.post(path, body, host)
+                else:
+                    status, data, ctype, extra = server.route(path)
+                self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in extra.items():
                     self.send_header(k, v)
                 self.end_headers()
-                if body:
+                if self.command != "HEAD":
                     self.wfile.write(data)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -101,25 +126,73 @@ class HubServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def add(self, repo: str, path: str, data: bytes) -> None:
+        """A file of the DATASET repo ``repo``."""
         self.files[(repo, path)] = data
 
+    # ----- answers: (status, body, content type, extra headers) ------------------------------------------------
+    @staticmethod
+    def _json(obj, status: int = 200, headers: dict | None = None):
+        return status, json.dumps(obj).encode(), "application/json", headers or {}
+
+    @staticmethod
+    def _file(data: bytes, sha: str):
+        return 200, data, "application/octet-stream", {"X-Repo-Commit": sha,
+                                                       "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+
+    def _missing(self, what: str):
+        return self._json({"error": f"Entry not found: {what}"}, 404, {"X-Error-Code": "EntryNotFound"})
+
     def route(self, path: str):
-        """(body, content type, headers) for a hub URL path, or (None, ...) for a 404."""
-        if path.startswith("/api/datasets/"):  # /api/datasets/<org>/<name>/tree/<rev>/<folder>
-            parts = path[len("/api/datasets/"):].split("/")
-            repo, folder = "/".join(parts[:2]), "/".join(parts[4:])
-            entries = [{"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                       for (r, p), d in sorted(self.files.items())
-                       if r == repo and p.rpartition("/")[0] == folder]
-            return json.dumps(entries).encode(), "application/json", {}
-        if path.startswith("/datasets/"):  # /datasets/<org>/<name>/resolve/<rev>/<file>
-            parts = path[len("/datasets/"):].split("/")
-            key = ("/".join(parts[:2]), "/".join(parts[4:]))
-            if key in self.files:
-                data = self.files[key]
-                return data, "application/octet-stream", {"X-Repo-Commit": COMMIT,
-                                                          "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
-        return None, "", {}
+        """A GET or HEAD of a hub URL path."""
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "datasets"]:  # /api/datasets/<org>/<name>/tree/<rev>/<folder>
+            repo, folder = "/".join(parts[2:4]), "/".join(parts[6:])
+            return self._json(_tree({p: d for (r, p), d in self.files.items()
+                                     if r == repo and p.rpartition("/")[0] == folder}))
+        if parts[0] == "datasets":  # /datasets/<org>/<name>/resolve/<rev>/<file>
+            key = ("/".join(parts[1:3]), "/".join(parts[5:]))
+            return self._file(self.files[key], COMMIT) if key in self.files else self._missing(path)
+        if parts[:2] == ["api", "models"] and len(parts) >= 4:  # /api/models/<org>/<name>[/tree|revision/...]
+            repo = self.repos.get("/".join(parts[2:4]))
+            if repo is None:
+                return self._json({"error": "Repository not found"}, 404, {"X-Error-Code": "RepoNotFound"})
+            if len(parts) > 4 and parts[4] == "tree":  # the file list of a revision
+                return self._json(_tree(repo["files"]))
+            return self._json({"id": "/".join(parts[2:4]), "sha": repo["sha"], "private": False,
+                               "siblings": [{"rfilename": k} for k in sorted(repo["files"])]})
+        if len(parts) >= 5 and parts[2] == "resolve":  # /<org>/<name>/resolve/<rev>/<file>
+            repo = self.repos.get("/".join(parts[:2]))
+            data = (repo or {"files": {}})["files"].get("/".join(parts[4:]))
+            return self._missing(path) if data is None else self._file(data, repo["sha"])
+        return self._json({"error": f"not in the stand-in: GET {path}"}, 404)
+
+    def post(self, path: str, body: bytes, host: str):
+        """The uploads: create a model repo, check a model card, preupload, commit."""
+        parts = path.strip("/").split("/")
+        if parts[:3] == ["api", "repos", "create"]:
+            req = json.loads(body)
+            repo = req["name"] if "/" in req["name"] else f"{req.get('organization') or 'user'}/{req['name']}"
+            self.repos.setdefault(repo, {"sha": "0" * 40, "files": {}})
+            return self._json({"url": f"{host}/{repo}"})
+        if parts == ["api", "validate-yaml"]:  # the client checks a README's metadata before committing it
+            content = json.loads(body)["content"]
+            meta = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else None
+            ok = isinstance(meta, dict) and isinstance(meta.get("license"), str)
+            return self._json({"warnings": []} if ok else {"error": "bad metadata"}, 200 if ok else 400)
+        if parts[:2] == ["api", "models"] and len(parts) >= 5 and parts[4] == "preupload":
+            return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                         for f in json.loads(body)["files"]]})
+        if parts[:2] == ["api", "models"] and len(parts) >= 5 and parts[4] == "commit":
+            repo = "/".join(parts[2:4])
+            files = dict(self.repos[repo]["files"])
+            for line in body.decode().splitlines():  # ndjson: a header, then one item per file
+                item = json.loads(line)
+                if item["key"] == "file":
+                    files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            sha = _commit_sha(files)
+            self.repos[repo] = {"sha": sha, "files": files}
+            return self._json({"commitUrl": f"{host}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+        return self._json({"error": f"not in the stand-in: POST {path}"}, 404)
 
     def __enter__(self) -> HubServer:
         self.thread.start()
