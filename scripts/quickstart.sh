@@ -3,8 +3,8 @@
 #   environment -> train tiny softmax & Elliptical models on WikiText-2 -> test (clean)
 #   -> word-swap the test set and evaluate clean vs contaminated -> finetune both on SST-2
 #   -> print one result table (also written to results/quickstart/summary.md).
-# About 40 minutes on a 2-core CPU with bf16 matrix instructions (2 x 10 min training, 2 x 0.5 min test, 3 min
-# evaluation, 2 x 7 min SST-2); about 2 h 15 min in float32 on an AVX2-only one (2 x 37 min training).
+# About 48 minutes on a 2-core CPU with bf16 matrix instructions (2 x 15-18 min training, 2 x 0.5 min test, ~4 min
+# evaluation, 2 x 5.5 min SST-2; measured 2026-12-06); about 2 h 15 min in float32 on an AVX2-only one (2 x 37 min training).
 # Data: found locally (./data, $LM_DATA_DIR, ../shared/data) or downloaded into ./data on first use.
 # Everything is resumable: re-running continues unfinished runs and reuses finished ones.
 # QUICK=1 shrinks every stage to a smoke run of a few minutes (numbers then mean nothing).
