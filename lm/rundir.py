@@ -155,15 +155,14 @@ def check_window_memory(model, stage: str, device, train_batch: int = 1) -> None
     """Refuse a segment/window the machine cannot hold, before anything is written: the guard shared with
     ``lm evaluate`` and ``lm analyze`` (``lm.data.window_memory``), for the training segment (fit) and the
     evaluation window."""
-    from lm.data.window_memory import Window, check_windows
+    from lm.data.window_memory import Window, check_windows, eval_window
 
-    cfg, e = model.cfg, model.eval_cfg
+    cfg = model.cfg
     windows = []
     if stage == "fit":
         windows.append(Window("data.tgt_len", "data.batch_size", model.tgt_len, train_batch, cfg.mem_len))
-    mem = (e.mem_len if e.mem_len is not None else cfg.mem_len) if e.protocol == "memory" else 0
-    windows.append(Window("data.eval.tgt_len (default: data.tgt_len)", "data.eval.batch_size",
-                          e.tgt_len or model.tgt_len, e.batch_size, mem))
+    windows.append(eval_window("data.eval.tgt_len (default: data.tgt_len)", "data.eval.batch_size", model.eval_cfg,
+                               cfg, model.tgt_len))
     check_windows(windows, cfg.n_head, device)
 
 

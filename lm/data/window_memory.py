@@ -35,6 +35,14 @@ class Window:
     layers: int = 1
 
 
+def eval_window(t_name: str, b_name: str, e, model_cfg, train_tgt_len: int) -> Window:
+    """The evaluation window of ``e`` (an ``EvalConfig``) for a model of ``model_cfg``: ``e.tgt_len`` (default: the
+    training segment) x ``e.batch_size`` rows, with the memory the ``memory`` protocol carries (``e.mem_len``,
+    default the model's). One place for ``lm fit/validate/test`` and ``lm evaluate``."""
+    mem = (e.mem_len if e.mem_len is not None else model_cfg.mem_len) if e.protocol == "memory" else 0
+    return Window(t_name, b_name, e.tgt_len or train_tgt_len, e.batch_size, mem)
+
+
 def device_memory(device=None) -> tuple[int, str]:
     """Bytes of memory on the device a run uses, and its name (GPU memory for CUDA, else physical RAM)."""
     if getattr(device, "type", device) == "cuda" or str(device).startswith("cuda"):
@@ -89,4 +97,4 @@ def check_windows(windows: list[Window], heads: int, device=None, have: int | No
         )
 
 
-__all__ = ["Window", "check_windows", "device_memory", "largest_fitting", "resolve_device", "scores_bytes"]
+__all__ = ["Window", "check_windows", "device_memory", "eval_window", "largest_fitting", "resolve_device", "scores_bytes"]

@@ -220,12 +220,10 @@ def _check_checkpoint(path: str):
 
 def _check_windows(model, ecfg: EvalConfig, accelerator: str) -> None:
     """The window-memory guard of every command (``lm.data.window_memory``), before any data is read."""
-    from lm.data.window_memory import Window, check_windows, resolve_device
+    from lm.data.window_memory import check_windows, eval_window, resolve_device
 
-    mem = (ecfg.mem_len if ecfg.mem_len is not None else model.cfg.mem_len) if ecfg.protocol == "memory" else 0
-    check_windows([Window("--tgt_len (default: the training segment length)", "--batch_size",
-                          ecfg.tgt_len or model.tgt_len, ecfg.batch_size, mem)],
-                  model.cfg.n_head, resolve_device(accelerator))
+    check_windows([eval_window("--tgt_len (default: the training segment length)", "--batch_size", ecfg, model.cfg,
+                               model.tgt_len)], model.cfg.n_head, resolve_device(accelerator))
 
 
 def default_out(ckpts: list[str]) -> Path:
