@@ -143,7 +143,8 @@ class RunLock:
 def check_writable_dir(folder: str | os.PathLike, option: str, example: str) -> Path:
     """Create ``folder`` and write (and remove) a probe file in it, so that an unusable output folder (under /proc,
     through a file, read-only, full) is one paragraph naming ``option`` before any work, not an ``OSError``
-    traceback after it. (mkdir under /proc fails with ENOENT, which ``write_error`` does not translate.)"""
+    traceback after it. Any OSError counts here: this is an output folder the user named, so even ENOENT (mkdir
+    under /proc) is their path, not a bug."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
